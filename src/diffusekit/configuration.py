@@ -1,0 +1,199 @@
+"""Configuration shared by models, schedulers and pipelines.
+
+A class that mixes in :class:`ConfigMixin` and decorates its ``__init__`` with
+:func:`register_to_config` records its constructor arguments as ``self.config``.
+The config is what ``save_config`` writes as JSON (``config.json`` for models,
+``scheduler_config.json`` for schedulers) and what ``from_config`` rebuilds from.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: The reference version we write into saved configs, so diffusers reads our folders without complaint.
+REFERENCE_VERSION = "0.42.1"
+
+
+class ConfigError(ValueError):
+    """A config file or dictionary that cannot be used."""
+
+
+class FrozenDict(dict):
+    """A read-only dict whose keys are also attributes (``config.in_channels``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "a config is frozen; build a new object with from_config(config, key=value) instead"
+        )
+
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = _refuse
+    update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+
+def _json_ready(value: Any) -> Any:
+    """Turn tuples, numpy values and tensors into plain JSON values."""
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object from ``path``; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of ``cls.__init__`` (without self and *args/**kwargs)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        name: p
+        for name, p in params.items()
+        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def register_to_config(init):
+    """Decorate ``__init__`` so that its arguments (defaults filled in) become ``self.config``."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        params = init_parameters(type(self))
+        ignored = set(getattr(type(self), "ignore_for_config", ()))
+        bound = dict(zip(params, args))
+        bound.update(kwargs)
+        config = {}
+        for name, param in params.items():
+            if name in ignored:
+                continue
+            if name in bound:
+                config[name] = bound[name]
+            elif param.default is not inspect.Parameter.empty:
+                config[name] = param.default
+        self.register_to_config(**config)
+        init(self, *args, **kwargs)
+
+    return wrapped
+
+
+class ConfigMixin:
+    """Records constructor arguments as a frozen config and (de)serialises it as JSON."""
+
+    config_name: str = "config.json"
+    ignore_for_config: tuple[str, ...] = ()
+    _compatibles: tuple[str, ...] = ()
+
+    def register_to_config(self, **values: Any) -> None:
+        current = dict(getattr(self, "_internal_dict", {}))
+        current.update(_json_ready(values))
+        object.__setattr__(self, "_internal_dict", FrozenDict(current))
+
+    @property
+    def config(self) -> FrozenDict:
+        return self._internal_dict
+
+    # -- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def split_config(cls, config: dict) -> tuple[dict, dict]:
+        """Split a config into the arguments ``__init__`` takes and the keys it does not know."""
+        params = init_parameters(cls)
+        known, unknown = {}, {}
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            if key in params:
+                known[key] = value
+            else:
+                unknown[key] = value
+        return known, unknown
+
+    @classmethod
+    def from_config(cls, config: dict | None = None, **overrides: Any):
+        """Build an instance from a config dict (e.g. another object's ``.config``) plus overrides.
+
+        Keys this class does not take are kept in ``.config`` (so they survive a save) and
+        reported with a warning; they do not change behaviour.
+        """
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise TypeError(f"from_config expects a dict or a .config, got {type(config).__name__}")
+        known, unknown = cls.split_config({**config, **overrides})
+        if unknown:
+            source = config.get("_class_name", "the config")
+            keys = sorted(unknown)
+            if source == cls.__name__ or source == "the config":
+                logger.warning("%s does not use config keys %s; kept aside", cls.__name__, keys)
+            else:
+                logger.info("%s ignores keys of %s: %s", cls.__name__, source, keys)
+        obj = cls(**known)
+        if unknown:
+            obj.register_to_config(**unknown)
+        return obj
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @classmethod
+    def load_config(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **hub_kwargs: Any,
+    ) -> dict:
+        """Read this class's config file from a folder (or Hub repo) and return it as a dict."""
+        from .hub import resolve_file
+
+        path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
+        return read_json(path)
+
+    def to_json_string(self) -> str:
+        data = {"_class_name": type(self).__name__, "_diffusers_version": REFERENCE_VERSION}
+        data.update(_json_ready(dict(self.config)))
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike) -> Path:
+        """Write the config as ``<save_directory>/<config_name>`` and return its path."""
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise FileExistsError(f"{folder} is a file, expected a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.config_name
+        path.write_text(self.to_json_string(), encoding="utf-8")
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"

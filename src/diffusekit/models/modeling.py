@@ -1,0 +1,139 @@
+"""ModelMixin: saving and loading ``torch.nn.Module`` models in the diffusers folder layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..configuration import ConfigMixin, read_json
+from ..hub import resolve_folder
+from ..weights import SAFETENSORS_NAME, WeightsError, find_weights, load_weights, save_weights
+
+
+class ModelMixin(nn.Module, ConfigMixin):
+    """Adds ``from_pretrained`` / ``save_pretrained`` to a model whose ``__init__`` is config-registered.
+
+    Loading builds the module on the meta device and assigns the tensors read from the file, so
+    no time is spent on random initialisation. Loading is strict: missing or unexpected keys and
+    shape mismatches raise :class:`~diffusekit.weights.WeightsError` listing them.
+    """
+
+    config_name = "config.json"
+    #: Renames applied to checkpoint keys from older releases before strict checking.
+    legacy_key_renames: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for tensor in self.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str = "10GB",
+    ) -> None:
+        """Write ``config.json`` and the weights (``diffusion_pytorch_model[.variant].safetensors``)."""
+        folder = Path(save_directory)
+        self.save_config(folder)
+        save_weights(self.state_dict(), folder, variant=variant, safe_serialization=safe_serialization,
+                     max_shard_size=max_shard_size)
+
+    # -- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        **kwargs: Any,
+    ):
+        """Load a model from a folder or Hub repo holding ``config.json`` and its weights."""
+        kwargs.pop("low_cpu_mem_usage", None)  # always on here
+        token = kwargs.pop("token", None)
+        patterns = ["*.json", f"*.{variant}.*" if variant else "diffusion_pytorch_model*"]
+        folder = resolve_folder(
+            pretrained_model_name_or_path, subfolder=subfolder, allow_patterns=patterns,
+            revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+        )
+        config = read_json(folder / cls.config_name)
+        config.update(kwargs)
+        weights_path = find_weights(folder, variant=variant, use_safetensors=use_safetensors)
+        state = load_weights(weights_path)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model.load_checked_state_dict(state, source=weights_path, dtype=torch_dtype)
+        return model.eval()
+
+    def load_checked_state_dict(
+        self, state: dict[str, torch.Tensor], source: Any = "state dict", dtype: torch.dtype | None = None
+    ) -> None:
+        """Assign ``state`` to this module after checking keys and shapes; errors name ``source``."""
+        state = self.rename_legacy_keys(state)
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shapes = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_clip(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_clip(unexpected)}")
+        if wrong_shapes:
+            problems.append(f"shape mismatches {_clip(wrong_shapes)}")
+        if problems:
+            raise WeightsError(f"{source} does not fit {type(self).__name__}: " + "; ".join(problems))
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        self.load_state_dict(state, strict=True, assign=True)
+        leftover = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if leftover:
+            raise WeightsError(f"{source}: tensors not materialised after loading: {_clip(leftover)}")
+
+    @classmethod
+    def rename_legacy_keys(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply ``legacy_key_renames`` (substring renames) to checkpoint keys from older releases."""
+        if not cls.legacy_key_renames:
+            return state
+        renamed = {}
+        for key, value in state.items():
+            for old, new in cls.legacy_key_renames:
+                key = key.replace(old, new)
+            renamed[key] = value
+        return renamed
+
+
+def _clip(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+
+
+__all__ = ["ModelMixin", "SAFETENSORS_NAME"]

@@ -1,0 +1,212 @@
+"""The math schedulers share, kept in one place: beta schedules, alphas and sigmas, sigma ramps
+(Karras, exponential, beta), timestep spacing, sigma <-> timestep interpolation, thresholding.
+
+Dtypes follow the reference exactly (betas in float32 torch, sigma ramps in float64 numpy), since
+parity to 1e-5 depends on where the rounding happens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+# -- training noise schedule -------------------------------------------------------------------
+
+def _alpha_bar(kind: str):
+    if kind == "cosine":
+        return lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    if kind == "exp":
+        return lambda t: math.exp(t * -12.0)
+    if kind == "laplace":
+        def laplace(t):
+            lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+            return math.sqrt(math.exp(lmb) / (1 + math.exp(lmb)))
+        return laplace
+    raise ValueError(f"unknown alpha_transform_type {kind!r}; expected cosine, exp or laplace")
+
+
+def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999, alpha_transform_type: str = "cosine") -> torch.Tensor:
+    """Betas that discretise a continuous cumulative-alpha curve ``alpha_bar(t)`` on [0, 1]."""
+    alpha_bar = _alpha_bar(alpha_transform_type)
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def make_betas(
+    beta_schedule: str,
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    trained_betas=None,
+) -> torch.Tensor:
+    """The training betas for a config's ``beta_schedule`` (or its explicit ``trained_betas``)."""
+    if trained_betas is not None:
+        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(num_train_timesteps)
+    if beta_schedule == "exp":
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="exp")
+    if beta_schedule == "laplace":
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type="laplace")
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+    raise ValueError(
+        f"unknown beta_schedule {beta_schedule!r}; expected linear, scaled_linear, squaredcos_cap_v2, "
+        "exp, laplace or sigmoid"
+    )
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alphas_cumprod) so the last step has zero SNR (arXiv:2305.08891, Alg. 1)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alphas_bar = root**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod_from_config(config) -> torch.Tensor:
+    """``cumprod(1 - betas)`` for a scheduler config with the usual beta keys."""
+    betas = make_betas(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end,
+                       config.get("trained_betas"))
+    if config.get("rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+# -- sigmas ----------------------------------------------------------------------------------------
+
+def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray | torch.Tensor:
+    """sigma = sqrt((1 - alpha_bar) / alpha_bar): the noise level of the variance-exploding view."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) ramp: uniform in sigma^(1/rho), from sigma_max down to sigma_min."""
+    ramp = np.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """Sigmas uniform in log space, from sigma_max down to sigma_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution (arXiv:2407.12173)."""
+    from scipy.stats import beta as beta_dist  # only this schedule needs scipy
+
+    quantiles = beta_dist.ppf(1 - np.linspace(0, 1, n), alpha, beta)
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
+def sigma_ramp(kind: str | None, sigmas, n: int, sigma_min: float | None = None,
+               sigma_max: float | None = None) -> np.ndarray:
+    """Resample a descending sigma schedule as ``kind`` ("karras", "exponential", "beta") with n points.
+
+    The end points default to the schedule's own last and first sigma.
+    """
+    low = sigma_min if sigma_min is not None else float(sigmas[-1])
+    high = sigma_max if sigma_max is not None else float(sigmas[0])
+    if kind == "karras":
+        return karras_sigmas(low, high, n)
+    if kind == "exponential":
+        return exponential_sigmas(low, high, n)
+    if kind == "beta":
+        return beta_sigmas(low, high, n)
+    raise ValueError(f"unknown sigma schedule {kind!r}")
+
+
+def sigma_kind(config) -> str | None:
+    """Which of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas a config turns on."""
+    chosen = [k for k in ("karras", "exponential", "beta") if config.get(f"use_{k}_sigmas", False)]
+    if len(chosen) > 1:
+        raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas may be set, got {chosen}")
+    return chosen[0] if chosen else None
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timestep of each sigma, by linear interpolation in log-sigma."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+# -- inference timesteps -------------------------------------------------------------------------
+
+def spaced_timesteps(
+    spacing: str, num_inference_steps: int, num_train_timesteps: int, steps_offset: int = 0,
+    dtype=np.int64, round_linspace: bool = True,
+) -> np.ndarray:
+    """Descending inference timesteps for ``timestep_spacing`` "linspace", "leading" or "trailing".
+
+    Discrete-time schedulers round linspace to integers; sigma-based ones keep it fractional
+    (``round_linspace=False``, float32), as the reference does.
+    """
+    if num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps ({num_train_timesteps})"
+        )
+    if spacing == "linspace":
+        steps = np.linspace(0, num_train_timesteps - 1, num_inference_steps, dtype=np.float64 if round_linspace else np.float32)
+        steps = steps.round() if round_linspace else steps
+        return steps[::-1].copy().astype(dtype)
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_inference_steps
+        steps = (np.arange(0, num_inference_steps) * ratio).round()[::-1].copy().astype(dtype)
+        return steps + steps_offset
+    if spacing == "trailing":
+        ratio = num_train_timesteps / num_inference_steps
+        steps = np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(dtype)
+        return steps - 1
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; expected linspace, leading or trailing")
+
+
+# -- sample manipulation -------------------------------------------------------------------------
+
+def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen): clamp each sample to its ``ratio`` quantile s and divide by s."""
+    dtype = sample.dtype
+    batch, channels, *rest = sample.shape
+    flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
+    flat = flat.reshape(batch, channels * int(np.prod(rest)))
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    flat = torch.clamp(flat, -s, s) / s
+    return flat.reshape(batch, channels, *rest).to(dtype)
+
+
+def broadcast_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-batch vector so it broadcasts over ``like``'s trailing dimensions."""
+    values = values.flatten()
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+def add_noise_alphas(original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion q(x_t | x_0) = sqrt(a) x_0 + sqrt(1 - a) noise, with a = alphas_cumprod[t]."""
+    alphas_cumprod = alphas_cumprod.to(device=original.device, dtype=original.dtype)
+    timesteps = timesteps.to(original.device)
+    a = alphas_cumprod[timesteps]
+    return broadcast_to(a**0.5, original) * original + broadcast_to((1 - a) ** 0.5, original) * noise
+
+
+def velocity_alphas(sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target v = sqrt(a) noise - sqrt(1 - a) x_0 (Salimans & Ho, 2022)."""
+    alphas_cumprod = alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
+    timesteps = timesteps.to(sample.device)
+    a = alphas_cumprod[timesteps]
+    return broadcast_to(a**0.5, sample) * noise - broadcast_to((1 - a) ** 0.5, sample) * sample
