@@ -1,0 +1,272 @@
+"""DiffusionPipeline: a bundle of components (models, scheduler, tokenizers) saved as one folder.
+
+The folder holds ``model_index.json``, naming the pipeline class and each component as
+``[library, class]``, and one subfolder per component. "transformers" components are loaded with
+transformers; any other library name ("diffusers", or the reference's module names such as
+"stable_diffusion" or "deprecated") means the diffusekit class of that name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..configuration import ConfigMixin, read_json
+from ..hub import resolve_file, resolve_folder, split_hub_kwargs
+from ..utils import BaseOutput
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+#: Files a component folder may need besides weights (configs, tokenizer vocabularies).
+_SMALL_FILES = ("*.json", "*.txt", "*.model")
+
+
+@dataclass
+class ImagePipelineOutput(BaseOutput):
+    """Images as a list of PIL images, a numpy array (N, H, W, C) or a tensor (N, C, H, W)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+@dataclass
+class AudioPipelineOutput(BaseOutput):
+    """Audio as a numpy array (N, channels, samples)."""
+
+    audios: np.ndarray
+
+
+def _library_of(component: Any) -> list[str | None]:
+    """The ``[library, class]`` entry that model_index.json records for a component."""
+    if component is None:
+        return [None, None]
+    module = type(component).__module__.split(".")[0]
+    library = "diffusers" if module == "diffusekit" else module
+    return [library, type(component).__name__]
+
+
+def _diffusekit_class(name: str, where: str) -> type:
+    import diffusekit
+
+    try:
+        return getattr(diffusekit, name)
+    except AttributeError:
+        raise ValueError(f"{where}: unknown class {name!r} (diffusekit has no class of that name)") from None
+
+
+class DiffusionPipeline(ConfigMixin):
+    """Base class of all pipelines: component registry, loading, saving, device moves, progress bars."""
+
+    config_name = MODEL_INDEX
+    #: Components that may be absent (saved as ``[null, null]``).
+    _optional_components: tuple[str, ...] = ()
+    #: For pipelines of ours that the reference lacks: the reference class named in model_index.json
+    #: (ours is kept under ``_diffusekit_class_name``), so the reference can still load the folder.
+    _reference_class_name: str | None = None
+
+    def __init__(self) -> None:
+        self._component_names: list[str] = []
+        self._progress_bar_config: dict[str, Any] = {}
+
+    def register_modules(self, **components: Any) -> None:
+        """Attach components as attributes and record them in the config as ``[library, class]``."""
+        if not hasattr(self, "_component_names"):
+            DiffusionPipeline.__init__(self)
+        for name, component in components.items():
+            setattr(self, name, component)
+            if name not in self._component_names:
+                self._component_names.append(name)
+            self.register_to_config(**{name: _library_of(component)})
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The components by name, ready to build another pipeline: ``Other(**pipe.components)``."""
+        return {name: getattr(self, name) for name in self._component_names}
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
+
+    @property
+    def device(self) -> torch.device:
+        for module in self._modules():
+            for tensor in module.parameters():
+                return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for module in self._modules():
+            for tensor in module.parameters():
+                if tensor.is_floating_point():
+                    return tensor.dtype
+        return torch.float32
+
+    def to(self, *args: Any, **kwargs: Any) -> "DiffusionPipeline":
+        """Move every model component to a device and/or dtype (as ``nn.Module.to`` takes them)."""
+        for module in self._modules():
+            module.to(*args, **kwargs)
+        return self
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm progress bar, e.g. ``disable=True`` or ``desc="sampling"``."""
+        self._progress_bar_config = dict(kwargs)
+
+    def progress_bar(self, iterable=None, total: int | None = None):
+        from tqdm.auto import tqdm
+
+        config = getattr(self, "_progress_bar_config", {})
+        if iterable is not None:
+            return tqdm(iterable, **config)
+        return tqdm(total=total, **config)
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, **kwargs: Any) -> None:
+        """Write model_index.json and every component into its own subfolder."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, component in self.components.items():
+            if component is None:
+                continue
+            target = folder / name
+            save = component.save_pretrained
+            params = inspect.signature(save).parameters
+            options = {}
+            if "safe_serialization" in params:
+                options["safe_serialization"] = safe_serialization
+            if "variant" in params and variant is not None:
+                options["variant"] = variant
+            save(target, **options)
+        self.save_config(folder)
+
+    # -- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Load a pipeline from a folder or Hub repo with model_index.json.
+
+        Keyword arguments: ``torch_dtype``, ``variant``, ``use_safetensors``, the Hub options
+        (``revision``, ``cache_dir``, ``local_files_only``, ``token``), components by name to use
+        instead of the saved ones (``scheduler=...``, ``safety_checker=None``), and pipeline
+        options such as ``requires_safety_checker``.
+        """
+        hub = split_hub_kwargs(kwargs)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        variant = kwargs.pop("variant", None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        kwargs.pop("low_cpu_mem_usage", None)
+
+        index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
+        index = read_json(index_path)
+        pipeline_cls = cls._pipeline_class(index, index_path)
+        folder = cls._fetch_folder(pretrained_model_name_or_path, index, use_safetensors, hub)
+
+        params = inspect.signature(pipeline_cls.__init__).parameters
+        arguments: dict[str, Any] = {}
+        for name, param in params.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            if name in kwargs:
+                arguments[name] = kwargs.pop(name)
+            elif name in index and isinstance(index[name], list):
+                arguments[name] = _load_component(
+                    name, index[name], folder, index_path, torch_dtype, variant, use_safetensors
+                )
+            elif name in index:
+                arguments[name] = index[name]
+            elif param.default is inspect.Parameter.empty and name not in pipeline_cls._optional_components:
+                raise ValueError(f"{index_path} has no entry for component {name!r} of {pipeline_cls.__name__}")
+            elif name in pipeline_cls._optional_components:
+                arguments[name] = None
+        if kwargs:
+            raise TypeError(f"{pipeline_cls.__name__}.from_pretrained got unexpected arguments {sorted(kwargs)}")
+        return pipeline_cls(**arguments)
+
+    @classmethod
+    def _pipeline_class(cls, index: dict, index_path: Path) -> type:
+        if cls is not DiffusionPipeline:
+            return cls
+        name = index.get("_diffusekit_class_name") or index.get("_class_name")
+        if not isinstance(name, str):
+            raise ValueError(f"{index_path} does not name a pipeline class (_class_name)")
+        pipeline_cls = _diffusekit_class(name, str(index_path))
+        if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
+            raise ValueError(f"{index_path}: {name!r} is not a pipeline class")
+        return pipeline_cls
+
+    @staticmethod
+    def _fetch_folder(name_or_path, index: dict, use_safetensors: bool | None, hub: dict) -> Path:
+        """The local folder: in place, or the Hub files that the listed components need."""
+        if Path(name_or_path).is_dir():
+            return Path(name_or_path)
+        parts = [k for k, v in index.items() if isinstance(v, list) and v[0] is not None]
+        weights = ("*.safetensors", "*.safetensors.index*.json") if use_safetensors is not False else ("*.bin",)
+        patterns = [MODEL_INDEX] + [f"{p}/{g}" for p in parts for g in (*_SMALL_FILES, *weights)]
+        folder = resolve_folder(name_or_path, allow_patterns=patterns, **hub)
+        if use_safetensors is None:  # fall back to legacy pickles for components without safetensors
+            legacy = [p for p in parts
+                      if _needs_weights(index[p]) and not any((folder / p).glob("*.safetensors*"))]
+            if legacy:
+                folder = resolve_folder(name_or_path, allow_patterns=patterns + [f"{p}/*.bin" for p in legacy], **hub)
+        return folder
+
+    def to_json_string(self) -> str:
+        """model_index.json; a pipeline the reference lacks is saved under a reference class it can load."""
+        text = super().to_json_string()
+        if self._reference_class_name is None:
+            return text
+        data = json.loads(text)
+        data["_class_name"] = self._reference_class_name
+        data["_diffusekit_class_name"] = type(self).__name__
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _needs_weights(entry: list) -> bool:
+    name = entry[1] or ""
+    return not (name.endswith("Scheduler") or "Tokenizer" in name or "Processor" in name or "Extractor" in name)
+
+
+def _load_component(name: str, entry: list, folder: Path, index_path: Path, torch_dtype, variant, use_safetensors):
+    library, class_name = (list(entry) + [None, None])[:2]
+    if library is None or class_name is None:
+        return None
+    where = f"{index_path} (component {name!r})"
+    path = folder / name
+    if library == "transformers":
+        import transformers
+
+        component_cls = getattr(transformers, class_name, None)
+        if component_cls is None:
+            raise ValueError(f"{where}: transformers has no class {class_name!r}")
+        options = {}
+        if torch_dtype is not None and issubclass(component_cls, torch.nn.Module):
+            options["dtype"] = torch_dtype
+        return component_cls.from_pretrained(path, **options)
+    component_cls = _diffusekit_class(class_name, where)
+    from ..models.modeling import ModelMixin
+
+    if isinstance(component_cls, type) and issubclass(component_cls, ModelMixin):
+        try:
+            return component_cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant,
+                                                 use_safetensors=use_safetensors)
+        except FileNotFoundError:
+            if variant is None:
+                raise
+            logger.warning("%s has no %s variant; loading the default weights", path, variant)
+            return component_cls.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=use_safetensors)
+    return component_cls.from_pretrained(path)

@@ -1,0 +1,39 @@
+"""PNDMPipeline: unconditional generation with pseudo numerical methods (Liu et al., 2022)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import Generator
+from .image_processing import postprocess_images
+from .noise import image_shape, initial_noise
+from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+
+
+class PNDMPipeline(DiffusionPipeline):
+    """A pixel-space UNet2DModel sampled with the PNDM scheduler."""
+
+    def __init__(self, unet, scheduler) -> None:
+        super().__init__()
+        from ..schedulers.pndm import PNDMScheduler
+
+        if not isinstance(scheduler, PNDMScheduler):
+            scheduler = PNDMScheduler.from_config(scheduler.config)
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        generator: Generator = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        image = initial_noise(image_shape(self.unet, batch_size), generator, self.device, self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            noise_pred = self.unet(image, t).sample
+            image = self.scheduler.step(noise_pred, t, image).prev_sample
+        images = postprocess_images(image, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
