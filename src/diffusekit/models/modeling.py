@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         config.update(kwargs)
         weights_path = find_weights(folder, variant=variant, use_safetensors=use_safetensors)
         state = load_weights(weights_path)
-        with torch.device("meta"):
+        with torch.device("meta"), skip_init():
             model = cls.from_config(config)
         model.load_checked_state_dict(state, source=weights_path, dtype=torch_dtype)
         return model.eval()
@@ -129,6 +130,24 @@ class ModelMixin(nn.Module, ConfigMixin):
                 key = key.replace(old, new)
             renamed[key] = value
         return renamed
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Turn the ``torch.nn.init`` functions into no-ops: weights are about to be assigned anyway."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, _keep)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
 
 
 def _clip(items: list[str], limit: int = 20) -> str:

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from diffusekit.weights import WeightsError
+from helpers import TinyModel, tiny_model
+
+
+def test_round_trip_gives_identical_output(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "TinyModel"
+    loaded = TinyModel.from_pretrained(tmp_path)
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert not loaded.training
+
+
+def test_load_does_no_random_init(tmp_path, monkeypatch):
+    tiny_model().save_pretrained(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("random initialisation ran during from_pretrained")
+
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        monkeypatch.setattr(torch.nn.init, name, refuse)
+    loaded = TinyModel.from_pretrained(tmp_path)
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+def test_dtype_variant_and_shards(tmp_path):
+    model = tiny_model(hidden=16)
+    model.save_pretrained(tmp_path / "v", variant="fp16")
+    assert (tmp_path / "v" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    half = TinyModel.from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.float16)
+    assert half.dtype == torch.float16
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        TinyModel.from_pretrained(tmp_path / "v")
+
+    model.save_pretrained(tmp_path / "s", max_shard_size=600)
+    index = json.loads((tmp_path / "s" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    sharded = TinyModel.from_pretrained(tmp_path / "s")
+    for a, b in zip(sharded.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_legacy_bin_is_read_with_weights_only(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
+    loaded = TinyModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.conv_in.weight, model.conv_in.weight)
+
+
+def _resave(folder, state):
+    from safetensors.torch import save_file
+
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_missing_unexpected_and_shape_errors_name_keys_and_file(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    state = dict(model.state_dict())
+    state.pop("conv_out.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["conv_in.bias"] = torch.zeros(99)
+    _resave(tmp_path, state)
+    with pytest.raises(WeightsError) as err:
+        TinyModel.from_pretrained(tmp_path)
+    message = str(err.value)
+    for piece in ("diffusion_pytorch_model.safetensors", "conv_out.bias", "extra.weight", "conv_in.bias"):
+        assert piece in message
+
+
+def test_truncated_and_lying_safetensors_are_clear_errors(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    with pytest.raises(WeightsError, match="diffusion_pytorch_model.safetensors.*truncated"):
+        TinyModel.from_pretrained(tmp_path)
+    path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    with pytest.raises(WeightsError, match="header claims"):
+        TinyModel.from_pretrained(tmp_path)
+    path.write_bytes(data[:3])
+    with pytest.raises(WeightsError, match="truncated"):
+        TinyModel.from_pretrained(tmp_path)
+    header_len = int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:8] + b"{" * header_len + data[8 + header_len:])
+    with pytest.raises(WeightsError, match="corrupt"):
+        TinyModel.from_pretrained(tmp_path)
+
+
+def test_malformed_config_names_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="config.json"):
+        TinyModel.from_pretrained(tmp_path)

@@ -1,0 +1,44 @@
+"""The Hub code path, against a cache folder the test fills (never the network)."""
+
+import shutil
+
+import pytest
+import torch
+
+from diffusekit.hub import resolve_file
+from helpers import TinyModel, tiny_model
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill_cache(cache, repo_id, source, revision="main", commit=COMMIT):
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return repo
+
+
+def test_repo_id_loads_from_the_cache(tmp_path):
+    model = tiny_model(seed=3)
+    model.save_pretrained(tmp_path / "src")
+    fill_cache(tmp_path / "cache", "someone/tiny", tmp_path / "src")
+    loaded = TinyModel.from_pretrained("someone/tiny", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert torch.equal(loaded.conv_in.weight, model.conv_in.weight)
+    path = resolve_file("someone/tiny", "config.json", cache_dir=tmp_path / "cache")
+    assert COMMIT in str(path)
+
+
+def test_revision_selects_the_snapshot(tmp_path):
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    fill_cache(tmp_path / "cache", "someone/tiny", tmp_path / "a")
+    fill_cache(tmp_path / "cache", "someone/tiny", tmp_path / "b", revision="v2", commit="f" * 40)
+    loaded = TinyModel.from_pretrained("someone/tiny", cache_dir=tmp_path / "cache", revision="v2")
+    assert torch.equal(loaded.conv_in.weight, second.conv_in.weight)
+
+
+def test_unknown_repo_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="nobody/nothing"):
+        TinyModel.from_pretrained("nobody/nothing", cache_dir=tmp_path)
