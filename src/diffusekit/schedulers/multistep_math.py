@@ -1,0 +1,191 @@
+"""Math shared by the exponential-integrator solvers (DPM-Solver, DPM-Solver++, DEIS, UniPC).
+
+A noise level ``sigma`` (variance-exploding view, or the flow-matching sigma) maps to the
+variance-preserving pair (alpha_t, sigma_t) and the half log-SNR ``lambda = log(alpha_t / sigma_t)``.
+The solvers step in lambda with ``h = lambda_target - lambda_base``. Scalars stay 0-d tensors so
+nothing is read back from the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .schedule_math import sigma_ramp, sigma_to_t, threshold_sample
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+# -- noise levels --------------------------------------------------------------------------------
+
+def alpha_sigma(sigma: torch.Tensor, flow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of a noise level: x_t = alpha_t x_0 + sigma_t eps."""
+    if flow:
+        return 1 - sigma, sigma
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def half_log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """lambda_t = log(alpha_t) - log(sigma_t)."""
+    return torch.log(alpha) - torch.log(sigma)
+
+
+class NoiseLevel:
+    """alpha_t, sigma_t and lambda_t of one entry of a scheduler's ``sigmas``."""
+
+    __slots__ = ("alpha", "sigma", "lam")
+
+    def __init__(self, sigma: torch.Tensor, flow: bool = False):
+        self.alpha, self.sigma = alpha_sigma(sigma, flow)
+        self.lam = half_log_snr(self.alpha, self.sigma)
+
+
+# -- model output conversion ---------------------------------------------------------------------
+
+def check_prediction_type(prediction_type: str, allowed=PREDICTION_TYPES) -> None:
+    if prediction_type not in allowed:
+        raise ValueError(f"prediction_type must be one of {', '.join(allowed)}; got {prediction_type!r}")
+
+
+def predict_data(model_output, sample, sigma, prediction_type: str, flow: bool = False) -> torch.Tensor:
+    """The model's estimate of x_0, from any parameterisation."""
+    alpha_t, sigma_t = alpha_sigma(sigma, flow)
+    if prediction_type == "epsilon":
+        return (sample - sigma_t * model_output) / alpha_t
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_t * sample - sigma_t * model_output
+    if prediction_type == "flow_prediction":
+        return sample - sigma * model_output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predict_noise(model_output, sample, sigma, prediction_type: str, flow: bool = False) -> torch.Tensor:
+    """The model's estimate of eps, from epsilon, sample or v prediction."""
+    alpha_t, sigma_t = alpha_sigma(sigma, flow)
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alpha_t * model_output) / sigma_t
+    if prediction_type == "v_prediction":
+        return alpha_t * model_output + sigma_t * sample
+    raise ValueError(f"prediction_type {prediction_type!r} cannot give a noise prediction; use epsilon, sample or v_prediction")
+
+
+def threshold_data(x0: torch.Tensor, config) -> torch.Tensor:
+    """Dynamic thresholding of an x_0 estimate when the config asks for it."""
+    if not config.thresholding:
+        return x0
+    return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+
+
+def data_to_noise(x0, sample, sigma, flow: bool = False) -> torch.Tensor:
+    alpha_t, sigma_t = alpha_sigma(sigma, flow)
+    return (sample - alpha_t * x0) / sigma_t
+
+
+def noise_to_data(eps, sample, sigma, flow: bool = False) -> torch.Tensor:
+    alpha_t, sigma_t = alpha_sigma(sigma, flow)
+    return (sample - sigma_t * eps) / alpha_t
+
+
+# -- DPM-Solver exponential integrator --------------------------------------------------------------
+
+def dpm_solver_update(algorithm: str, x, base: NoiseLevel, target: NoiseLevel, h, terms, noise=None):
+    """One DPM-Solver(++) step from ``x`` at ``base`` to ``target`` (h = lambda_target - lambda_base).
+
+    ``terms`` are (kind, D) pairs: "D0" (the prediction), "mid" (first difference, midpoint rule),
+    "phi2" (first difference, exact phi_2 weight) and "phi3" (second difference). ``algorithm`` is
+    dpmsolver++ (data prediction), dpmsolver (noise prediction) or their sde- variants, which add
+    ``noise``. Coefficients follow Lu et al. 2022 (arXiv:2211.01095) and the reference's SDE forms.
+    """
+    a_t, s_t = target.alpha, target.sigma
+    if algorithm == "dpmsolver++":
+        e = torch.exp(-h) - 1.0
+        scale = s_t / base.sigma
+        coef = {"D0": -(a_t * e), "mid": -0.5 * (a_t * e), "phi2": a_t * (e / h + 1.0),
+                "phi3": -(a_t * ((e + h) / h**2 - 0.5))}
+    elif algorithm == "dpmsolver":
+        e = torch.exp(h) - 1.0
+        scale = a_t / base.alpha
+        coef = {"D0": -(s_t * e), "mid": -0.5 * (s_t * e), "phi2": -(s_t * (e / h - 1.0)),
+                "phi3": -(s_t * ((e - h) / h**2 - 0.5))}
+    elif algorithm == "sde-dpmsolver++":
+        e = 1.0 - torch.exp(-2.0 * h)
+        scale = s_t / base.sigma * torch.exp(-h)
+        coef = {"D0": a_t * e, "mid": 0.5 * (a_t * e), "phi2": a_t * (e / (-2.0 * h) + 1.0),
+                "phi3": a_t * ((e - 2.0 * h) / (2.0 * h) ** 2 - 0.5)}
+    elif algorithm == "sde-dpmsolver":
+        e = torch.exp(h) - 1.0
+        scale = a_t / base.alpha
+        coef = {"D0": -2.0 * (s_t * e), "mid": -(s_t * e), "phi2": -2.0 * (s_t * (e / h - 1.0))}
+    else:
+        raise ValueError(f"unknown algorithm_type {algorithm!r}")
+    x_t = scale * x
+    for kind, d in terms:
+        if kind not in coef:
+            raise ValueError(f"{algorithm} has no {kind} term (order too high for this algorithm_type)")
+        x_t = x_t + coef[kind] * d
+    if algorithm == "sde-dpmsolver++":
+        x_t = x_t + s_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+    elif algorithm == "sde-dpmsolver":
+        x_t = x_t + s_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
+    return x_t
+
+
+# -- inference schedules -----------------------------------------------------------------------------
+
+def solver_timesteps(spacing: str, n: int, num_train_timesteps: int, last_timestep: int | None = None,
+                     steps_offset: int = 0) -> np.ndarray:
+    """Descending integer timesteps: n of n + 1 evenly spaced points (the last, t=0, dropped).
+
+    ``last_timestep`` caps the range (lambda_min_clipped); it defaults to num_train_timesteps.
+    """
+    last = num_train_timesteps if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        ratio = num_train_timesteps / n
+        return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; expected linspace, leading or trailing")
+
+
+def training_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """sqrt((1 - a) / a) of the training schedule, float32 numpy (ascending in t)."""
+    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+
+
+def ramp_schedule(kind: str, train_sigmas: np.ndarray, n: int, config) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas, fractional timesteps) of n points on a "karras", "exponential", "beta" or "lu"
+    (uniform in lambda, Lu et al.) ramp over the training sigmas."""
+    log_sigmas = np.log(train_sigmas)
+    if kind == "lu":
+        lambdas = np.flip(log_sigmas.copy())
+        high, low = float(lambdas[0]), float(lambdas[-1])
+        sigmas = np.exp(high + np.linspace(0, 1, n) * (low - high))
+    else:
+        sigmas = sigma_ramp(kind, np.flip(train_sigmas).copy(), n, config.get("sigma_min"), config.get("sigma_max"))
+    timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+    return sigmas, timesteps
+
+
+def flow_sigmas(n: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """n shifted flow-matching sigmas, descending from 1 (shift * s / (1 + (shift - 1) * s))."""
+    s = 1.0 - np.linspace(1, 1 / num_train_timesteps, n + 1)
+    return np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+
+
+def last_sigma(final_sigmas_type: str, alphas_cumprod: torch.Tensor, sigma_min=None):
+    """The sigma appended after the last step: 0, or the smallest training sigma."""
+    if final_sigmas_type == "zero":
+        return 0
+    if final_sigmas_type == "sigma_min":
+        if sigma_min is not None:
+            return sigma_min
+        return ((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5
+    raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")

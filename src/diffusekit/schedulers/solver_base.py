@@ -1,0 +1,98 @@
+"""The stateful shell shared by the multistep ODE/SDE solvers (DPM-Solver, DEIS, UniPC): training
+schedule tables, step index, history of converted model outputs, ``add_noise``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .multistep_math import alpha_sigma, half_log_snr
+from .schedule_math import broadcast_to, make_betas, rescale_zero_terminal_snr, sigma_kind
+from .scheduling_utils import SchedulerMixin
+from .stepping import StepIndexMixin
+
+#: Schedulers that share the epsilon/v-prediction DDPM config (the reference's KarrasDiffusionSchedulers).
+KARRAS_COMPATIBLES = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
+)
+
+
+class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
+    """Training tables (alphas_cumprod, alpha_t, sigma_t, lambda_t, sigmas) and the bookkeeping every
+    multistep solver needs. Subclasses fill ``self.sigmas`` / ``self.timesteps`` in ``set_timesteps``."""
+
+    _compatibles = KARRAS_COMPATIBLES
+    init_noise_sigma = 1.0
+
+    def _init_tables(self) -> None:
+        cfg = self.config
+        sigma_kind(cfg)  # rejects more than one of use_{karras,exponential,beta}_sigmas
+        check_solver_order(cfg.solver_order)
+        betas = make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas)
+        zero_snr = cfg.get("rescale_betas_zero_snr", False)
+        if zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # keep the last sigma finite
+        self.alpha_t = torch.sqrt(self.alphas_cumprod)
+        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
+        self.lambda_t = half_log_snr(self.alpha_t, self.sigma_t)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        n = cfg.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
+        self.num_inference_steps = None
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self.model_outputs = [None] * self.config.solver_order
+        self.lower_order_nums = 0
+        self._reset_index()
+
+    def _set_schedule(self, sigmas: np.ndarray, timesteps: np.ndarray, device) -> None:
+        self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self._reset_history()
+
+    def _check_ready(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is not set; call set_timesteps before step")
+
+    @property
+    def _flow(self) -> bool:
+        return bool(self.config.get("use_flow_sigmas", False))
+
+    def _remember(self, converted: torch.Tensor) -> None:
+        """Push a converted model output onto the fixed-length history."""
+        self.model_outputs = [*self.model_outputs[1:], converted]
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule; a timestep not in it maps to the last step."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule.device)
+        if len((schedule == timestep).nonzero()) == 0:
+            return len(self.timesteps) - 1
+        return super().index_for_timestep(timestep, schedule)
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """These solvers take the sample unscaled."""
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x_0 + sigma_t noise at the inference sigmas of ``timesteps``."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        sigma = broadcast_to(sigmas[self._noise_indices(timesteps, original_samples.device)], original_samples)
+        alpha_t, sigma_t = alpha_sigma(sigma, self._flow)
+        return alpha_t * original_samples + sigma_t * noise
+
+
+def check_solver_order(order) -> None:
+    if not isinstance(order, int) or not 1 <= order <= 3:
+        raise ValueError(f"solver_order must be 1, 2 or 3, got {order!r}")
