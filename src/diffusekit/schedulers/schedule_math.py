@@ -210,3 +210,110 @@ def velocity_alphas(sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.
     timesteps = timesteps.to(sample.device)
     a = alphas_cumprod[timesteps]
     return broadcast_to(a**0.5, sample) * noise - broadcast_to((1 - a) ** 0.5, sample) * sample
+
+
+# -- discrete sigma schedules (k-diffusion view of a DDPM) -----------------------------------------
+
+def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """The training sigmas, ascending in t, as float32 numpy (computed in torch like the reference)."""
+    return np.array(sigmas_from_alphas_cumprod(alphas_cumprod))
+
+
+def sigmas_for_timesteps(timesteps: np.ndarray, alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """Sigmas at (fractional) timesteps, interpolated linearly in t from the training sigmas."""
+    sigmas = train_sigmas(alphas_cumprod)
+    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+
+def resample_sigmas(kind: str | None, sigmas: np.ndarray, timesteps: np.ndarray, alphas_cumprod: torch.Tensor,
+                    n: int, sigma_min: float | None = None, sigma_max: float | None = None):
+    """Apply a Karras/exponential/beta ramp (``kind``; None keeps the schedule) and map the new
+    sigmas back to fractional timesteps. Returns ``(sigmas, timesteps)``."""
+    if kind is None:
+        return sigmas, timesteps
+    sigmas = sigma_ramp(kind, sigmas, n, sigma_min, sigma_max)
+    return sigmas, sigma_to_t(sigmas, np.log(train_sigmas(alphas_cumprod)))
+
+
+def ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
+    """k-diffusion ``get_ancestral_step``: split a move to ``sigma_to`` into a deterministic part
+    ``sigma_down`` and fresh noise of size ``sigma_up``."""
+    sigma_up = eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def to_denoised(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_type: str) -> torch.Tensor:
+    """The clean-sample estimate x0 from a model output on the variance-exploding scale."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    if prediction_type in ("sample", "original_sample"):
+        return model_output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+
+
+def to_d(sample: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
+    """The ODE derivative dx/dsigma = (x - x0) / sigma."""
+    return (sample - denoised) / sigma
+
+
+def add_noise_sigmas(original: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                     step_indices: list[int]) -> torch.Tensor:
+    """Variance-exploding forward noise x = x0 + sigma * noise at the given schedule positions."""
+    sigma = sigmas.to(device=original.device, dtype=original.dtype)[step_indices]
+    return original + noise * broadcast_to(sigma, original)
+
+
+# -- flow matching ----------------------------------------------------------------------------------
+
+def shift_sigmas(sigmas, shift: float):
+    """Resolution shift of flow-matching sigmas: s * shift / (1 + (shift - 1) * s)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def time_shift(kind: str, mu: float, sigma: float, t):
+    """Dynamic (resolution dependent) time shift with parameter ``mu``: "exponential" or "linear"."""
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+    if kind == "linear":
+        return mu / (mu + (1 / t - 1) ** sigma)
+    raise ValueError(f"unknown time_shift_type {kind!r}; expected exponential or linear")
+
+
+def stretch_to_terminal(t, terminal: float):
+    """Rescale a descending schedule so that its last value becomes ``terminal``."""
+    one_minus = 1 - t
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+
+
+# -- discrete-time (alpha) view ---------------------------------------------------------------------
+
+def x0_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod, prediction_type: str) -> torch.Tensor:
+    """Clean-sample estimate x0 from a model output, with alpha_prod = alphas_cumprod[t]."""
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha_prod) ** 0.5 * model_output) / alpha_prod**0.5
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_prod**0.5 * sample - (1 - alpha_prod) ** 0.5 * model_output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, sample or v_prediction")
+
+
+def eps_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, x0: torch.Tensor, alpha_prod,
+                   prediction_type: str) -> torch.Tensor:
+    """Noise estimate matching ``x0_from_alpha`` (for epsilon models, the output itself)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_prod**0.5 * model_output + (1 - alpha_prod) ** 0.5 * sample
+    return (sample - alpha_prod**0.5 * x0) / (1 - alpha_prod) ** 0.5
+
+
+def clip_denoised(x0: torch.Tensor, config) -> torch.Tensor:
+    """Dynamic thresholding or plain clipping of x0, as the config's thresholding/clip_sample ask."""
+    if config.get("thresholding", False):
+        return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
+    if config.get("clip_sample", False):
+        return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return x0

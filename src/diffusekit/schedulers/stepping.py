@@ -1,0 +1,59 @@
+"""Step-index bookkeeping shared by the schedulers.
+
+The position in the schedule is a Python int, so ``step`` indexes its tables without reading a
+tensor back from the device. The one host read is :meth:`StepIndexMixin.index_for_timestep`, done
+at the first ``step``/``scale_model_input`` of a loop when no ``begin_index`` was set (it turns the
+caller's timestep into a position, as the reference does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StepIndexMixin:
+    """``step_index`` / ``begin_index`` and the timestep -> position lookup."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+    timesteps: torch.Tensor
+
+    @property
+    def step_index(self) -> int | None:
+        """Position of the next step in ``timesteps`` (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Position the loop starts at, when a pipeline set it (img2img); else None."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]`` (saves the first-step lookup)."""
+        self._begin_index = begin_index
+
+    def _reset_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule (the second match when it appears twice, as in
+        second-order schedules). Reads one value back from the device."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(schedule.device)
+        matches = (schedule == timestep).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of scheduler.timesteps")
+        return int(matches[1 if len(matches) > 1 else 0].item())
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _noise_indices(self, timesteps: torch.Tensor, device: torch.device) -> list[int]:
+        """Schedule positions used by ``add_noise``: looked up, or the current/begin index when set."""
+        if self._begin_index is None:
+            schedule = self.timesteps.to(device)
+            return [self.index_for_timestep(t, schedule) for t in timesteps.to(device)]
+        index = self._step_index if self._step_index is not None else self._begin_index
+        return [index] * timesteps.shape[0]

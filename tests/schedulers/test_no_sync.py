@@ -1,0 +1,80 @@
+"""The step path makes no host syncs after the first step: the sample, model output and timestep
+are tensors that refuse to be read back (.item(), bool(), float(), int(), tolist(), nonzero)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusekit
+
+_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+          torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.numpy,
+          torch.Tensor.cpu}
+
+
+class NoReadTensor(torch.Tensor):
+    """A tensor whose value may not reach the host."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _READS:
+            raise RuntimeError(f"host sync via {getattr(func, '__name__', func)} on the step path")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def guarded(x: torch.Tensor) -> torch.Tensor:
+    return x.as_subclass(NoReadTensor)
+
+
+SCHEDULERS = [
+    ("DDPMScheduler", {}, {}),
+    ("DDPMScheduler", {"variance_type": "learned_range", "thresholding": True}, {}),
+    ("DDIMScheduler", {"thresholding": True}, {"eta": 0.5}),
+    ("PNDMScheduler", {}, {}),
+    ("PNDMScheduler", {"skip_prk_steps": True}, {}),
+]
+
+
+@pytest.mark.parametrize("name, config, step_kwargs", SCHEDULERS, ids=lambda v: str(v)[:40])
+def test_steps_do_not_read_tensors_back(name, config, step_kwargs):
+    scheduler = getattr(diffusekit, name)(**config)
+    scheduler.set_timesteps(6)
+    learned = config.get("variance_type") == "learned_range"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, 4, generator=gen)
+    for i, t in enumerate(scheduler.timesteps):
+        if i > 0:  # the first step may look its timestep up once
+            x, t = guarded(x), guarded(t)
+        out = torch.cos(scheduler.scale_model_input(x, t))
+        if learned:
+            out = torch.cat([out, torch.tanh(out)], dim=1)
+        kwargs = {"generator": gen} if name != "PNDMScheduler" else {}
+        x = scheduler.step(out, t, x, **kwargs, **step_kwargs).prev_sample
+    assert torch.isfinite(x.as_subclass(torch.Tensor)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, config, step_kwargs", SCHEDULERS, ids=lambda v: str(v)[:40])
+def test_cuda_steps_do_not_sync(name, config, step_kwargs):
+    scheduler = getattr(diffusekit, name)(**config)
+    scheduler.set_timesteps(6, device="cuda")
+    x = torch.randn(1, 2, 4, 4, device="cuda")
+    learned = config.get("variance_type") == "learned_range"
+    for i, t in enumerate(scheduler.timesteps):
+        torch.cuda.set_sync_debug_mode("error" if i > 0 else "default")
+        try:
+            out = torch.cos(scheduler.scale_model_input(x, t))
+            if learned:
+                out = torch.cat([out, torch.tanh(out)], dim=1)
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert x.shape == (1, 2, 4, 4)
+
+
+def test_guard_catches_host_reads():
+    x = guarded(torch.ones(2))
+    for read in (lambda: x[0].item(), lambda: bool(x[0] > 0), lambda: float(x[0]), lambda: x.tolist()):
+        with pytest.raises(RuntimeError, match="host sync"):
+            read()
