@@ -94,3 +94,32 @@ def test_dpm_multistep_loop(config):
         ours, ref = both("DPMSolverMultistepScheduler", config)
         assert_close(sample_loop(ours, steps, stochastic, **loop_options(config)),
                      sample_loop(ref, steps, stochastic, **loop_options(config)))
+
+
+DPM_SS = [
+    {}, {"solver_order": 1}, {"solver_order": 3}, {"solver_type": "heun"}, {"solver_order": 3, "solver_type": "heun"},
+    {"lower_order_final": True}, {"lower_order_final": True, "solver_order": 3},
+    {"final_sigmas_type": "sigma_min", "lower_order_final": False, "solver_order": 1},
+    {"algorithm_type": "sde-dpmsolver++"}, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+    {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3, "solver_type": "heun"},
+    {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"},
+    {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True},
+    {"prediction_type": "v_prediction"}, {"prediction_type": "sample"},
+    {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    {"variance_type": "learned_range"}, {"thresholding": True, "sample_max_value": 1.5},
+    {"lambda_min_clipped": -5.1}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+]
+
+
+@pytest.mark.parametrize("config", DPM_SS, ids=lambda c: json.dumps(c)[:80])
+def test_dpm_singlestep_loop(config):
+    stochastic = config.get("algorithm_type", "").startswith("sde")
+    for steps in STEPS:
+        ours, ref = both("DPMSolverSinglestepScheduler", config)
+        assert_close(sample_loop(ours, steps, stochastic, **loop_options(config)),
+                     sample_loop(ref, steps, stochastic, **loop_options(config)))
+        assert ours.order_list == ref.order_list
+        assert ours.config.lower_order_final == ref.config.lower_order_final
