@@ -123,3 +123,22 @@ def test_dpm_singlestep_loop(config):
                      sample_loop(ref, steps, stochastic, **loop_options(config)))
         assert ours.order_list == ref.order_list
         assert ours.config.lower_order_final == ref.config.lower_order_final
+
+
+DEIS = [
+    {}, {"solver_order": 1}, {"solver_order": 3}, {"lower_order_final": False}, {"lower_order_final": False, "solver_order": 3},
+    {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True, "solver_order": 3},
+    {"prediction_type": "v_prediction"}, {"prediction_type": "sample"},
+    {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    {"thresholding": True, "sample_max_value": 1.5}, {"timestep_spacing": "leading", "steps_offset": 1},
+    {"timestep_spacing": "trailing"}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"algorithm_type": "dpmsolver++", "solver_type": "midpoint"},
+]
+
+
+@pytest.mark.parametrize("config", DEIS, ids=lambda c: json.dumps(c)[:80])
+def test_deis_loop(config):
+    for steps in STEPS:
+        ours, ref = both("DEISMultistepScheduler", config)
+        assert_close(sample_loop(ours, steps, False), sample_loop(ref, steps, False))
+        assert ours.config.algorithm_type == ref.config.algorithm_type == "deis"
