@@ -142,3 +142,40 @@ def test_deis_loop(config):
         ours, ref = both("DEISMultistepScheduler", config)
         assert_close(sample_loop(ours, steps, False), sample_loop(ref, steps, False))
         assert ours.config.algorithm_type == ref.config.algorithm_type == "deis"
+
+
+UNIPC = [
+    {}, {"solver_order": 1}, {"solver_order": 3}, {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},  # bh1 with a zero final sigma is NaN in the reference
+    {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"},
+    {"predict_x0": False, "final_sigmas_type": "sigma_min"}, {"predict_x0": False, "solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+    {"lower_order_final": False, "solver_order": 3, "final_sigmas_type": "sigma_min"}, {"disable_corrector": [0, 2]},
+    {"final_sigmas_type": "sigma_min"}, {"use_karras_sigmas": True}, {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 50.0},
+    {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"}, {"use_beta_sigmas": True},
+    {"prediction_type": "v_prediction"}, {"prediction_type": "sample"}, {"predict_x0": False, "prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"},
+    {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "shift_terminal": 0.1, "final_sigmas_type": "sigma_min"},
+    {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "use_karras_sigmas": True},
+    {"thresholding": True, "sample_max_value": 1.5}, {"timestep_spacing": "leading", "steps_offset": 1},
+    {"timestep_spacing": "trailing"}, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+]
+
+
+@pytest.mark.parametrize("config", UNIPC, ids=lambda c: json.dumps(c)[:80])
+def test_unipc_loop(config):
+    for steps in STEPS:
+        ours, ref = both("UniPCMultistepScheduler", config)
+        assert_close(sample_loop(ours, steps, False), sample_loop(ref, steps, False))
+
+
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+def test_unipc_dynamic_shift_and_custom_sigmas(time_shift_type):
+    import numpy as np
+
+    config = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "use_dynamic_shifting": True,
+              "time_shift_type": time_shift_type}
+    ours, ref = both("UniPCMultistepScheduler", config)
+    mu = 0.8 if time_shift_type == "exponential" else 1.5
+    assert_close(sample_loop(ours, 8, False, mu=mu), sample_loop(ref, 8, False, mu=mu))
+    custom = np.linspace(1.0, 0.05, 6)
+    assert_close(sample_loop(ours, None, False, sigmas=custom, mu=mu), sample_loop(ref, None, False, sigmas=custom, mu=mu))

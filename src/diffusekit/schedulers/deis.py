@@ -9,9 +9,9 @@ import torch
 from ..configuration import register_to_config
 from .multistep_math import (
     NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, flow_sigmas, predict_data, ramp_schedule,
-    solver_timesteps, threshold_data, training_sigmas,
+    solver_timesteps, threshold_data,
 )
-from .schedule_math import sigma_kind
+from .schedule_math import sigma_kind, train_sigmas
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
 
@@ -84,7 +84,7 @@ class DEISMultistepScheduler(SolverSchedulerBase):
             self.flow_shift = float(np.exp(mu))
         timesteps = solver_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
                                      steps_offset=cfg.steps_offset)
-        sigmas = training_sigmas(self.alphas_cumprod)
+        sigmas = train_sigmas(self.alphas_cumprod)
         kind = sigma_kind(cfg)
         if kind is not None:
             sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)

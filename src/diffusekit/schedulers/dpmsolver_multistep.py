@@ -9,9 +9,9 @@ from ..configuration import register_to_config
 from ..utils import randn_tensor
 from .multistep_math import (
     PREDICTION_TYPES, NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, flow_sigmas, last_sigma, noise_to_data,
-    predict_data, predict_noise, ramp_schedule, solver_timesteps, threshold_data, training_sigmas,
+    predict_data, predict_noise, ramp_schedule, solver_timesteps, threshold_data,
 )
-from .schedule_math import sigma_kind
+from .schedule_math import sigma_kind, train_sigmas
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
 
@@ -110,7 +110,7 @@ class DPMSolverMultistepScheduler(SolverSchedulerBase):
             clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
             timesteps = solver_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
                                          cfg.num_train_timesteps - clipped, cfg.steps_offset)
-        sigmas = training_sigmas(self.alphas_cumprod)
+        sigmas = train_sigmas(self.alphas_cumprod)
         if kind is not None:
             sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)
             if kind in ("karras", "lu") and cfg.beta_schedule != "squaredcos_cap_v2":

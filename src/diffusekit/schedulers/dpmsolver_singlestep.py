@@ -11,8 +11,8 @@ import torch
 from ..configuration import register_to_config
 from ..utils import randn_tensor
 from .dpmsolver_multistep import convert_dpm_output, normalize_solver_config
-from .multistep_math import NoiseLevel, dpm_solver_update, flow_sigmas, last_sigma, ramp_schedule, solver_timesteps, training_sigmas
-from .schedule_math import sigma_kind
+from .multistep_math import NoiseLevel, dpm_solver_update, flow_sigmas, last_sigma, ramp_schedule, solver_timesteps
+from .schedule_math import sigma_kind, train_sigmas
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
 
@@ -102,7 +102,7 @@ class DPMSolverSinglestepScheduler(SolverSchedulerBase):
             clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
             timesteps = solver_timesteps("linspace", num_inference_steps, cfg.num_train_timesteps,
                                          cfg.num_train_timesteps - clipped)
-        sigmas = training_sigmas(self.alphas_cumprod)
+        sigmas = train_sigmas(self.alphas_cumprod)
         if kind is not None:
             sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)
             if kind == "karras":

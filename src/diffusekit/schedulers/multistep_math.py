@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .schedule_math import sigma_ramp, sigma_to_t, threshold_sample
+from .schedule_math import shift_sigmas, sigma_ramp, sigma_to_t, threshold_sample
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
@@ -155,11 +155,6 @@ def solver_timesteps(spacing: str, n: int, num_train_timesteps: int, last_timest
     raise ValueError(f"unknown timestep_spacing {spacing!r}; expected linspace, leading or trailing")
 
 
-def training_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
-    """sqrt((1 - a) / a) of the training schedule, float32 numpy (ascending in t)."""
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
-
-
 def ramp_schedule(kind: str, train_sigmas: np.ndarray, n: int, config) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, fractional timesteps) of n points on a "karras", "exponential", "beta" or "lu"
     (uniform in lambda, Lu et al.) ramp over the training sigmas."""
@@ -177,7 +172,7 @@ def ramp_schedule(kind: str, train_sigmas: np.ndarray, n: int, config) -> tuple[
 def flow_sigmas(n: int, num_train_timesteps: int, shift: float) -> np.ndarray:
     """n shifted flow-matching sigmas, descending from 1 (shift * s / (1 + (shift - 1) * s))."""
     s = 1.0 - np.linspace(1, 1 / num_train_timesteps, n + 1)
-    return np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+    return np.flip(shift_sigmas(s, shift))[:-1].copy()
 
 
 def last_sigma(final_sigmas_type: str, alphas_cumprod: torch.Tensor, sigma_min=None):

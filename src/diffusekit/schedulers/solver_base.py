@@ -8,23 +8,17 @@ import torch
 
 from .multistep_math import alpha_sigma, half_log_snr
 from .schedule_math import broadcast_to, make_betas, rescale_zero_terminal_snr, sigma_kind
+from .names import KARRAS_DIFFUSION_SCHEDULERS
 from .scheduling_utils import SchedulerMixin
 from .stepping import StepIndexMixin
 
-#: Schedulers that share the epsilon/v-prediction DDPM config (the reference's KarrasDiffusionSchedulers).
-KARRAS_COMPATIBLES = (
-    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
-)
 
 
 class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
     """Training tables (alphas_cumprod, alpha_t, sigma_t, lambda_t, sigmas) and the bookkeeping every
     multistep solver needs. Subclasses fill ``self.sigmas`` / ``self.timesteps`` in ``set_timesteps``."""
 
-    _compatibles = KARRAS_COMPATIBLES
+    _compatibles = KARRAS_DIFFUSION_SCHEDULERS
     init_noise_sigma = 1.0
 
     def _init_tables(self) -> None:
