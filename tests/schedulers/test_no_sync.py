@@ -3,6 +3,8 @@ are tensors that refuse to be read back (.item(), bool(), float(), int(), tolist
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -33,6 +35,12 @@ SCHEDULERS = [
     ("DDIMScheduler", {"thresholding": True}, {"eta": 0.5}),
     ("PNDMScheduler", {}, {}),
     ("PNDMScheduler", {"skip_prk_steps": True}, {}),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, {"s_churn": 1.0}),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+    ("LMSDiscreteScheduler", {}, {}),
+    ("HeunDiscreteScheduler", {"clip_sample": True}, {}),
+    ("KDPM2DiscreteScheduler", {}, {}),
+    ("KDPM2AncestralDiscreteScheduler", {}, {}),
 ]
 
 
@@ -49,7 +57,7 @@ def test_steps_do_not_read_tensors_back(name, config, step_kwargs):
         out = torch.cos(scheduler.scale_model_input(x, t))
         if learned:
             out = torch.cat([out, torch.tanh(out)], dim=1)
-        kwargs = {"generator": gen} if name != "PNDMScheduler" else {}
+        kwargs = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
         x = scheduler.step(out, t, x, **kwargs, **step_kwargs).prev_sample
     assert torch.isfinite(x.as_subclass(torch.Tensor)).all()
 

@@ -317,3 +317,24 @@ def clip_denoised(x0: torch.Tensor, config) -> torch.Tensor:
     if config.get("clip_sample", False):
         return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
     return x0
+
+
+def log_midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Geometric mean exp((log a + log b) / 2), the midpoint DPM-Solver-2 evaluates at."""
+    return a.log().lerp(b.log(), 0.5).exp()
+
+
+def repeat_inner(values: torch.Tensor) -> torch.Tensor:
+    """``[v0, v1, v1, ..., vn, vn, vn]``: the per-call layout of a two-call-per-step solver."""
+    return torch.cat([values[:1], values[1:].repeat_interleave(2), values[-1:]])
+
+
+def sigma_to_t_float32(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """``sigma_to_t`` evaluated in float32 torch arithmetic (the reference's DPM2 midpoint timesteps
+    are computed this way; the rounding differs from the float64 numpy version)."""
+    log_sigma = sigma.clamp(min=1e-10).log()
+    dists = log_sigma[None] - log_sigmas[:, None]
+    low_idx = (dists >= 0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+    return (1 - w) * low_idx + w * (low_idx + 1)
