@@ -1,0 +1,380 @@
+"""UNet2DConditionModel: the text-conditioned latent UNet of Stable Diffusion 1.x / 2.x / XL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..configuration import register_to_config
+from ..utils import BaseOutput
+from .attention import Attention
+from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
+from .modeling import ModelMixin
+from .unet_2d import LEGACY_ATTENTION_RENAMES, timesteps_for_batch
+from .unet_blocks import get_down_block, get_mid_block, get_up_block
+
+
+@dataclass
+class UNet2DConditionOutput(BaseOutput):
+    """``sample``: the model output, shaped like the input sample."""
+
+    sample: torch.Tensor
+
+
+def _per_block(name: str, value: Any, count: int) -> list:
+    """An int/bool/None config value repeated per block, or a per-block list checked for length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries but there are {count} down blocks")
+        return list(value)
+    return [value] * count
+
+
+def _to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep-mask (1 keep, 0 drop) -> additive bias with a query axis: ``(B, 1, keys)``."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+
+
+class UNet2DConditionModel(ModelMixin):
+    """A conditional 2-D UNet: noisy latents, timestep and encoder hidden states -> sample-shaped output.
+
+    Config keys follow the reference ``UNet2DConditionModel``. ``attention_head_dim`` is, as in the
+    reference, the number of heads of the cross-attention blocks (an int or one per block).
+    SDXL's ``addition_embed_type="text_time"`` takes ``added_cond_kwargs={"text_embeds", "time_ids"}``.
+    """
+
+    legacy_key_renames = LEGACY_ATTENTION_RENAMES
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                             "CrossAttnDownBlock2D", "DownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                           "CrossAttnUpBlock2D"),
+        only_cross_attention: bool | tuple[bool, ...] = False,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int | tuple[int, ...] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int | tuple[int, ...] = 1280,
+        transformer_layers_per_block: int | tuple = 1,
+        reverse_transformer_layers_per_block: tuple | None = None,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: str | None = None,
+        attention_head_dim: int | tuple[int, ...] = 8,
+        num_attention_heads: int | tuple[int, ...] | None = None,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: str | None = None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+        resnet_skip_time_act: bool = False,
+        resnet_out_scale_factor: float = 1.0,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        time_embedding_act_fn: str | None = None,
+        timestep_post_act: str | None = None,
+        time_cond_proj_dim: int | None = None,
+        conv_in_kernel: int = 3,
+        conv_out_kernel: int = 3,
+        projection_class_embeddings_input_dim: int | None = None,
+        attention_type: str = "default",
+        class_embeddings_concat: bool = False,
+        mid_block_only_cross_attention: bool | None = None,
+        cross_attention_norm: str | None = None,
+        addition_embed_type_num_heads: int = 64,
+    ):
+        super().__init__()
+        if num_attention_heads is not None:
+            raise ValueError("num_attention_heads cannot be set (as in the reference); use attention_head_dim, "
+                             "which is the number of heads of the cross-attention blocks")
+        n = len(down_block_types)
+        if len(up_block_types) != n:
+            raise ValueError(f"down_block_types {down_block_types} and up_block_types {up_block_types} differ in length")
+        if len(block_out_channels) != n:
+            raise ValueError(f"block_out_channels {block_out_channels} does not match down_block_types")
+        if isinstance(transformer_layers_per_block, (list, tuple)) and reverse_transformer_layers_per_block is None:
+            if any(isinstance(x, (list, tuple)) for x in transformer_layers_per_block):
+                raise ValueError("reverse_transformer_layers_per_block is required when transformer_layers_per_block"
+                                 " holds per-layer lists")
+        if resnet_skip_time_act or resnet_out_scale_factor != 1.0 or cross_attention_norm is not None:
+            raise ValueError("resnet_skip_time_act, resnet_out_scale_factor and cross_attention_norm only apply to "
+                             "block types that are not supported")
+        self.sample_size = sample_size
+        first = block_out_channels[0]
+
+        self.conv_in = nn.Conv2d(in_channels, first, kernel_size=conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        if time_embedding_type == "fourier":
+            time_embed_dim = time_embedding_dim or first * 2
+            if time_embed_dim % 2:
+                raise ValueError(f"time_embedding_dim must be even for fourier embeddings, got {time_embed_dim}")
+            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, set_W_to_weight=False, log=False,
+                                                       flip_sin_to_cos=flip_sin_to_cos)
+            timestep_input_dim = time_embed_dim
+        elif time_embedding_type == "positional":
+            time_embed_dim = time_embedding_dim or first * 4
+            self.time_proj = Timesteps(first, flip_sin_to_cos, freq_shift)
+            timestep_input_dim = first
+        else:
+            raise ValueError(f"time_embedding_type {time_embedding_type!r} is not one of positional, fourier")
+        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn,
+                                                post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim)
+
+        self._build_encoder_hid_proj(encoder_hid_dim_type, encoder_hid_dim, cross_attention_dim)
+        self._build_class_embedding(class_embed_type, num_class_embeds, projection_class_embeddings_input_dim,
+                                    time_embed_dim, timestep_input_dim, act_fn)
+        if addition_embed_type == "text_time":
+            if addition_time_embed_dim is None or projection_class_embeddings_input_dim is None:
+                raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                                 "projection_class_embeddings_input_dim")
+            self.add_time_proj = Timesteps(addition_time_embed_dim, flip_sin_to_cos, freq_shift)
+            self.add_embedding = TimestepEmbedding(projection_class_embeddings_input_dim, time_embed_dim)
+        elif addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported (None, text_time)")
+        self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
+
+        only_cross = _per_block("only_cross_attention", only_cross_attention, n)
+        heads = _per_block("attention_head_dim", attention_head_dim, n)
+        cross_dims = _per_block("cross_attention_dim", cross_attention_dim, n)
+        layers = _per_block("layers_per_block", layers_per_block, n)
+        tlayers = _per_block("transformer_layers_per_block", transformer_layers_per_block, n)
+        blocks_temb = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
+        common = dict(temb_channels=blocks_temb, resnet_eps=norm_eps, resnet_act_fn=act_fn,
+                      resnet_groups=norm_num_groups, dual_cross_attention=dual_cross_attention,
+                      use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
+                      resnet_time_scale_shift=resnet_time_scale_shift, attention_type=attention_type,
+                      dropout=dropout)
+
+        self.down_blocks = nn.ModuleList()
+        output_channel = first
+        for i, block_type in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, block_out_channels[i]
+            self.down_blocks.append(get_down_block(
+                block_type, num_layers=layers[i], transformer_layers_per_block=tlayers[i],
+                in_channels=input_channel, out_channels=output_channel, add_downsample=i < n - 1,
+                cross_attention_dim=cross_dims[i], num_attention_heads=heads[i],
+                downsample_padding=downsample_padding, only_cross_attention=only_cross[i],
+                attention_head_dim=heads[i] if heads[i] is not None else output_channel, **common))
+
+        self.mid_block = get_mid_block(
+            mid_block_type, in_channels=block_out_channels[-1], output_scale_factor=mid_block_scale_factor,
+            transformer_layers_per_block=tlayers[-1], num_attention_heads=heads[-1],
+            cross_attention_dim=cross_dims[-1], attention_head_dim=heads[-1], **common)
+
+        self.num_upsamplers = n - 1
+        rev_channels = list(reversed(block_out_channels))
+        rev_heads, rev_layers = list(reversed(heads)), list(reversed(layers))
+        rev_cross, rev_only_cross = list(reversed(cross_dims)), list(reversed(only_cross))
+        rev_tlayers = (list(reversed(tlayers)) if reverse_transformer_layers_per_block is None
+                       else list(reverse_transformer_layers_per_block))
+        self.up_blocks = nn.ModuleList()
+        output_channel = rev_channels[0]
+        for i, block_type in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, rev_channels[i]
+            input_channel = rev_channels[min(i + 1, n - 1)]
+            self.up_blocks.append(get_up_block(
+                block_type, num_layers=rev_layers[i] + 1, transformer_layers_per_block=rev_tlayers[i],
+                in_channels=input_channel, out_channels=output_channel, prev_output_channel=prev_output_channel,
+                add_upsample=i < n - 1, resolution_idx=i, cross_attention_dim=rev_cross[i],
+                num_attention_heads=rev_heads[i], only_cross_attention=rev_only_cross[i],
+                attention_head_dim=heads[i] if heads[i] is not None else output_channel, **common))
+
+        if norm_num_groups is not None:
+            self.conv_norm_out = nn.GroupNorm(num_channels=first, num_groups=norm_num_groups, eps=norm_eps)
+            self.conv_act = get_activation(act_fn)
+        else:
+            self.conv_norm_out = self.conv_act = None
+        self.conv_out = nn.Conv2d(first, out_channels, kernel_size=conv_out_kernel,
+                                  padding=(conv_out_kernel - 1) // 2)
+
+    def _build_encoder_hid_proj(self, kind: str | None, dim: int | None, cross_dim: Any) -> None:
+        if kind is None and dim is not None:
+            kind = "text_proj"
+            self.register_to_config(encoder_hid_dim_type=kind)
+        if kind is not None and dim is None:
+            raise ValueError(f"encoder_hid_dim is required when encoder_hid_dim_type is {kind!r}")
+        if kind == "text_proj":
+            self.encoder_hid_proj = nn.Linear(dim, cross_dim)
+        elif kind is None:
+            self.encoder_hid_proj = None
+        else:
+            raise ValueError(f"encoder_hid_dim_type {kind!r} is not supported (None, text_proj)")
+
+    def _build_class_embedding(self, kind: str | None, num_class_embeds: int | None, projection_dim: int | None,
+                               time_embed_dim: int, timestep_input_dim: int, act_fn: str) -> None:
+        if kind in ("projection", "simple_projection") and projection_dim is None:
+            raise ValueError(f"class_embed_type {kind!r} needs projection_class_embeddings_input_dim")
+        if kind is None:
+            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
+        elif kind == "timestep":
+            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
+        elif kind == "identity":
+            self.class_embedding = nn.Identity()
+        elif kind == "projection":
+            self.class_embedding = TimestepEmbedding(projection_dim, time_embed_dim)
+        elif kind == "simple_projection":
+            self.class_embedding = nn.Linear(projection_dim, time_embed_dim)
+        else:
+            raise ValueError(f"class_embed_type {kind!r} is not one of None, timestep, identity, projection, "
+                             "simple_projection")
+
+    # -- attention utilities ------------------------------------------------------------------------
+
+    def _attentions(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def set_attention_slice(self, slice_size: str | int | Sequence[int | None] | None = "auto") -> None:
+        """Compute attention in slices: ``"auto"`` (half the heads), ``"max"`` (one at a time), an int, or one per layer."""
+        layers = self._attentions()
+        dims = [a.sliceable_head_dim for a in layers]
+        if slice_size == "auto":
+            sizes = [d // 2 for d in dims]
+        elif slice_size == "max":
+            sizes = [1] * len(dims)
+        elif isinstance(slice_size, (list, tuple)):
+            sizes = list(slice_size)
+        else:
+            sizes = [slice_size] * len(dims)
+        if len(sizes) != len(dims):
+            raise ValueError(f"slice_size has {len(sizes)} entries but the model has {len(dims)} attention layers")
+        for attn, size, dim in zip(layers, sizes, dims):
+            if size is not None and size > dim:
+                raise ValueError(f"slice_size {size} is larger than the {dim} heads of a layer")
+            attn.set_attention_slice(size or None)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention's q/k/v (or k/v) projections into one matmul."""
+        for attn in self._attentions():
+            attn.fuse_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        for attn in self._attentions():
+            attn.unfuse_projections()
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def _augment_embedding(self, emb: torch.Tensor, added_cond_kwargs: dict | None) -> torch.Tensor:
+        if self.config.addition_embed_type != "text_time":
+            return emb
+        added_cond_kwargs = added_cond_kwargs or {}
+        for key in ("text_embeds", "time_ids"):
+            if key not in added_cond_kwargs:
+                raise ValueError(f"added_cond_kwargs must hold {key!r} for addition_embed_type 'text_time'")
+        text_embeds = added_cond_kwargs["text_embeds"]
+        time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].flatten())
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+        add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
+        return emb + self.add_embedding(add_embeds)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple:
+        """Predict from ``sample`` ``(B, C, H, W)``, ``timestep`` and ``encoder_hidden_states`` ``(B, L, D)``.
+
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual`` are ControlNet residuals;
+        ``down_intrablock_additional_residuals`` are T2I-Adapter features.
+        """
+        overall_factor = 2**self.num_upsamplers
+        forward_upsample_size = any(dim % overall_factor for dim in sample.shape[-2:])
+        attention_mask = _to_bias(attention_mask, sample.dtype)
+        encoder_attention_mask = _to_bias(encoder_attention_mask, sample.dtype)
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        timesteps = timesteps_for_batch(timestep, sample.shape[0], sample.device)
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype), timestep_cond)
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("class_labels is required: this model has a class embedding")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels).to(dtype=sample.dtype)
+            class_emb = self.class_embedding(class_labels).to(dtype=sample.dtype)
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        emb = self._augment_embedding(emb, added_cond_kwargs)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        if self.encoder_hid_proj is not None:
+            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
+
+        is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
+        adapter = list(down_intrablock_additional_residuals or [])
+        if down_block_additional_residuals is not None and mid_block_additional_residual is None:
+            adapter = list(down_block_additional_residuals)  # the reference's deprecated T2I-Adapter spelling
+        attn_kwargs = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                           cross_attention_kwargs=cross_attention_kwargs,
+                           encoder_attention_mask=encoder_attention_mask)
+
+        sample = self.conv_in(sample)
+        res_samples = [sample]
+        for block in self.down_blocks:
+            if block.has_cross_attention:
+                extra = {"additional_residuals": adapter.pop(0)} if adapter else {}
+                sample, states = block(hidden_states=sample, temb=emb, **attn_kwargs, **extra)
+            else:
+                sample, states = block(hidden_states=sample, temb=emb)
+                if adapter:
+                    sample = sample + adapter.pop(0)
+            res_samples.extend(states)
+        if is_controlnet:
+            res_samples = [s + r for s, r in zip(res_samples, down_block_additional_residuals)]
+
+        if self.mid_block is not None:
+            if getattr(self.mid_block, "has_cross_attention", False):
+                sample = self.mid_block(sample, emb, **attn_kwargs)
+            else:
+                sample = self.mid_block(sample, emb)
+            if adapter and sample.shape == adapter[0].shape:
+                sample = sample + adapter.pop(0)
+        if is_controlnet:
+            sample = sample + mid_block_additional_residual
+
+        upsample_size = None
+        for i, block in enumerate(self.up_blocks):
+            count = len(block.resnets)
+            states, res_samples = tuple(res_samples[-count:]), res_samples[:-count]
+            if i < len(self.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = res_samples[-1].shape[2:]
+            if block.has_cross_attention:
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=states,
+                               upsample_size=upsample_size, **attn_kwargs)
+            else:
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=states,
+                               upsample_size=upsample_size)
+
+        if self.conv_norm_out is not None:
+            sample = self.conv_act(self.conv_norm_out(sample))
+        sample = self.conv_out(sample)
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
