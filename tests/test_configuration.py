@@ -15,7 +15,7 @@ class Thing(ConfigMixin):
 
 def test_arguments_become_frozen_config():
     thing = Thing(8, names=["x"])
-    assert dict(thing.config) == {"width": 8, "depth": 2, "names": ["x"]}
+    assert dict(thing.config) == {"_class_name": "Thing", "width": 8, "depth": 2, "names": ["x"]}
     assert thing.config.width == 8
     with pytest.raises(TypeError, match="frozen"):
         thing.config["width"] = 3

@@ -212,10 +212,10 @@ def command_info(args) -> int:
 
 
 def command_schedulers(args) -> int:
-    from .schedulers.names import SCHEDULER_NAMES
+    from .schedulers.names import SAMPLER_NAMES
 
-    width = max(len(name) for name in SCHEDULER_NAMES)
-    for name, entry in SCHEDULER_NAMES.items():
+    width = max(len(name) for name in SAMPLER_NAMES)
+    for name, entry in SAMPLER_NAMES.items():
         print(f"{name:<{width}}  {entry.description}")
     return 0
 

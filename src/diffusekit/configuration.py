@@ -117,7 +117,7 @@ class ConfigMixin:
     _compatibles: tuple[str, ...] = ()
 
     def register_to_config(self, **values: Any) -> None:
-        current = dict(getattr(self, "_internal_dict", {}))
+        current = dict(getattr(self, "_internal_dict", {"_class_name": type(self).__name__}))
         current.update(_json_ready(values))
         object.__setattr__(self, "_internal_dict", FrozenDict(current))
 
@@ -181,8 +181,8 @@ class ConfigMixin:
         return read_json(path)
 
     def to_json_string(self) -> str:
-        data = {"_class_name": type(self).__name__, "_diffusers_version": REFERENCE_VERSION}
-        data.update(_json_ready(dict(self.config)))
+        data = _json_ready(dict(self.config))
+        data.update({"_class_name": type(self).__name__, "_diffusers_version": REFERENCE_VERSION})
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike) -> Path:
