@@ -1,0 +1,70 @@
+"""Scheduler plumbing shared by the pipelines: timestep schedules, img2img strength, step options."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from ..utils import Generator
+
+
+def _takes(method, name: str) -> bool:
+    return name in inspect.signature(method).parameters
+
+
+def retrieve_timesteps(scheduler, num_inference_steps: int | None = None, device: torch.device | str | None = None,
+                       timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, int]:
+    """Call ``scheduler.set_timesteps`` and return ``(scheduler.timesteps, number of steps)``.
+
+    Custom ``timesteps`` or ``sigmas`` (one of them) go to schedulers whose ``set_timesteps`` takes
+    them; otherwise ValueError. Extra keyword arguments are passed on (e.g. ``mu``).
+    """
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass either timesteps or sigmas, not both")
+    for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if values is None:
+            continue
+        if not _takes(scheduler.set_timesteps, name):
+            raise ValueError(f"{type(scheduler).__name__}.set_timesteps does not take custom {name}; "
+                             "use a scheduler that does or pass num_inference_steps")
+        scheduler.set_timesteps(**{name: values}, device=device, **kwargs)
+        return scheduler.timesteps, len(scheduler.timesteps)
+    scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+    return scheduler.timesteps, num_inference_steps
+
+
+def check_strength(strength: float) -> None:
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+
+
+def timesteps_for_strength(scheduler, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+    """The tail of the schedule that image-to-image runs: the last ``int(steps * strength)`` steps.
+
+    Tells the scheduler where it starts (``set_begin_index``) and returns ``(timesteps, steps left)``.
+    """
+    check_strength(strength)
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - kept, 0)
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return timesteps, num_inference_steps - start
+
+
+def step_kwargs(scheduler, generator: Generator = None, eta: float = 0.0) -> dict[str, Any]:
+    """``eta`` and ``generator`` for ``scheduler.step``, each only if the step takes it."""
+    extra: dict[str, Any] = {}
+    if _takes(scheduler.step, "eta"):
+        extra["eta"] = eta
+    if _takes(scheduler.step, "generator"):
+        extra["generator"] = generator
+    return extra
+
+
+def warmup_steps(timesteps: torch.Tensor, num_inference_steps: int, scheduler) -> int:
+    """Steps before the progress bar counts (schedulers of order > 1 run extra model calls)."""
+    return len(timesteps) - num_inference_steps * scheduler.order

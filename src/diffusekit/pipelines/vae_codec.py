@@ -1,0 +1,83 @@
+"""Pixels to latents and back through a KL VAE, shared by the latent-diffusion pipelines.
+
+``decode_latents`` adds a safeguard the reference lacks: a float16 VAE whose activations overflow
+(the "black image" problem of the original SD VAE in half precision) is re-run in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..utils import Generator
+
+logger = logging.getLogger(__name__)
+
+
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent covers per side: 2 ** (number of VAE blocks - 1), 8 without a VAE."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+
+def latent_sample(encoder_output, generator: Generator = None, sample_mode: str = "sample") -> torch.Tensor:
+    """Latents from an ``encode`` output: a posterior sample (``generator`` drives it), its mode
+    (``sample_mode="argmax"``), or the ``latents`` field of encoders without a distribution."""
+    if hasattr(encoder_output, "latent_dist"):
+        if sample_mode == "sample":
+            return encoder_output.latent_dist.sample(generator)
+        if sample_mode == "argmax":
+            return encoder_output.latent_dist.mode()
+        raise ValueError(f"sample_mode must be 'sample' or 'argmax', got {sample_mode!r}")
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise ValueError(f"{type(encoder_output).__name__} holds neither latent_dist nor latents")
+
+
+def encode_images(vae, images: torch.Tensor, generator: Generator = None, sample_mode: str = "sample") -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) to scaled latents (times ``vae.config.scaling_factor``).
+
+    With a list of generators, image i is encoded alone and sampled with generator i (the
+    reference's order of random draws); the list must hold one generator per image.
+    """
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != images.shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} generators, but there are "
+                             f"{images.shape[0]} images to encode")
+        latents = torch.cat([latent_sample(vae.encode(images[i:i + 1]), g, sample_mode)
+                             for i, g in enumerate(generator)])
+    else:
+        latents = latent_sample(vae.encode(images), generator, sample_mode)
+    return vae.config.scaling_factor * latents
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def decode_latents(vae, latents: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+    """Scaled latents to images in [-1, 1] (``vae.decode(latents / scaling_factor)``).
+
+    If the VAE runs in float16 and the decoded image holds NaN/inf, it is decoded again with the
+    VAE temporarily upcast to float32 (the image is returned in float32), and one warning names
+    the cause. Non-finite latents cannot be fixed this way; they are reported instead.
+    """
+    scaled = latents / vae.config.scaling_factor
+    image = vae.decode(scaled.to(vae.dtype), return_dict=False, generator=generator)[0]
+    if vae.dtype != torch.float16 or _finite(image):
+        return image
+    if not _finite(latents):
+        logger.warning("the latents hold NaN/inf before decoding: the denoising loop overflowed in %s; "
+                       "upcasting the VAE cannot help (run the UNet in float32 or bfloat16)", latents.dtype)
+        return image
+    logger.warning("the VAE decoder overflowed in float16 (NaN/inf in the decoded image, which would come out "
+                   "black); decoded again with the VAE in float32. Use a float32 VAE or an fp16-safe VAE to "
+                   "skip the second pass.")
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        image = vae.decode(scaled.float(), return_dict=False, generator=generator)[0]
+    finally:
+        vae.to(dtype)
+    return image
