@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 from diffusers import VQModel as RefVQModel
+from safetensors.torch import load_file, save_file
 
 from diffusekit.models.autoencoder_kl import AutoencoderKL
 from diffusekit.models.vq_model import VQModel
@@ -204,6 +205,24 @@ def test_vq_legacy_loss_and_codebook_lookup(tmp_path):
                                expected, **TOL)
     codes = ours.quantize.get_codebook_entry(indices, shape)
     torch.testing.assert_close(codes, ref.quantize.get_codebook_entry(indices, shape), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_legacy_attention_keys_load(tmp_path):
+    """Checkpoints from before diffusers 0.14 name the VAE attention query/key/value/proj_attn."""
+    ref, _ = _pair(RefVQModel, VQModel, VQ_CONFIG, tmp_path)
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    state = {}
+    for key, value in load_file(path).items():
+        for new, old in renames.items():
+            key = key.replace(new, old)
+        state[key] = value
+    assert any(".proj_attn." in key for key in state)
+    save_file(state, path)
+    ours = VQModel.from_pretrained(tmp_path)
+    x = _images(1, 3, 16, 16)
+    torch.testing.assert_close(ours(x).sample, ref(x).sample, **TOL)
 
 
 def test_unsupported_options():

@@ -11,6 +11,7 @@ from torch import nn
 from ..configuration import register_to_config
 from ..utils import BaseOutput, Generator
 from .modeling import ModelMixin
+from .unet_2d import LEGACY_ATTENTION_RENAMES
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 
 
@@ -70,6 +71,8 @@ class AutoencoderKL(ModelMixin, AutoencoderMixin):
     does not apply them. Tiling splits inputs larger than ``tile_sample_min_size`` (latents larger than
     ``tile_latent_min_size``) into tiles overlapping by ``tile_overlap_factor`` and blends them.
     """
+
+    legacy_key_renames = LEGACY_ATTENTION_RENAMES
 
     @register_to_config
     def __init__(

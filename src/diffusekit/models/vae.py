@@ -127,7 +127,7 @@ class Decoder(nn.Module):
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, latent_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.mid_block(self.conv_in(sample))
         for block in self.up_blocks:
             sample = block(sample)

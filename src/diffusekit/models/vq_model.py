@@ -10,6 +10,7 @@ from torch import nn
 from ..configuration import register_to_config
 from ..utils import BaseOutput
 from .modeling import ModelMixin
+from .unet_2d import LEGACY_ATTENTION_RENAMES
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, Encoder, VectorQuantizer, _check_norm_type
 
 
@@ -26,6 +27,8 @@ class VQModel(ModelMixin, AutoencoderMixin):
     ``decode(h, force_not_quantize=True)`` skips quantization, or, with ``lookup_from_codebook``,
     treats ``h`` as codebook indices laid out as ``shape`` ``(B, H, W, C)``.
     """
+
+    legacy_key_renames = LEGACY_ATTENTION_RENAMES
 
     @register_to_config
     def __init__(
