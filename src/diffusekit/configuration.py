@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: The reference version we write into saved configs, so diffusers reads our folders without complaint.
 REFERENCE_VERSION = "0.42.1"
+#: Config key listing the arguments that took their default value (never saved to disk).
+DEFAULTED_KEY = "_use_default_values"
 
 
 class ConfigError(ValueError):
@@ -95,7 +97,7 @@ def register_to_config(init):
         ignored = set(getattr(type(self), "ignore_for_config", ()))
         bound = dict(zip(params, args))
         bound.update(kwargs)
-        config = {}
+        config, defaulted = {}, []
         for name, param in params.items():
             if name in ignored:
                 continue
@@ -103,6 +105,9 @@ def register_to_config(init):
                 config[name] = bound[name]
             elif param.default is not inspect.Parameter.empty:
                 config[name] = param.default
+                defaulted.append(name)
+        if defaulted:  # as the reference: from_config lets the target class's defaults win for these
+            config[DEFAULTED_KEY] = defaulted
         self.register_to_config(**config)
         init(self, *args, **kwargs)
 
@@ -152,6 +157,8 @@ class ConfigMixin:
             config = {}
         if not isinstance(config, dict):
             raise TypeError(f"from_config expects a dict or a .config, got {type(config).__name__}")
+        defaulted = set(config.get(DEFAULTED_KEY, ()))
+        config = {k: v for k, v in config.items() if k not in defaulted}
         known, unknown = cls.split_config({**config, **overrides})
         if unknown:
             source = config.get("_class_name", "the config")
@@ -181,7 +188,7 @@ class ConfigMixin:
         return read_json(path)
 
     def to_json_string(self) -> str:
-        data = _json_ready(dict(self.config))
+        data = _json_ready({k: v for k, v in self.config.items() if k != DEFAULTED_KEY})
         data.update({"_class_name": type(self).__name__, "_diffusers_version": REFERENCE_VERSION})
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 

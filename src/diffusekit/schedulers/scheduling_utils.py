@@ -49,8 +49,13 @@ class SchedulerMixin(ConfigMixin):
         """Scheduler classes that accept this scheduler's config."""
         import diffusekit
 
-        names = dict.fromkeys([type(self).__name__, *self._compatibles])
-        return [getattr(diffusekit, name) for name in names if hasattr(diffusekit, name)]
+        classes = []
+        for name in dict.fromkeys([type(self).__name__, *self._compatibles]):
+            try:
+                classes.append(getattr(diffusekit, name))
+            except (AttributeError, ImportError):  # a reference scheduler diffusekit does not have
+                continue
+        return classes
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
