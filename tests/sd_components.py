@@ -74,5 +74,6 @@ def tiny_feature_extractor() -> CLIPImageProcessor:
 def tiny_safety_config() -> CLIPConfig:
     vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
                   patch_size=8)
-    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)

@@ -1,0 +1,113 @@
+"""StableDiffusionPipeline: text-to-image with a latent UNet, a KL VAE and a CLIP text encoder."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..utils import Generator
+from .prompt_encoding import prompt_batch_size
+from .stable_diffusion_common import StableDiffusionBase, StableDiffusionPipelineOutput
+from .timesteps import retrieve_timesteps, step_kwargs, warmup_steps
+
+__all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput"]
+
+
+class StableDiffusionPipeline(StableDiffusionBase):
+    """Text-to-image generation with Stable Diffusion (Rombach et al., 2022).
+
+    Components: ``vae`` (AutoencoderKL), ``text_encoder`` (transformers CLIPTextModel), ``tokenizer``
+    (CLIPTokenizer), ``unet`` (UNet2DConditionModel), ``scheduler``, ``safety_checker``
+    (StableDiffusionSafetyChecker or None), ``feature_extractor`` (CLIPImageProcessor), and an unused
+    ``image_encoder`` slot kept for the reference's folder layout.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
+    ):
+        """Generate images from ``prompt``.
+
+        ``guidance_scale`` > 1 turns on classifier-free guidance (against ``negative_prompt``, or
+        the empty prompt); ``guidance_rescale`` rescales the guided prediction (Lin et al., 2023).
+        ``timesteps`` / ``sigmas``: a custom schedule, for schedulers that take one. ``eta`` goes
+        to schedulers whose ``step`` takes it (DDIM). ``clip_skip`` = k uses the text encoder's
+        k-th layer from the end. ``callback_on_step_end(pipe, step, t, tensors)`` receives the
+        tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
+        ``prompt_weighting="a1111"`` reads ``(word:1.3)`` / ``(word)`` / ``[word]`` weights and
+        allows prompts longer than 75 tokens (see :mod:`~diffusekit.pipelines.prompt_encoding`).
+        ``output_type``: "pil", "np", "pt" or "latent".
+
+        Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).
+        """
+        callback_names = self.callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        height, width = self.default_height_width(height, width)
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          callback_names, prompt_weighting, output_type)
+        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
+        batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        device = self._execution_device
+
+        # 1. text embeddings; with guidance the negative half goes first in one batch
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 2. schedule and starting noise
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
+                                                            timesteps, sigmas)
+        latents = self.prepare_latents(batch_size, self.unet.config.in_channels, height, width,
+                                       prompt_embeds.dtype, device, generator, latents)
+        extra_step = step_kwargs(self.scheduler, generator, eta)
+        timestep_cond = self.timestep_cond(batch_size, device, latents.dtype)
+
+        # 3. denoising loop
+        self._num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_pred = self.predict_noise(latents, t, prompt_embeds, timestep_cond,
+                                                guidance_rescale=self.guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    state = self.step_callback(callback_on_step_end, callback_names, i, t, dict(
+                        latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
+                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
+                    negative_prompt_embeds = state["negative_prompt_embeds"]
+                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                    progress.update()
+
+        # 4. decode, safety check, convert
+        images, nsfw = self.latents_to_output(latents, output_type, generator, prompt_embeds.dtype)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)

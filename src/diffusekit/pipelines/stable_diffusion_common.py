@@ -1,0 +1,225 @@
+"""What the Stable Diffusion pipelines share: components, checks, prompt encoding, the guided
+noise prediction, step callbacks, decoding with the safety checker.
+
+Subclasses (text-to-image, image-to-image, inpainting, depth-to-image) write their own ``__call__``
+from these pieces; see :class:`~diffusekit.pipelines.stable_diffusion.StableDiffusionPipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..utils import BaseOutput, Generator
+from . import prompt_encoding
+from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
+from .image_processing import numpy_to_pil, postprocess_images
+from .noise import initial_noise
+from .pipeline_utils import DiffusionPipeline
+from .vae_codec import decode_latents, vae_scale_factor
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class StableDiffusionPipelineOutput(BaseOutput):
+    """``images`` (PIL list, numpy (N, H, W, C), tensor, or latents) and, per image, whether the
+    safety checker flagged it (None without a safety checker)."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None
+
+
+def _fix_legacy_scheduler_config(scheduler) -> None:
+    """Old SD scheduler configs: ``steps_offset`` must be 1 and ``clip_sample`` False (the reference
+    rewrites both with a deprecation warning; so do we)."""
+    if scheduler is None:
+        return
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        logger.warning("%s has steps_offset=%s; using 1 as Stable Diffusion expects (update the config file)",
+                       type(scheduler).__name__, scheduler.config.steps_offset)
+        scheduler.register_to_config(steps_offset=1)
+    if getattr(scheduler.config, "clip_sample", False) is True:
+        logger.warning("%s has clip_sample=True; using False as Stable Diffusion expects (update the config file)",
+                       type(scheduler).__name__)
+        scheduler.register_to_config(clip_sample=False)
+
+
+class StableDiffusionBase(DiffusionPipeline):
+    """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
+
+    _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _exclude_from_cpu_offload = ("safety_checker",)
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
+                 image_encoder=None, requires_safety_checker: bool = True) -> None:
+        super().__init__()
+        _fix_legacy_scheduler_config(scheduler)
+        if safety_checker is None and requires_safety_checker:
+            logger.warning(
+                "You have disabled the safety checker for %s by passing `safety_checker=None`. Ensure that you "
+                "abide by the conditions of the Stable Diffusion license and do not expose unfiltered results in "
+                "services or applications open to the public. Keep the safety filter enabled in all public facing "
+                "circumstances, disabling it only for use-cases that involve analyzing network behavior or "
+                "auditing its results.", type(self).__name__,
+            )
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError(f"{type(self).__name__}: a safety_checker needs a feature_extractor; pass one, "
+                             "or pass safety_checker=None")
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              scheduler=scheduler, safety_checker=safety_checker,
+                              feature_extractor=feature_extractor, image_encoder=image_encoder)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        self.vae_scale_factor = vae_scale_factor(vae)
+
+    # -- state of the current call (callbacks may read or change it) --------------------------------
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.device
+
+    def maybe_free_model_hooks(self) -> None:
+        """End of a call; model offloading (when mixed in) sends the last model back to the CPU."""
+
+    def _start_call(self, guidance_scale: float, guidance_rescale: float = 0.0, clip_skip: int | None = None,
+                    cross_attention_kwargs: dict | None = None) -> None:
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+    guidance_scale = property(lambda self: self._guidance_scale)
+    guidance_rescale = property(lambda self: self._guidance_rescale)
+    clip_skip = property(lambda self: self._clip_skip)
+    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
+    num_timesteps = property(lambda self: self._num_timesteps)
+    interrupt = property(lambda self: self._interrupt, doc="Set ``pipe._interrupt = True`` in a callback to stop.")
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return uses_guidance(self._guidance_scale, self.unet)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def default_height_width(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """``height``/``width``, by default the UNet's sample size times the VAE scale factor."""
+        if height and width:
+            return height, width
+        size = self.unet.config.sample_size
+        size_h, size_w = (size, size) if isinstance(size, int) else size
+        return height or size_h * self.vae_scale_factor, width or size_w * self.vae_scale_factor
+
+    def callback_names(self, callback, names: Sequence[str] | None) -> list[str]:
+        """The tensors a step callback receives: a callback object's ``tensor_inputs``, else ``names``."""
+        names = getattr(callback, "tensor_inputs", names)
+        return list(names or [])
+
+    def check_inputs(self, prompt, height: int | None = None, width: int | None = None, negative_prompt=None,
+                     prompt_embeds=None, negative_prompt_embeds=None, callback_names: Sequence[str] = (),
+                     prompt_weighting: str | None = None, output_type: str = "pil") -> None:
+        """Argument checks shared by the SD pipelines; each raises ValueError naming the argument."""
+        if height is not None and width is not None and (height % 8 or width % 8):
+            raise ValueError(f"height and width must be divisible by 8, got height={height} and width={width}")
+        unknown = [n for n in callback_names if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {list(self._callback_tensor_inputs)}, "
+                             f"got {unknown}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        prompt_encoding.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                            prompt_weighting)
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None,
+                      clip_skip: int | None = None, prompt_weighting: str | None = None):
+        """``(prompt_embeds, negative_prompt_embeds)``; see :func:`prompt_encoding.encode_prompt`.
+        ``lora_scale`` is accepted for the reference's signature and has no effect."""
+        dtype = self.unet.dtype if self.unet is not None else None
+        return prompt_encoding.encode_prompt(
+            self.text_encoder, self.tokenizer, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+            prompt_weighting=prompt_weighting, dtype=dtype,
+        )
+
+    def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
+                        dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None):
+        """Starting noise (or ``latents``) for a ``height`` x ``width`` image, times the scheduler's
+        ``init_noise_sigma``."""
+        shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor,
+                 int(width) // self.vae_scale_factor)
+        return initial_noise(shape, generator, device, dtype, latents, scale=self.scheduler.init_noise_sigma)
+
+    def timestep_cond(self, batch_size: int, device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The guidance-scale embedding of guidance-distilled UNets (``time_cond_proj_dim``), else None."""
+        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if dim is None:
+            return None
+        return guidance_scale_embedding(self._guidance_scale, batch_size, dim).to(device=device, dtype=dtype)
+
+    def predict_noise(self, latents: torch.Tensor, t, prompt_embeds: torch.Tensor,
+                      timestep_cond: torch.Tensor | None = None, extra_channels: torch.Tensor | None = None,
+                      guidance_rescale: float = 0.0) -> torch.Tensor:
+        """One guided UNet prediction.
+
+        With guidance the latents are doubled (``prompt_embeds`` then holds the negative half first),
+        scaled by the scheduler, optionally concatenated with ``extra_channels`` along the channels
+        (inpainting masks, depth maps; already doubled), and the halves combined by
+        :func:`~diffusekit.pipelines.guidance.apply_guidance`.
+        """
+        guided = self.do_classifier_free_guidance
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        if extra_channels is not None:
+            model_input = torch.cat([model_input, extra_channels], dim=1)
+        options = {k: v for k, v in (("timestep_cond", timestep_cond),
+                                     ("cross_attention_kwargs", self._cross_attention_kwargs)) if v is not None}
+        noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False, **options)[0]
+        if guided:
+            noise_pred = apply_guidance(noise_pred, self._guidance_scale, guidance_rescale)
+        return noise_pred
+
+    def step_callback(self, callback: Callable | None, names: Sequence[str], step: int, t,
+                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Call ``callback(pipe, step, t, {name: tensor})`` with the ``names`` asked for; returns
+        ``tensors`` updated with what the callback returned."""
+        if callback is None:
+            return tensors
+        returned = callback(self, step, t, {name: tensors[name] for name in names}) or {}
+        return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
+
+    def run_safety_checker(self, image: torch.Tensor, device, dtype: torch.dtype):
+        """``(image with flagged images blacked out, flags)``; flags are None without a checker."""
+        if self.safety_checker is None:
+            return image, None
+        if torch.is_tensor(image):
+            pil_images = postprocess_images(image, "pil")
+        else:
+            pil_images = numpy_to_pil(image)
+        clip_input = self.feature_extractor(pil_images, return_tensors="pt").pixel_values.to(device=device,
+                                                                                           dtype=dtype)
+        return self.safety_checker(images=image, clip_input=clip_input)
+
+    def latents_to_output(self, latents: torch.Tensor, output_type: str, generator: Generator = None,
+                          dtype: torch.dtype | None = None):
+        """Decode (see :func:`~diffusekit.pipelines.vae_codec.decode_latents`), run the safety checker,
+        and convert to ``output_type``; returns ``(images, nsfw flags or None)``. ``latent``
+        returns the latents unchanged."""
+        if output_type == "latent":
+            return latents, None
+        image = decode_latents(self.vae, latents, generator)
+        image, flags = self.run_safety_checker(image, self._execution_device, dtype or latents.dtype)
+        keep = None if flags is None else [not flag for flag in flags]
+        return postprocess_images(image, output_type, do_denormalize=keep), flags

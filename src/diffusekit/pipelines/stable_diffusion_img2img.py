@@ -1,0 +1,131 @@
+"""StableDiffusionImg2ImgPipeline: text-guided image-to-image (SDEdit) with Stable Diffusion."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..utils import Generator, randn_tensor
+from .image_processing import preprocess_images
+from .noise import check_generators
+from .prompt_encoding import prompt_batch_size
+from .stable_diffusion_common import StableDiffusionBase, StableDiffusionPipelineOutput
+from .timesteps import check_strength, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps
+from .vae_codec import encode_images
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """Noise an input image part of the way (``strength``) and denoise it towards ``prompt``
+    (SDEdit, Meng et al., 2021). Components as :class:`StableDiffusionPipeline`."""
+
+    def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int,
+                        num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator = None):
+        """Encode ``image`` (or take it as latents when it has the latent channel count), repeat it to
+        the batch, and noise it to ``timestep``; random draws in the reference's order."""
+        image = image.to(device=device, dtype=dtype)
+        batch_size = batch_size * num_images_per_prompt
+        if image.shape[1] == self.vae.config.latent_channels:
+            init_latents = image
+        else:
+            check_generators(generator, batch_size)
+            if isinstance(generator, (list, tuple)):
+                image = _repeat_to(image, batch_size, "image")
+            init_latents = encode_images(self.vae, image, generator)
+        init_latents = _repeat_to(init_latents, batch_size, "image")
+        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(init_latents, noise, timestep)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        prompt_weighting: str | None = None,
+    ):
+        """Transform ``image`` (PIL image, numpy array or tensor in [0, 1], or a list of them; a
+        tensor with the VAE's latent channel count is taken as latents) following ``prompt``.
+
+        ``strength`` in [0, 1]: how much of the schedule runs (1 ignores the image's content,
+        0 returns it unchanged after a round trip through the VAE); ``int(num_inference_steps *
+        strength)`` steps run. The other arguments are those of :class:`StableDiffusionPipeline`.
+        """
+        check_strength(strength)
+        if image is None:
+            raise ValueError("image is required")
+        callback_names = self.callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          callback_names, prompt_weighting, output_type)
+        self._start_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        batch_size = prompt_batch_size(prompt, prompt_embeds)
+        device = self._execution_device
+
+        # 1. text embeddings; with guidance the negative half goes first in one batch
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 2. the image, the tail of the schedule, and the image noised to its first timestep
+        image = preprocess_images(image, multiple=self.vae_scale_factor,
+                                  latent_channels=self.vae.config.latent_channels)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = timesteps_for_strength(self.scheduler, num_inference_steps, strength)
+        latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt)
+        latents = self.prepare_latents(image, latent_timestep, batch_size, num_images_per_prompt,
+                                       prompt_embeds.dtype, device, generator)
+        extra_step = step_kwargs(self.scheduler, generator, eta)
+        timestep_cond = self.timestep_cond(batch_size * num_images_per_prompt, device, latents.dtype)
+
+        # 3. denoising loop
+        self._num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_pred = self.predict_noise(latents, t, prompt_embeds, timestep_cond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    state = self.step_callback(callback_on_step_end, callback_names, i, t, dict(
+                        latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
+                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
+                    negative_prompt_embeds = state["negative_prompt_embeds"]
+                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                    progress.update()
+
+        # 4. decode, safety check, convert
+        images, nsfw = self.latents_to_output(latents, output_type, generator, prompt_embeds.dtype)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
+
+def _repeat_to(batch: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    """Repeat a batch to ``size`` items (``size`` must be a multiple of its length)."""
+    if batch.shape[0] == size:
+        return batch
+    if batch.shape[0] > size or size % batch.shape[0]:
+        raise ValueError(f"{name} holds {batch.shape[0]} images, which cannot be repeated to the "
+                         f"{size} images asked for")
+    return torch.cat([batch] * (size // batch.shape[0]), dim=0)
