@@ -41,6 +41,10 @@ SCHEDULERS = [
     ("HeunDiscreteScheduler", {"clip_sample": True}, {}),
     ("KDPM2DiscreteScheduler", {}, {}),
     ("KDPM2AncestralDiscreteScheduler", {}, {}),
+    ("EDMEulerScheduler", {}, {"s_churn": 1.0}),
+    ("LCMScheduler", {"thresholding": True}, {}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, {}),
+    ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True, "invert_sigmas": True}, {}),
 ]
 
 
