@@ -162,9 +162,15 @@ def test_our_save_loads_in_reference(tmp_path):
     torch.testing.assert_close(vq(x).sample, ref_vq(x).sample, **TOL)
 
 
+@pytest.fixture(scope="module")
+def vq_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vq")
+    return (folder, *_pair(RefVQModel, VQModel, VQ_CONFIG, folder))
+
+
 @torch.no_grad()
-def test_vq_encode_quantize_decode(tmp_path):
-    ref, ours = _pair(RefVQModel, VQModel, VQ_CONFIG, tmp_path)
+def test_vq_encode_quantize_decode(vq_folder):
+    _, ref, ours = vq_folder
     x = _images(2, 3, 16, 16)
     h_ref, h = ref.encode(x).latents, ours.encode(x).latents
     torch.testing.assert_close(h, h_ref, **TOL)
@@ -188,13 +194,15 @@ def test_vq_encode_quantize_decode(tmp_path):
 
 
 @torch.no_grad()
-def test_vq_legacy_loss_and_codebook_lookup(tmp_path):
-    ref, ours = _pair(RefVQModel, VQModel, VQ_CONFIG, tmp_path)
+def test_vq_legacy_loss_and_codebook_lookup(vq_folder):
+    tmp_path, ref, ours = vq_folder
     h = _images(1, 3, 4, 4, seed=3) * 0.05
-    for legacy in (True, False):
-        ref.quantize.legacy = ours.quantize.legacy = legacy
-        torch.testing.assert_close(ours.quantize(h)[1], ref.quantize(h)[1], **TOL)
-    ours.quantize.legacy = ref.quantize.legacy = True
+    try:
+        for legacy in (True, False):
+            ref.quantize.legacy = ours.quantize.legacy = legacy
+            torch.testing.assert_close(ours.quantize(h)[1], ref.quantize(h)[1], **TOL)
+    finally:
+        ours.quantize.legacy = ref.quantize.legacy = True
 
     ref_lookup = RefVQModel.from_pretrained(tmp_path, lookup_from_codebook=True).eval()
     our_lookup = VQModel.from_pretrained(tmp_path, lookup_from_codebook=True)

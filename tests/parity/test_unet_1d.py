@@ -35,9 +35,14 @@ def _pair(config, folder):
     return ref, UNet1DModel.from_pretrained(folder)
 
 
+@pytest.fixture(scope="module")
+def dance_pair(tmp_path_factory):
+    return _pair(DANCE, tmp_path_factory.mktemp("dance"))
+
+
 @pytest.mark.parametrize("timestep", [torch.tensor([10.0, 500.0]), 3, torch.tensor(0.25)])
-def test_dance_diffusion_forward_matches(tmp_path, timestep):
-    ref, ours = _pair(DANCE, tmp_path)
+def test_dance_diffusion_forward_matches(dance_pair, timestep):
+    ref, ours = dance_pair
     torch.manual_seed(1)
     sample = torch.randn(2, 2, 64)
     with torch.no_grad():
