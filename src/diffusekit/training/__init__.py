@@ -1,0 +1,19 @@
+"""Training UNet2DModel diffusion models (``diffusekit train``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import TrainConfig, add_train_arguments, config_from_args
+from .loop import train
+
+
+def run_train_command(args: argparse.Namespace) -> Path:
+    """Run ``diffusekit train`` from parsed arguments; print and return the output folder."""
+    out = train(config_from_args(args))
+    print(f"saved pipeline to {out}")
+    return out
+
+
+__all__ = ["TrainConfig", "add_train_arguments", "run_train_command", "train"]

@@ -1,0 +1,129 @@
+"""TrainConfig: every setting of a training run, and its command-line form (``diffusekit train``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`diffusekit.training.train`. The first group mirrors ``diffusekit train``."""
+
+    data: Any = "sklearn-digits"  # "sklearn-digits", an image folder, an array or an ImageDataset
+    resolution: int = 16
+    steps: int = 3000  # optimizer steps (each one of grad_accum micro-batches)
+    out: Path = Path("diffusekit-train")
+    class_conditional: bool = False
+    batch_size: int = 64  # per process, per micro-batch
+    lr: float = 1e-3
+    prediction_type: str = "epsilon"
+    ema_decay: float = 0.999
+    grad_accum: int = 1
+    save_every: int = 1000  # 0: only at the end
+    sample_every: int = 1000  # 0: never
+    resume: Path | None = None  # a checkpoint folder, or an output folder (its latest checkpoint)
+    seed: int = 0
+
+    # Not on the command line.
+    labels: Any = None  # labels of an array dataset
+    channels: int = 3  # of an image folder (sklearn-digits is always 1)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_last_level: bool = True
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    null_class_prob: float = 0.1  # class-conditional: labels dropped to the null class this often
+    mixed_precision: str = "auto"  # auto: bf16 (or fp16) under CUDA, none on CPU
+    sample_steps: int = 25  # DDIM steps of the sample grids
+    sample_guidance_scale: float = 2.0
+    progress: bool = True
+    extra_model_config: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ValueError naming the setting that cannot work."""
+        positive = ("resolution", "steps", "batch_size", "grad_accum", "num_train_timesteps", "sample_steps")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_every", "sample_every", "warmup_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.null_class_prob < 1.0:
+            raise ValueError(f"null_class_prob must be in [0, 1), got {self.null_class_prob}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} must be divisible by {factor} "
+                             f"for {len(self.block_out_channels)} UNet levels")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
+                             f"norm_num_groups {self.norm_num_groups}")
+
+    def to_json(self) -> dict:
+        """The JSON-ready settings (array data and labels are left out)."""
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("data", "labels") and not isinstance(value, (str, Path, type(None))):
+                value = f"<{type(value).__name__}>"
+            data[f.name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        return data
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``diffusekit train`` options to ``parser``."""
+    d = TrainConfig()
+    parser.add_argument("--data", required=True, help="an image folder (subfolders = classes) or 'sklearn-digits'")
+    parser.add_argument("--resolution", type=int, default=d.resolution, help="square image side (default %(default)s)")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps to train for")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (a loadable pipeline)")
+    parser.add_argument("--class-conditional", action="store_true",
+                        help="condition on class labels, with a null class for classifier-free guidance")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type)
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="default %(default)s")
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period in steps")
+    parser.add_argument("--sample-every", type=int, default=d.sample_every, help="sample-grid period in steps")
+    parser.add_argument("--resume", type=Path, default=None, help="checkpoint (or output) folder to resume from")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--block-out-channels", type=_channel_list, default=d.block_out_channels,
+                        help="UNet channels per level, e.g. 32,64,64 (default)")
+    parser.add_argument("--layers-per-block", type=int, default=d.layers_per_block, help="default %(default)s")
+    return parser
+
+
+def _channel_list(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64,64, got {text!r}") from None
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"channels must be positive, got {text!r}")
+    return channels
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed ``diffusekit train`` arguments."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
