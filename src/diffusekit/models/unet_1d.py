@@ -136,8 +136,7 @@ class UNet1DModel(ModelMixin):
             sample, block_skips = block(hidden_states=sample, temb=temb)
             skips.extend(block_skips)
 
-        if self.mid_block is not None:
-            sample = self.mid_block(sample, temb)
+        sample = self.mid_block(sample, temb)
 
         for block in self.up_blocks:
             sample = block(sample, res_hidden_states_tuple=(skips.pop(),), temb=temb)

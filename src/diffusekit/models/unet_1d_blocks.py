@@ -388,12 +388,11 @@ class MidResTemporalBlock1D(nn.Module):
     """Temporal residual blocks with an optional conv down- or upsample (not both)."""
 
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int, num_layers: int = 1,
-                 add_downsample: bool = False, add_upsample: bool = False, non_linearity: str | None = None):
+                 add_downsample: bool = False, add_upsample: bool = False):
         super().__init__()
         if add_downsample and add_upsample:
             raise ValueError("MidResTemporalBlock1D cannot both downsample and upsample")
         self.resnets = _temporal_stack(in_channels, out_channels, embed_dim, num_layers)
-        self.nonlinearity = get_activation(non_linearity) if non_linearity else None  # unused, as in the reference
         self.upsample = ConvUpsample1D(out_channels) if add_upsample else None
         self.downsample = ConvDownsample1D(out_channels) if add_downsample else None
 
