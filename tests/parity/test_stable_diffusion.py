@@ -59,7 +59,8 @@ def _load(lib, name, folder, **kwargs):
 
 @pytest.fixture(scope="module")
 def pipes(sd_folder):
-    return _load(diffusekit, "StableDiffusionPipeline", sd_folder), _load(diffusers, "StableDiffusionPipeline", sd_folder)
+    name = "StableDiffusionPipeline"
+    return _load(diffusekit, name, sd_folder), _load(diffusers, name, sd_folder)
 
 
 def _run(pipe, seed=0, **kwargs):
@@ -110,7 +111,8 @@ def test_generator_list_latents_and_output_types(pipes):
         _close(a, b)
     pil = _run(ours, prompt="a dog", output_type="pil").images
     assert isinstance(pil[0], Image.Image)
-    np.testing.assert_array_equal(np.asarray(pil[0]), np.asarray(_run(ref, prompt="a dog", output_type="pil").images[0]))
+    expected = _run(ref, prompt="a dog", output_type="pil").images[0]
+    np.testing.assert_array_equal(np.asarray(pil[0]), np.asarray(expected))
 
 
 def test_custom_sigmas_clip_skip_embeds_and_callback(pipes):
@@ -119,6 +121,8 @@ def test_custom_sigmas_clip_skip_embeds_and_callback(pipes):
     ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
     sigmas = [14.0, 3.0, 0.5]
     _close(_run(ours, prompt="a cat", sigmas=sigmas).images, _run(ref, prompt="a cat", sigmas=sigmas).images)
+    steps = [999, 600, 250]
+    _close(_run(ours, prompt="a cat", timesteps=steps).images, _run(ref, prompt="a cat", timesteps=steps).images)
     # the reference reads ``text_encoder.text_model``, which transformers 5 no longer has
     object.__setattr__(ref.text_encoder, "text_model", ref.text_encoder)
     _close(_run(ours, prompt="a cat", clip_skip=1).images, _run(ref, prompt="a cat", clip_skip=1).images)
@@ -197,4 +201,15 @@ def test_save_then_reference_loads(pipes, tmp_path, safety_folder):
     ours.save_pretrained(tmp_path)
     ref = _load(diffusers, "StableDiffusionPipeline", tmp_path)
     assert type(ref.safety_checker).__name__ == "StableDiffusionSafetyChecker"
+    _close(_run(ours, prompt="a cat").images, _run(ref, prompt="a cat").images)
+
+
+def test_legacy_scheduler_config_is_fixed(pipes):
+    """steps_offset=0 and clip_sample=True (old SD configs) are rewritten on construction, as the reference does."""
+    legacy = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ours, ref = (lib.StableDiffusionPipeline(**{**pipe.components, "scheduler": lib.DDIMScheduler(**legacy)})
+                 for lib, pipe in ((diffusekit, pipes[0]), (diffusers, pipes[1])))
+    assert ours.scheduler.config.steps_offset == 1 and ours.scheduler.config.clip_sample is False
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
     _close(_run(ours, prompt="a cat").images, _run(ref, prompt="a cat").images)

@@ -58,6 +58,8 @@ def _run(pipe, **kwargs):
     (dict(prompt_embeds=torch.zeros(1, 77, 32)), "prompt"),
     (dict(prompt_weighting="compel"), "prompt_weighting"),
     (dict(output_type="jpeg"), "output_type"),
+    (dict(sigmas=[3.0, 1.0]), "sigmas"),
+    (dict(timesteps=[900, 500], sigmas=[3.0, 1.0]), "timesteps or sigmas"),
 ])
 def test_text_to_image_errors(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
