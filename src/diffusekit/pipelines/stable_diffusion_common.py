@@ -19,6 +19,7 @@ from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
 from .image_processing import numpy_to_pil, postprocess_images
+from .memory import MemoryMixin
 from .noise import initial_noise
 from .pipeline_utils import DiffusionPipeline
 from .vae_codec import decode_latents, vae_scale_factor
@@ -52,7 +53,7 @@ def _fix_legacy_scheduler_config(scheduler) -> None:
         scheduler.register_to_config(clip_sample=False)
 
 
-class StableDiffusionBase(DiffusionPipeline):
+class StableDiffusionBase(DiffusionPipeline, MemoryMixin):
     """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
@@ -82,13 +83,6 @@ class StableDiffusionBase(DiffusionPipeline):
         self.vae_scale_factor = vae_scale_factor(vae)
 
     # -- state of the current call (callbacks may read or change it) --------------------------------
-
-    @property
-    def _execution_device(self) -> torch.device:
-        return self.device
-
-    def maybe_free_model_hooks(self) -> None:
-        """End of a call; model offloading (when mixed in) sends the last model back to the CPU."""
 
     def _start_call(self, guidance_scale: float, guidance_rescale: float = 0.0, clip_skip: int | None = None,
                     cross_attention_kwargs: dict | None = None) -> None:
