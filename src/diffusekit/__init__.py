@@ -44,7 +44,6 @@ _EXPORTS: dict[str, str] = {
     "KDPM2AncestralDiscreteScheduler": "schedulers.kdpm2_ancestral",
     "DPMSolverMultistepScheduler": "schedulers.dpmsolver_multistep",
     "DPMSolverSinglestepScheduler": "schedulers.dpmsolver_singlestep",
-    "DPMSolverSDEScheduler": "schedulers.dpmsolver_sde",
     "DEISMultistepScheduler": "schedulers.deis",
     "UniPCMultistepScheduler": "schedulers.unipc",
     "LCMScheduler": "schedulers.lcm",

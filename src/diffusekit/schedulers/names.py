@@ -48,8 +48,6 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
     "dpmpp_2m_sde_karras": SamplerName("DPMSolverMultistepScheduler",
                                        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, **_KARRAS},
                                        "DPM-Solver++(2M) SDE with Karras sigmas"),
-    "dpmpp_sde": SamplerName("DPMSolverSDEScheduler", {}, "DPM-Solver++ SDE (k-diffusion sample_dpmpp_sde)"),
-    "dpmpp_sde_karras": SamplerName("DPMSolverSDEScheduler", _KARRAS, "DPM-Solver++ SDE with Karras sigmas"),
     "dpmpp_2s_a": SamplerName("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
                               "DPM-Solver++(2S) singlestep (closest match to k-diffusion 2S ancestral, without noise)"),
     "dpmpp_2s_a_karras": SamplerName("DPMSolverSinglestepScheduler",
