@@ -50,8 +50,9 @@ def _library_of(component: Any) -> list[str | None]:
     if component is None:
         return [None, None]
     module = type(component).__module__.split(".")[0]
-    library = "diffusers" if module == "diffusekit" else module
-    return [library, type(component).__name__]
+    if module == "diffusekit":  # a class may name the reference module it lives in (LDMBertModel)
+        return [getattr(type(component), "model_index_library", "diffusers"), type(component).__name__]
+    return [module, type(component).__name__]
 
 
 def _diffusekit_class(name: str, where: str) -> type:
