@@ -190,7 +190,8 @@ def test_slicing_and_tiling_switches():
 
 
 def test_offload_in_a_real_inpaint_pipeline(monkeypatch, tmp_path):
-    """Offload 'to' cpu:0 in the inpainting pipeline: same image, models run one at a time in order."""
+    """Offload 'to' cpu:0 in the inpainting pipeline: same image, models run one at a time in order;
+    attention and VAE slicing leave the image unchanged too."""
     from PIL import Image
     from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
 
@@ -225,3 +226,9 @@ def test_offload_in_a_real_inpaint_pipeline(monkeypatch, tmp_path):
     assert [n for n, d in moves if d == "cpu:0"] == ["text_encoder", "vae", "unet", "vae"]
     assert moves[-1] == ("vae", "cpu") and pipe._offloader.active is None
     pipe.remove_all_hooks()
+
+    pipe.enable_attention_slicing("max")
+    pipe.enable_vae_slicing()
+    sizes = {m.slice_size for m in pipe.unet.modules() if hasattr(m, "sliceable_head_dim")}
+    assert sizes == {1} and pipe.vae.use_slicing
+    np.testing.assert_allclose(run(), expected, atol=1e-5)
