@@ -5,6 +5,9 @@
 - :class:`TimestepEmbedding` -- ``linear_1 -> act -> linear_2`` MLP (``time_embedding``).
 - :class:`GaussianFourierProjection` -- random Fourier features of ``log(sigma)`` (NCSN++), key ``weight``.
 - :func:`get_activation` -- activation module by the reference's names.
+- :class:`PixArtAlphaTextProjection`, :class:`CombinedTimestepTextProjEmbeddings` -- the MMDiT (FLUX)
+  conditioning vector from timestep, guidance scale and pooled text.
+- :func:`rotary_frequencies`, :func:`apply_rotary_emb` -- rotary position embeddings (interleaved pairs).
 """
 
 from __future__ import annotations
@@ -113,3 +116,75 @@ class GaussianFourierProjection(nn.Module):
         if self.flip_sin_to_cos:
             first, second = second, first
         return torch.cat([first, second], dim=-1)
+
+
+class PixArtAlphaTextProjection(nn.Module):
+    """``linear_1 -> act_1 -> linear_2`` projection of a pooled text embedding (act: silu or gelu_tanh)."""
+
+    def __init__(self, in_features: int, hidden_size: int, out_features: int | None = None,
+                 act_fn: str = "gelu_tanh"):
+        super().__init__()
+        activations = {"gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+        if act_fn not in activations:
+            raise ValueError(f"act_fn {act_fn!r} is not one of {sorted(activations)}")
+        self.linear_1 = nn.Linear(in_features, hidden_size, bias=True)
+        self.act_1 = activations[act_fn]()
+        self.linear_2 = nn.Linear(hidden_size, out_features or hidden_size, bias=True)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act_1(self.linear_1(caption)))
+
+
+class CombinedTimestepTextProjEmbeddings(nn.Module):
+    """Conditioning vector of the MMDiT transformers: timestep MLP + pooled text projection.
+
+    With ``guidance=True`` (FLUX.1-dev's ``CombinedTimestepGuidanceTextProjEmbeddings``) a second
+    MLP, ``guidance_embedder``, embeds the distilled guidance scale the same way and is added too.
+    """
+
+    def __init__(self, embedding_dim: int, pooled_projection_dim: int, guidance: bool = False):
+        super().__init__()
+        self.time_proj = Timesteps(num_channels=256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(in_channels=256, time_embed_dim=embedding_dim)
+        self.guidance_embedder = TimestepEmbedding(256, embedding_dim) if guidance else None
+        self.text_embedder = PixArtAlphaTextProjection(pooled_projection_dim, embedding_dim, act_fn="silu")
+
+    def forward(self, timestep: torch.Tensor, pooled_projection: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        if (guidance is None) != (self.guidance_embedder is None):
+            raise ValueError("pass guidance exactly when the model embeds a guidance scale (guidance_embeds)")
+        dtype = pooled_projection.dtype
+        conditioning = self.timestep_embedder(self.time_proj(timestep).to(dtype))
+        if guidance is not None:
+            conditioning = conditioning + self.guidance_embedder(self.time_proj(guidance).to(dtype))
+        return conditioning + self.text_embedder(pooled_projection)
+
+
+def rotary_frequencies(positions: torch.Tensor, dim: int, theta: float = 10000.0,
+                       dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of 1-D ``positions``: ``(cos, sin)``, each (len, dim) float32.
+
+    Angle ``pos * theta ** (-2i / dim)`` for pair ``i``, computed in ``dtype`` and repeated for both
+    members of each (even, odd) channel pair, as :func:`apply_rotary_emb` pairs them.
+    """
+    if dim % 2:
+        raise ValueError(f"a rotary embedding needs an even size, got {dim}")
+    inverse = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=positions.device) / dim)
+    angles = positions.to(dtype)[:, None] * inverse[None, :]
+    return (angles.cos().repeat_interleave(2, dim=1).float(), angles.sin().repeat_interleave(2, dim=1).float())
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tensor], sequence_dim: int = 2) -> torch.Tensor:
+    """Rotate each (even, odd) channel pair of ``x`` by its position's angle: ``x cos + rot(x) sin``
+    with ``rot(a, b) = (-b, a)``. ``freqs`` from :func:`rotary_frequencies`; ``x`` is
+    (batch, heads, seq, dim) with ``sequence_dim=2`` or (batch, seq, heads, dim) with 1."""
+    cos, sin = freqs
+    if sequence_dim == 1:
+        cos, sin = cos[None, :, None], sin[None, :, None]
+    elif sequence_dim == 2:
+        cos, sin = cos[None, None], sin[None, None]
+    else:
+        raise ValueError(f"sequence_dim must be 1 or 2, got {sequence_dim}")
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    return (x.float() * cos.to(x.device) + rotated.float() * sin.to(x.device)).to(x.dtype)

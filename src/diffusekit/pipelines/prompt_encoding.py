@@ -73,10 +73,12 @@ def negative_texts(negative_prompt, prompt, batch_size: int) -> list[str]:
 # -- the reference's encoding ------------------------------------------------------------------
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: bool = True):
+def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: bool = True,
+             encoder_name: str = "CLIP"):
     """Tokenize padded and cut to ``max_length`` (default ``tokenizer.model_max_length``).
 
-    With ``warn``, logs the text that did not fit, as decoded by the tokenizer.
+    With ``warn``, logs the text that did not fit, as decoded by the tokenizer (the message names
+    ``encoder_name``).
     """
     max_length = max_length or tokenizer.model_max_length
     inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
@@ -85,8 +87,8 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: b
         if full.shape[-1] >= inputs.input_ids.shape[-1] and not torch.equal(full, inputs.input_ids):
             removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])
             logger.warning(
-                "The following part of your input was truncated because CLIP can only handle sequences up to "
-                "%d tokens: %s", max_length, removed,
+                "The following part of your input was truncated because %s can only handle sequences up to "
+                "%d tokens: %s", encoder_name, max_length, removed,
             )
     return inputs
 

@@ -34,8 +34,10 @@ def latent_sample(encoder_output, generator: Generator = None, sample_mode: str 
     raise ValueError(f"{type(encoder_output).__name__} holds neither latent_dist nor latents")
 
 
-def encode_images(vae, images: torch.Tensor, generator: Generator = None, sample_mode: str = "sample") -> torch.Tensor:
-    """Images in [-1, 1] (N, C, H, W) to scaled latents (times ``vae.config.scaling_factor``).
+def encode_images(vae, images: torch.Tensor, generator: Generator = None, sample_mode: str = "sample",
+                  shift_factor: float = 0.0) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) to scaled latents: ``(latents - shift_factor) * scaling_factor``
+    (FLUX and SD3 pass their VAE's ``shift_factor``).
 
     With a list of generators, image i is encoded alone and sampled with generator i (the
     reference's order of random draws); the list must hold one generator per image.
@@ -49,6 +51,8 @@ def encode_images(vae, images: torch.Tensor, generator: Generator = None, sample
                              for i, g in enumerate(generator)])
     else:
         latents = latent_sample(vae.encode(images), generator, sample_mode)
+    if shift_factor:
+        latents = latents - shift_factor
     return vae.config.scaling_factor * latents
 
 
@@ -56,14 +60,16 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def decode_latents(vae, latents: torch.Tensor, generator: Generator = None) -> torch.Tensor:
-    """Scaled latents to images in [-1, 1] (``vae.decode(latents / scaling_factor)``).
+def decode_latents(vae, latents: torch.Tensor, generator: Generator = None, shift_factor: float = 0.0) -> torch.Tensor:
+    """Scaled latents to images in [-1, 1] (``vae.decode(latents / scaling_factor + shift_factor)``).
 
     If the VAE runs in float16 and the decoded image holds NaN/inf, it is decoded again with the
     VAE temporarily upcast to float32 (the image is returned in float32), and one warning names
     the cause. Non-finite latents cannot be fixed this way; they are reported instead.
     """
     scaled = latents / vae.config.scaling_factor
+    if shift_factor:
+        scaled = scaled + shift_factor
     image = vae.decode(scaled.to(vae.dtype), return_dict=False, generator=generator)[0]
     if vae.dtype != torch.float16 or _finite(image):
         return image

@@ -1,0 +1,300 @@
+"""What the FLUX.1 pipelines share: latent packing and position ids, the resolution-dependent
+schedule shift, T5 + CLIP prompt encoding, the transformer call, step callbacks and decoding.
+
+FLUX works on VAE latents cut into 2x2 patches: a (B, C, H, W) latent becomes (B, H/2 * W/2, 4C)
+tokens ("packing"), each with a position id ``(0, row, column)``; text tokens have id ``(0, 0, 0)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..utils import BaseOutput
+from .image_processing import postprocess_images
+from .memory import MemoryMixin
+from .pipeline_utils import DiffusionPipeline
+from .prompt_encoding import tokenize
+from .vae_codec import decode_latents, vae_scale_factor
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass
+class FluxPipelineOutput(BaseOutput):
+    """``images``: PIL images, a numpy array (N, H, W, C), a tensor (N, C, H, W), or packed latents."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+# -- latents ------------------------------------------------------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens of 2x2 patches (channel-major in a patch)."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a (``height``, ``width``) latent grid (both even)."""
+    batch, _, features = latents.shape
+    patches = latents.view(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, features // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Position ids (height * width, 3) of the packed tokens, row-major: ``(0, row, column)``."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+# -- schedule -----------------------------------------------------------------------------------
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The schedule shift ``mu`` for ``image_seq_len`` tokens: linear from ``base_shift`` at
+    ``base_seq_len`` to ``max_shift`` at ``max_seq_len`` (larger images get noisier schedules)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
+
+
+def scheduler_shift(scheduler, image_seq_len: int) -> float:
+    """:func:`calculate_shift` with the scheduler config's ``base/max_image_seq_len`` and ``base/max_shift``."""
+    config = scheduler.config
+    return calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
+def default_sigmas(scheduler, num_inference_steps: int, sigmas: Sequence[float] | None) -> Sequence[float] | None:
+    """``sigmas``, by default ``linspace(1, 1/N, N)``; None for schedulers that build flow sigmas themselves."""
+    if getattr(scheduler.config, "use_flow_sigmas", False):
+        return None
+    return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+
+
+# -- the pipelines' shared base -----------------------------------------------------------------
+
+
+def _as_list(text: str | list[str]) -> list[str]:
+    return [text] if isinstance(text, str) else list(text)
+
+
+def _repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
+    """Each prompt's row ``num_images_per_prompt`` times in a row (prompt-major order)."""
+    return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+class FluxBase(MemoryMixin, DiffusionPipeline):
+    """Components and shared steps of the FLUX.1 pipelines (no ``__call__``).
+
+    Components: ``scheduler`` (FlowMatchEulerDiscreteScheduler), ``vae`` (AutoencoderKL, 16 latent
+    channels), ``text_encoder`` + ``tokenizer`` (CLIP, pooled output), ``text_encoder_2`` +
+    ``tokenizer_2`` (T5, token embeddings), ``transformer`` (FluxTransformer2DModel). ``image_encoder``
+    and ``feature_extractor`` are kept for the reference's layout; IP-Adapters are not supported.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
+    _optional_components = ("image_encoder", "feature_extractor")
+    _callback_tensor_inputs = ("latents", "prompt_embeds")
+    #: Default height and width in latent pixels (times the VAE scale factor: 1024 for FLUX.1).
+    default_sample_size = 128
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer_2, transformer=transformer, scheduler=scheduler,
+                              image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self.vae_scale_factor = vae_scale_factor(vae)
+        self.latent_channels = vae.config.latent_channels if vae is not None else 16
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
+
+    # -- state of the current call --------------------------------------------------------------
+
+    def _start_call(self, guidance_scale: float, joint_attention_kwargs: dict[str, Any] | None) -> None:
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+
+    guidance_scale = property(lambda self: self._guidance_scale)
+    joint_attention_kwargs = property(lambda self: self._joint_attention_kwargs)
+    num_timesteps = property(lambda self: self._num_timesteps)
+    current_timestep = property(lambda self: self._current_timestep)
+    interrupt = property(lambda self: self._interrupt, doc="Set ``pipe._interrupt = True`` in a callback to stop.")
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt, prompt_2, height: int, width: int, negative_prompt=None, negative_prompt_2=None,
+                     prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                     negative_pooled_prompt_embeds=None, callback_on_step_end_tensor_inputs: Sequence[str] = (),
+                     max_sequence_length: int | None = None, output_type: str = "pil") -> None:
+        """The reference's argument checks (ValueError naming the argument)."""
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            logger.warning("height and width must be divisible by %d, got %d and %d; the image is made smaller to fit",
+                           multiple, height, width)
+        unknown = [n for n in callback_on_step_end_tensor_inputs or () if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {list(self._callback_tensor_inputs)}, "
+                             f"got {unknown}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        for name, text, embeds_name, embeds in (("prompt", prompt, "prompt_embeds", prompt_embeds),
+                                                ("prompt_2", prompt_2, "prompt_embeds", prompt_embeds),
+                                                ("negative_prompt", negative_prompt, "negative_prompt_embeds",
+                                                 negative_prompt_embeds),
+                                                ("negative_prompt_2", negative_prompt_2, "negative_prompt_embeds",
+                                                 negative_prompt_embeds)):
+            if text is not None and embeds is not None:
+                raise ValueError(f"pass either {name} or {embeds_name}, not both")
+            if text is not None and not isinstance(text, (str, list)):
+                raise ValueError(f"{name} must be a str or a list of str, got {type(text).__name__}")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass prompt or prompt_embeds; both are None")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds need pooled_prompt_embeds from the same text encoders")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds need negative_pooled_prompt_embeds from the same text encoders")
+        if max_sequence_length is not None and max_sequence_length > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length cannot be greater than {MAX_SEQUENCE_LENGTH}, "
+                             f"got {max_sequence_length}")
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def _get_t5_prompt_embeds(self, prompt: str | list[str], num_images_per_prompt: int = 1,
+                              max_sequence_length: int = 512, device=None) -> torch.Tensor:
+        """T5 token embeddings (B * num_images_per_prompt, max_sequence_length, dim), padded and cut."""
+        inputs = tokenize(self.tokenizer_2, _as_list(prompt), max_sequence_length,
+                          encoder_name=f"T5 (max_sequence_length={max_sequence_length})")
+        encoder = self.text_encoder_2
+        embeds = encoder(inputs.input_ids.to(encoder.device), output_hidden_states=False)[0]
+        embeds = embeds.to(dtype=encoder.dtype, device=device or self._execution_device)
+        return _repeat_per_image(embeds, num_images_per_prompt)
+
+    def _get_clip_prompt_embeds(self, prompt: str | list[str], num_images_per_prompt: int = 1,
+                                device=None) -> torch.Tensor:
+        """CLIP's pooled embedding (B * num_images_per_prompt, dim)."""
+        inputs = tokenize(self.tokenizer, _as_list(prompt), self.tokenizer_max_length)
+        encoder = self.text_encoder
+        pooled = encoder(inputs.input_ids.to(encoder.device), output_hidden_states=False).pooler_output
+        pooled = pooled.to(dtype=encoder.dtype, device=device or self._execution_device)
+        return _repeat_per_image(pooled, num_images_per_prompt)
+
+    def encode_prompt(self, prompt: str | list[str] | None, prompt_2: str | list[str] | None = None, device=None,
+                      num_images_per_prompt: int = 1, prompt_embeds: torch.Tensor | None = None,
+                      pooled_prompt_embeds: torch.Tensor | None = None, max_sequence_length: int = 512,
+                      lora_scale: float | None = None):
+        """``(prompt_embeds, pooled_prompt_embeds, text_ids)``: T5 embeddings of ``prompt_2`` (default
+        ``prompt``), CLIP's pooled embedding of ``prompt``, and the (tokens, 3) zero position ids.
+
+        Embeddings, computed or given, are repeated ``num_images_per_prompt`` times per prompt (the
+        reference repeats only computed ones and fails on given ones with several images per prompt).
+        ``lora_scale`` is accepted for the reference's signature; it has no effect on the text
+        encoders here.
+        """
+        device = device or self._execution_device
+        if prompt_embeds is None:
+            pooled_prompt_embeds = self._get_clip_prompt_embeds(prompt, num_images_per_prompt, device)
+            prompt_embeds = self._get_t5_prompt_embeds(prompt_2 or prompt, num_images_per_prompt,
+                                                       max_sequence_length, device)
+        elif num_images_per_prompt > 1:
+            prompt_embeds = _repeat_per_image(prompt_embeds.to(device), num_images_per_prompt)
+            pooled_prompt_embeds = _repeat_per_image(pooled_prompt_embeds.to(device), num_images_per_prompt)
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+        return prompt_embeds, pooled_prompt_embeds, text_ids
+
+    def encode_negative_prompt(self, negative_prompt, negative_prompt_2, batch_size: int, device,
+                               num_images_per_prompt: int, negative_prompt_embeds: torch.Tensor | None,
+                               negative_pooled_prompt_embeds: torch.Tensor | None, max_sequence_length: int):
+        """:meth:`encode_prompt` for true CFG's negative branch; a single negative prompt serves every prompt."""
+        if negative_prompt_embeds is None:
+            negative_prompt, negative_prompt_2 = (
+                _match_batch(text, batch_size, name)
+                for text, name in ((negative_prompt, "negative_prompt"), (negative_prompt_2, "negative_prompt_2")))
+        return self.encode_prompt(negative_prompt, negative_prompt_2, device, num_images_per_prompt,
+                                  negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length)
+
+    # -- latents and the transformer --------------------------------------------------------------
+
+    def default_height_width(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = self.default_sample_size * self.vae_scale_factor
+        return height or default, width or default
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """The latent grid of a ``height`` x ``width`` image, both rounded down to even numbers."""
+        multiple = self.vae_scale_factor * 2
+        return 2 * (int(height) // multiple), 2 * (int(width) // multiple)
+
+    def guidance_vector(self, batch: int, device) -> torch.Tensor | None:
+        """The distilled guidance scale per sample, for transformers with ``guidance_embeds``; else None."""
+        if not self.transformer.config.guidance_embeds:
+            return None
+        return torch.full([1], self._guidance_scale, device=device, dtype=torch.float32).expand(batch)
+
+    def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None,
+                         prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor,
+                         image_ids: torch.Tensor) -> torch.Tensor:
+        """One transformer call; ``timestep`` is on the scheduler's 0-1000 scale."""
+        return self.transformer(
+            hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+            pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+            img_ids=image_ids, joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+        )[0]
+
+    def step_callback(self, callback: Callable | None, names: Sequence[str], step: int, t,
+                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Call ``callback(pipe, step, t, {name: tensor})`` with the ``names`` asked for; returns
+        ``tensors`` updated with what the callback returned."""
+        if callback is None:
+            return tensors
+        returned = callback(self, step, t, {name: tensors[name] for name in names}) or {}
+        return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
+
+    def latents_to_output(self, latents: torch.Tensor, height: int, width: int, output_type: str):
+        """Unpack, undo the VAE's scaling and shift, decode and convert; ``latent`` returns the packed latents."""
+        if output_type == "latent":
+            return latents
+        latents = unpack_latents(latents, *self.latent_size(height, width))
+        image = decode_latents(self.vae, latents, shift_factor=self.vae.config.shift_factor or 0.0)
+        return postprocess_images(image, output_type)
+
+    # -- the reference's static helpers, for code written against it ---------------------------
+
+    @staticmethod
+    def _pack_latents(latents, batch_size, num_channels_latents, height, width):
+        return pack_latents(latents.view(batch_size, num_channels_latents, height, width))
+
+    @staticmethod
+    def _unpack_latents(latents, height, width, vae_scale_factor):
+        return unpack_latents(latents, 2 * (int(height) // (vae_scale_factor * 2)),
+                              2 * (int(width) // (vae_scale_factor * 2)))
+
+    @staticmethod
+    def _prepare_latent_image_ids(batch_size, height, width, device, dtype):
+        return latent_image_ids(height, width, device, dtype)
+
+
+def _match_batch(text: str | list[str] | None, batch_size: int, name: str) -> list[str] | None:
+    """A negative prompt for each of ``batch_size`` prompts (a single string serves all)."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        return [text] * batch_size
+    if len(text) != batch_size:
+        raise ValueError(f"{name} holds {len(text)} prompts but prompt holds {batch_size}; they must match")
+    return list(text)
