@@ -1,0 +1,78 @@
+"""LDMTextToImagePipeline: latent diffusion guided by LDM-BERT text embeddings (CompVis/ldm-text2im-large-256)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils import Generator
+from .image_processing import postprocess_images
+from .ldm import decode_vq_latents, step_options
+from .noise import initial_noise
+from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+
+
+class LDMTextToImagePipeline(DiffusionPipeline):
+    """Text-to-image latent diffusion with classifier-free guidance.
+
+    Components: ``vqvae`` (VQModel or AutoencoderKL), ``bert`` (LDMBertModel), ``tokenizer``
+    (transformers BertTokenizer), ``unet`` (UNet2DConditionModel) and a DDIM, PNDM or LMS
+    ``scheduler``. Prompts are padded to the text encoder's ``max_position_embeddings`` (77) tokens.
+    """
+
+    def __init__(self, vqvae, bert, tokenizer, unet, scheduler) -> None:
+        super().__init__()
+        self.register_modules(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vqvae.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """LDM-BERT embeddings (batch, tokens, d_model) of the prompts, padded to full length."""
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.bert.config.max_position_embeddings,
+                                truncation=True, return_tensors="pt")
+        return self.bert(tokens.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate one image per prompt; ``guidance_scale`` > 1 enables classifier-free guidance."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        factor = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height} and {width}")
+
+        batch_size = len(prompt)
+        guided = guidance_scale != 1.0
+        context = self.encode_prompt(prompt)
+        if guided:
+            context = torch.cat([self.encode_prompt([""] * batch_size), context])
+        shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
+        latents = initial_noise(shape, generator, self.device, context.dtype, latents,
+                                scale=self.scheduler.init_noise_sigma)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        options = step_options(self.scheduler, eta, generator)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+            if guided:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **options).prev_sample
+        images = postprocess_images(decode_vq_latents(self.vqvae, latents), output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
