@@ -244,7 +244,7 @@ def test_unsupported_options():
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_full_size_sd_vae_decode(tmp_path):
+def test_full_size_sd_vae_decode(tmp_path, all_threads):
     ref, ours = _pair(RefAutoencoderKL, AutoencoderKL, SD_CONFIG, tmp_path)
     z = _images(1, 4, 64, 64, seed=9)
     start = time.perf_counter()

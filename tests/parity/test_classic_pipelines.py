@@ -74,15 +74,6 @@ def _reference_pipelines(tmp):
     return {"ldm": ldm, "text2img": text2img, "sde_ve": sde_ve, "karras": karras, "dance": dance}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """name -> (reference pipeline, the folder it saved)."""

@@ -30,15 +30,6 @@ T5_WORDS = ["a", "the", "cat", "dog", "photo", "of", "red", "blue", "sky", "pain
 SHORT = dict(max_sequence_length=16, num_inference_steps=2, height=32, width=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are far faster single-threaded on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_t5_tokenizer() -> transformers.T5TokenizerFast:
     """A Unigram (sentencepiece-style) T5 tokenizer over a few words and the letters."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -4.0)]
@@ -292,7 +283,7 @@ def test_transformer_gradient_checkpointing_keeps_gradients():
 
 
 @pytest.mark.slow
-def test_flux_dev_width_transformer_matches_reference():
+def test_flux_dev_width_transformer_matches_reference(all_threads):
     """FLUX.1-dev widths (24 heads of 128, T5 4096, CLIP 768, guidance, axes 16/56/56), 2 + 2 blocks,
     16x16 image tokens and 8 text tokens."""
     config = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
@@ -305,14 +296,9 @@ def test_flux_dev_width_transformer_matches_reference():
         ours = diffusekit.FluxTransformer2DModel(**config)
     ours.load_checked_state_dict(ref.state_dict())  # shares the reference's tensors
     inputs = _transformer_inputs(config, image_tokens=(16, 16), text_tokens=8, batch=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            expected = ref(**inputs).sample
-            out = ours(**inputs).sample
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        expected = ref(**inputs).sample
+        out = ours(**inputs).sample
     assert out.shape == (1, 256, 64)
     assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-4
     print(f"FLUX.1-dev-width transformer parity: {time.perf_counter() - start:.1f} s")

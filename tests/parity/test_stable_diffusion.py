@@ -23,15 +23,6 @@ SCHEDULERS = ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "Euler
               "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are far faster single-threaded on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reference_parts(tmp_path_factory):
     tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
     torch.manual_seed(0)

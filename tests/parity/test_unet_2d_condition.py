@@ -155,7 +155,7 @@ SD15 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_full_size_sd15_unet_matches_reference():
+def test_full_size_sd15_unet_matches_reference(all_threads):
     """Full SD 1.5 config with random weights: one 64x64 latent forward, float32, 1e-4 relative."""
     torch.manual_seed(0)
     ref = RefUNet(**SD15).eval()

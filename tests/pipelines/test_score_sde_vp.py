@@ -21,15 +21,6 @@ MEANS = [[-0.6, 0.5], [0.5, -0.4]]
 VARIANCES = [[0.04, 0.09], [0.0625, 0.01]]  # diagonal covariances
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclass
 class _Output(BaseOutput):
     sample: torch.Tensor

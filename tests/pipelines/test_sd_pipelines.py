@@ -18,14 +18,6 @@ from diffusekit.pipelines.vae_codec import decode_latents
 from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
