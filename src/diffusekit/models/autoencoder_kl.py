@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import register_to_config
+from ..loaders.single_file import FromOriginalModelMixin
 from ..utils import BaseOutput, Generator
 from .modeling import ModelMixin
 from .unet_2d import LEGACY_ATTENTION_RENAMES
@@ -62,7 +63,7 @@ def _tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile_in:
     return torch.cat(out_rows, dim=2)
 
 
-class AutoencoderKL(ModelMixin, AutoencoderMixin):
+class AutoencoderKL(ModelMixin, AutoencoderMixin, FromOriginalModelMixin):
     """VAE with a diagonal-Gaussian latent: ``encode(x).latent_dist`` and ``decode(z).sample``.
 
     ``quant_conv`` / ``post_quant_conv`` (1x1 convs around the latent) are absent with

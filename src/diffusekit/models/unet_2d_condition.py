@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import register_to_config
+from ..loaders.single_file import FromOriginalModelMixin
 from ..utils import BaseOutput
 from .attention import Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
@@ -40,7 +41,7 @@ def _to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     """A conditional 2-D UNet: noisy latents, timestep and encoder hidden states -> sample-shaped output.
 
     Config keys follow the reference ``UNet2DConditionModel``. ``attention_head_dim`` is, as in the

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..loaders.lora import LoraLoaderMixin
+from ..loaders.single_file import FromSingleFileMixin
+from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
@@ -53,7 +56,8 @@ def _fix_legacy_scheduler_config(scheduler) -> None:
         scheduler.register_to_config(clip_sample=False)
 
 
-class StableDiffusionBase(DiffusionPipeline, MemoryMixin):
+class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, TextualInversionLoaderMixin,
+                          FromSingleFileMixin):
     """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
@@ -140,13 +144,18 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin):
                       negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None,
                       clip_skip: int | None = None, prompt_weighting: str | None = None):
         """``(prompt_embeds, negative_prompt_embeds)``; see :func:`prompt_encoding.encode_prompt`.
-        ``lora_scale`` is accepted for the reference's signature and has no effect."""
+        ``lora_scale`` (default: ``cross_attention_kwargs["scale"]`` of the call) scales the text
+        encoder's LoRA adapters; textual-inversion tokens are expanded (``maybe_convert_prompt``)."""
         dtype = self.unet.dtype if self.unet is not None else None
-        return prompt_encoding.encode_prompt(
-            self.text_encoder, self.tokenizer, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
-            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
-            prompt_weighting=prompt_weighting, dtype=dtype,
-        )
+        if lora_scale is None:
+            lora_scale = (getattr(self, "_cross_attention_kwargs", None) or {}).get("scale")
+        prompt, negative_prompt = self.maybe_convert_prompt(prompt), self.maybe_convert_prompt(negative_prompt)
+        with self.lora_text_encoder_scale(lora_scale):
+            return prompt_encoding.encode_prompt(
+                self.text_encoder, self.tokenizer, prompt, device, num_images_per_prompt,
+                do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                clip_skip=clip_skip, prompt_weighting=prompt_weighting, dtype=dtype,
+            )
 
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
                         dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None):

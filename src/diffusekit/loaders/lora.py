@@ -1,0 +1,367 @@
+"""LoRA files for pipelines: ``pipe.load_lora_weights(...)`` and friends (:class:`LoraLoaderMixin`).
+
+Layouts read (one file may mix them):
+
+* diffusers / peft: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (optionally ``lora_B.bias``),
+  the older ``<module>.lora.down.weight`` / ``.lora.up.weight`` / ``.lora_linear_layer.down.weight``
+  and attention-processor keys ``<attn>.processor.to_q_lora.down.weight``; component prefixes
+  ``unet.``, ``transformer.``, ``text_encoder.``, ``text_encoder_2.`` (keys without one go to the
+  denoiser). Alphas come from the safetensors metadata ``lora_adapter_metadata`` (``unet.lora_alpha``,
+  ``unet.alpha_pattern`` ...) when present.
+* kohya / A1111: ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha`` and ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoders. Underscored names
+  are matched against the model's own module names, so every Linear/Conv2d layer is reachable.
+
+Scale of an adapter on a layer: ``alpha / rank`` (alpha = rank when the file has none, as the
+reference). Keys that reach no layer raise :class:`~diffusekit.weights.WeightsError` listing them
+(``strict=False``: a warning listing them); a file of which nothing applies is always an error.
+The layers themselves are in :mod:`~diffusekit.loaders.lora_layers`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hub import resolve_file, split_hub_kwargs
+from ..weights import WeightsError, check_safetensors_header, load_file
+from . import lora_layers as layers
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+METADATA_KEY = "lora_adapter_metadata"
+#: Pipeline components LoRA can target, in the order the denoiser is looked for.
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
+                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+# (suffix pattern, role); the module id is what precedes the suffix
+_SUFFIXES = [
+    (re.compile(r"\.lora_A(?:\.[^.]+)?\.weight$"), "down"),
+    (re.compile(r"\.lora_B(?:\.[^.]+)?\.weight$"), "up"),
+    (re.compile(r"\.lora_B(?:\.[^.]+)?\.bias$"), "up_bias"),
+    (re.compile(r"\.lora(?:_linear_layer)?\.down\.weight$"), "down"),
+    (re.compile(r"\.lora(?:_linear_layer)?\.up\.weight$"), "up"),
+    (re.compile(r"\.lora_down\.weight$"), "down"),
+    (re.compile(r"\.lora_up\.weight$"), "up"),
+    (re.compile(r"\.alpha$"), "alpha"),
+]
+_PROCESSOR_KEY = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+
+
+@dataclass
+class _Entry:
+    """The tensors of one target layer as read from the file."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+
+
+def read_lora_file(path_or_dict: str | os.PathLike | dict, weight_name: str | None = None,
+                   **hub_kwargs) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """``(state dict, adapter metadata, source name)`` from a dict, a file, a folder or a Hub repo."""
+    if isinstance(path_or_dict, dict):
+        return dict(path_or_dict), {}, "LoRA state dict"
+    path = Path(path_or_dict)
+    if not path.is_file():
+        names = [weight_name] if weight_name else list(LORA_WEIGHT_NAMES)
+        for name in names:
+            try:
+                path = resolve_file(path_or_dict, name, **hub_kwargs)
+                break
+            except (FileNotFoundError, OSError):
+                continue
+        else:
+            raise FileNotFoundError(f"no LoRA file {' or '.join(names)} in {path_or_dict!r}")
+    metadata: dict = {}
+    if path.suffix == ".safetensors":
+        raw = (check_safetensors_header(path).get("__metadata__") or {}).get(METADATA_KEY)
+        if raw:
+            try:
+                metadata = json.loads(raw)
+            except json.JSONDecodeError:
+                raise WeightsError(f"{path}: corrupt {METADATA_KEY} in the safetensors metadata") from None
+    return load_file(path), metadata, str(path)
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for pattern, role in _SUFFIXES:
+        match = pattern.search(key)
+        if match:
+            return key[: match.start()], role
+    return None
+
+
+def group_lora_keys(state: dict[str, torch.Tensor], components: list[str]) -> tuple[dict, list[str]]:
+    """``({component: {module id: _Entry}}, unrecognised keys)``.
+
+    A module id is a dotted module path, or (kohya) an underscored one prefixed by ``_``.
+    """
+    grouped: dict[str, dict[str, _Entry]] = collections.defaultdict(dict)
+    unknown = []
+    denoiser = next((c for c in components if c in ("unet", "transformer")), components[0] if components else "unet")
+    for key, tensor in state.items():
+        split = _split_key(key)
+        if split is None or not isinstance(tensor, torch.Tensor):
+            unknown.append(key)
+            continue
+        module_id, role = split
+        kohya = next((p for p in _KOHYA_PREFIXES if module_id.startswith(p)), None)
+        if kohya is not None:
+            component = _KOHYA_PREFIXES[kohya]
+            component = denoiser if component in ("unet", "transformer") else component
+            module_id = "_" + module_id[len(kohya):]
+        else:
+            head, _, rest = module_id.partition(".")
+            component, module_id = (head, rest) if head in LORA_COMPONENTS and rest else (denoiser, module_id)
+            match = _PROCESSOR_KEY.search(module_id)
+            if match:
+                target = "to_out.0" if match.group(1) == "to_out" else match.group(1)
+                module_id = module_id[: match.start()] + "." + target
+        entry = grouped[component].setdefault(module_id, _Entry())
+        if role in entry.tensors:
+            raise WeightsError(f"LoRA key {key!r} repeats the {role} of {module_id!r} given by {entry.keys}")
+        entry.tensors[role] = tensor
+        entry.keys.append(key)
+    return grouped, unknown
+
+
+def _module_lookup(model: nn.Module) -> dict[str, nn.Module]:
+    """Layer by dotted and underscored name (with ``text_model.`` aliases for text encoders that lack it)."""
+    lookup: dict[str, nn.Module] = {}
+    alias_text_model = not hasattr(model, "text_model") and hasattr(model, "encoder") and hasattr(model, "embeddings")
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        names = [name, f"text_model.{name}"] if alias_text_model else [name]
+        for alias in names:
+            lookup[alias] = module
+            lookup["_" + alias.replace(".", "_")] = module
+    return lookup
+
+
+def _pattern_value(patterns: dict, name: str):
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", name):
+            return value
+    return None
+
+
+def _alphas(component: str, entries: dict[str, _Entry], metadata: dict) -> dict[str, float]:
+    """alpha per module id: from ``.alpha`` keys, else metadata, else the most common alpha, else rank."""
+    given = {m: float(e.tensors["alpha"]) for m, e in entries.items() if "alpha" in e.tensors}
+    common = collections.Counter(given.values()).most_common(1)[0][0] if given else None
+    meta_alpha = metadata.get(f"{component}.lora_alpha")
+    alpha_pattern = metadata.get(f"{component}.alpha_pattern") or {}
+    result = {}
+    for module_id, entry in entries.items():
+        if module_id in given:
+            result[module_id] = given[module_id]
+        elif _pattern_value(alpha_pattern, module_id) is not None:
+            result[module_id] = float(_pattern_value(alpha_pattern, module_id))
+        elif meta_alpha is not None:
+            result[module_id] = float(meta_alpha)
+        elif common is not None:
+            result[module_id] = common
+        elif "down" in entry.tensors:
+            result[module_id] = float(entry.tensors["down"].shape[0])
+    return result
+
+
+def plan_adapters(grouped: dict, models: dict[str, nn.Module], metadata: dict, source: str):
+    """``({component: [(module, Adapter)]}, unmatched keys)``; shape errors raise ValueError naming the keys."""
+    plan: dict[str, list[tuple[nn.Module, layers.Adapter]]] = {}
+    unmatched: list[str] = []
+    for component, entries in grouped.items():
+        model = models.get(component)
+        if model is None:
+            unmatched += [k for e in entries.values() for k in e.keys]
+            continue
+        lookup = _module_lookup(model)
+        alphas = _alphas(component, entries, metadata)
+        targets = []
+        for module_id, entry in entries.items():
+            module = lookup.get(module_id)
+            if module is None or "down" not in entry.tensors or "up" not in entry.tensors:
+                unmatched += entry.keys
+                continue
+            where = f"{source}: {entry.keys[0]}"
+            down, up = layers.check_adapter_shapes(module, entry.tensors["down"], entry.tensors["up"], where)
+            rank = down.shape[0]
+            targets.append((module, layers.Adapter(down, up, alphas[module_id] / rank, entry.tensors.get("up_bias"))))
+        if targets:
+            plan[component] = targets
+    return plan, unmatched
+
+
+def _clip(keys: list[str], limit: int = 20) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+class LoraLoaderMixin:
+    """LoRA adapters on a pipeline's ``unet`` / ``transformer`` and text encoders.
+
+    The mixin needs only the component attributes; it keeps its bookkeeping on the models' layers.
+    """
+
+    def _lora_models(self) -> dict[str, nn.Module]:
+        return {name: model for name in LORA_COMPONENTS
+                if isinstance(model := getattr(self, name, None), nn.Module)}
+
+    def _lora_layers(self, components: list[str] | None = None) -> dict[str, list]:
+        models = self._lora_models()
+        names = components or list(models)
+        return {name: layers.lora_layers(models[name]) for name in names if name in models}
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """Adapters loaded per component: ``{"unet": ["a", "b"], "text_encoder": ["a"]}``."""
+        result = {}
+        for component, found in self._lora_layers().items():
+            names = list(dict.fromkeys(n for layer in found for n in layer.lora_adapters))
+            if names:
+                result[component] = names
+        return result
+
+    def _all_adapters(self) -> list[str]:
+        return list(dict.fromkeys(n for names in self.get_list_adapters().values() for n in names))
+
+    def get_active_adapters(self) -> list[str]:
+        """Names of the adapters in use."""
+        return list(dict.fromkeys(n for found in self._lora_layers().values() for layer in found
+                                  for n in layer.lora_active if layer.lora_enabled))
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+                          adapter_name: str | None = None, weight_name: str | None = None, strict: bool = True,
+                          **kwargs: Any) -> None:
+        """Load a LoRA (diffusers/peft or kohya layout; a file, a folder, a Hub repo or a state dict)
+        as adapter ``adapter_name`` (default ``default_<n>``), which becomes the active adapter.
+
+        Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning).
+        """
+        hub = split_hub_kwargs(kwargs)
+        kwargs.pop("low_cpu_mem_usage", None)
+        if kwargs.pop("hotswap", False):
+            raise ValueError("hotswap=True is not supported; unload or delete the adapter and load the new one")
+        if kwargs:
+            raise TypeError(f"load_lora_weights got unexpected arguments {sorted(kwargs)}")
+        existing = self._all_adapters()
+        adapter_name = adapter_name or f"default_{len(existing)}"
+        if adapter_name in existing:
+            raise ValueError(f"adapter name {adapter_name!r} is already in use; pick another or delete_adapters it")
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+        state, metadata, source = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
+        models = self._lora_models()
+        grouped, unknown = group_lora_keys(state, list(models))
+        plan, unmatched = plan_adapters(grouped, models, metadata, source)
+        unmatched = unknown + unmatched
+        if not plan:
+            raise WeightsError(f"{source}: no key of this LoRA reaches a layer of {type(self).__name__} "
+                               f"({len(state)} keys: {_clip(sorted(state))})")
+        if unmatched:
+            message = f"{source}: LoRA keys that match no layer: {_clip(sorted(unmatched))}"
+            if strict:
+                raise WeightsError(message + " (pass strict=False to load the rest)")
+            logger.warning("%s; loading the rest", message)
+        for component, targets in plan.items():
+            for module, adapter in targets:
+                layers.add_adapter(module, adapter_name, adapter)
+            layers.install_scale_hook(models[component])
+        for found in self._lora_layers().values():
+            for layer in found:
+                layer.lora_active = (adapter_name,)
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list | dict | None = None) -> None:
+        """Use only ``adapter_names``, each times its weight (a float, or ``{"unet": w, "text_encoder": w}``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = self._all_adapters()
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise ValueError(f"adapters {missing} are not loaded (loaded: {loaded})")
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
+        for component, found in self._lora_layers().items():
+            for layer in found:
+                layer.lora_active = tuple(n for n in names if n in layer.lora_adapters)
+                for name, weight in zip(names, weights):
+                    if isinstance(weight, dict):
+                        unknown = set(weight) - set(LORA_COMPONENTS)
+                        if unknown:
+                            raise ValueError(f"adapter weight for {name!r} names unknown components {sorted(unknown)}")
+                        weight = weight.get(component, 1.0)
+                    layer.lora_weights[name] = 1.0 if weight is None else float(weight)
+
+    def disable_lora(self) -> None:
+        for found in self._lora_layers().values():
+            for layer in found:
+                layer.lora_enabled = False
+
+    def enable_lora(self) -> None:
+        for found in self._lora_layers().values():
+            for layer in found:
+                layer.lora_enabled = True
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        """Remove adapters (their fused contribution, if any, stays in the weights until ``unfuse_lora``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for found in self._lora_layers().values():
+            for layer in found:
+                for name in names:
+                    if name in layer.lora_fused:
+                        raise ValueError(f"adapter {name!r} is fused; call unfuse_lora() before deleting it")
+                    layers.remove_adapter(layer, name)
+        self._drop_hooks_without_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter and the LoRA layers. Unfused, the original weights come back exactly;
+        fused adapters stay baked into the weights (``fuse_lora(); unload_lora_weights()``), as in the reference."""
+        for found in self._lora_layers().values():
+            for layer in found:
+                layers.remove_lora(layer)
+        self._drop_hooks_without_lora()
+
+    def _drop_hooks_without_lora(self) -> None:
+        for model in self._lora_models().values():
+            if not layers.lora_layers(model):
+                layers.remove_scale_hook(model)
+
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None, **kwargs: Any) -> None:
+        """Add the active adapters (or ``adapter_names``) times ``lora_scale`` into the weights of
+        ``components`` (default: all LoRA components)."""
+        found = self._lora_layers(components)
+        if components is not None and (unknown := set(components) - set(found)):
+            raise ValueError(f"fuse_lora: {sorted(unknown)} are not LoRA components of {type(self).__name__} "
+                             f"(have {sorted(self._lora_models())})")
+        for component_layers in found.values():
+            for layer in component_layers:
+                names = list(adapter_names) if adapter_names is not None else list(layer.lora_active)
+                layer.fuse(names, lora_scale, safe_fusing)
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs: Any) -> None:
+        """Put back the weights from before ``fuse_lora`` exactly."""
+        for component_layers in self._lora_layers(components).values():
+            for layer in component_layers:
+                layer.unfuse()
+
+    def lora_text_encoder_scale(self, scale: float | None):
+        """Context manager scaling the text encoders' adapters (``cross_attention_kwargs["scale"]``)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        for name in ("text_encoder", "text_encoder_2"):
+            stack.enter_context(layers.lora_call_scale(getattr(self, name, None), scale))
+        return stack
+
+
+__all__ = ["LoraLoaderMixin", "read_lora_file", "group_lora_keys", "plan_adapters"]

@@ -1,0 +1,269 @@
+"""LoRA-aware ``nn.Linear`` / ``nn.Conv2d`` layers, injected in place.
+
+Why not peft: diffusekit only needs inference-time adapters on Linear and Conv2d layers, and a small
+layer of its own keeps loading a LoRA at a few milliseconds, keeps the model's state dict (and so
+``save_pretrained``) unchanged, and makes unloading exact: the original weight tensors are never
+written to. peft is only used by the parity tests, through the reference.
+
+How: :func:`add_adapter` switches an existing layer's class to a subclass that mixes in
+:class:`LoraLayer` (``module.__class__`` swap: same object, same parameters, same state-dict keys,
+``isinstance(layer, nn.Linear)`` still holds) and stores the adapter's tensors in plain dicts that
+``.to()`` / ``.half()`` move along (``_apply``). The forward adds, per active adapter,
+``up(down(x)) * scale``, where ``scale = alpha / rank * adapter weight * call scale``:
+
+* ``alpha / rank`` comes from the file (kohya ``.alpha`` keys or peft metadata; alpha = rank when absent);
+* the adapter weight is set by ``set_adapters``;
+* the call scale is ``cross_attention_kwargs={"scale": s}`` for the call being made
+  (:func:`install_scale_hook`, :func:`lora_call_scale`).
+
+Fusing writes ``W + scale * up @ down`` as a *new* tensor and keeps the original, so unfusing restores
+it bit for bit. :func:`remove_lora` switches the class back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Keyword arguments of a model's forward that may carry ``{"scale": s}`` for the LoRA layers.
+SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+
+
+@dataclass
+class Adapter:
+    """One adapter of one layer: ``down`` (rank, in[, kh, kw]), ``up`` (out, rank[, 1, 1]), optional
+    ``up_bias`` (out,), and ``scale`` = alpha / rank."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    up_bias: torch.Tensor | None = None
+
+
+class LoraLayer:
+    """Mixed into a Linear/Conv2d (subclass) by :func:`add_adapter`; see the module docstring."""
+
+    lora_adapters: dict[str, Adapter]
+    lora_weights: dict[str, float]
+    lora_active: tuple[str, ...]
+    lora_call_scale: float
+    lora_fused: dict[str, float]
+    lora_original: tuple[torch.Tensor, torch.Tensor | None] | None
+
+    def _init_lora(self) -> None:
+        self.lora_adapters, self.lora_weights, self.lora_fused = {}, {}, {}
+        self.lora_active, self.lora_call_scale, self.lora_original = (), 1.0, None
+        self.lora_enabled = True
+
+    def lora_scale(self, name: str) -> float:
+        return self.lora_adapters[name].scale * self.lora_weights.get(name, 1.0)
+
+    def lora_delta(self, name: str) -> torch.Tensor:
+        """``up @ down`` shaped like the layer's weight (no scale)."""
+        adapter = self.lora_adapters[name]
+        if adapter.down.ndim == 2:
+            return adapter.up @ adapter.down
+        return torch.einsum("or,rikl->oikl", adapter.up.flatten(1), adapter.down)
+
+    def _lora_branch(self, x: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+        if isinstance(self, nn.Conv2d):
+            hidden = self._conv_forward(x, adapter.down, None)
+            return F.conv2d(hidden, adapter.up, adapter.up_bias)
+        return F.linear(F.linear(x, adapter.down), adapter.up, adapter.up_bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = super().forward(x, *args, **kwargs)
+        if not self.lora_enabled or self.lora_call_scale == 0:
+            return out
+        for name in self.lora_active:
+            if name in self.lora_fused or name not in self.lora_adapters:
+                continue
+            adapter = self.lora_adapters[name]
+            x_cast = x.to(adapter.down.dtype)
+            branch = self._lora_branch(x_cast, adapter)
+            out = out + (branch * (self.lora_scale(name) * self.lora_call_scale)).to(out.dtype)
+        return out
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for adapter in self.lora_adapters.values():
+            adapter.down, adapter.up = fn(adapter.down), fn(adapter.up)
+            if adapter.up_bias is not None:
+                adapter.up_bias = fn(adapter.up_bias)
+        if self.lora_original is not None:
+            weight, bias = self.lora_original
+            self.lora_original = (fn(weight), None if bias is None else fn(bias))
+        return self
+
+    # -- fusing ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fuse(self, names: list[str], multiplier: float = 1.0, safe: bool = False) -> list[str]:
+        """Add the named active, unfused adapters to the weight (times ``multiplier``); returns them."""
+        todo = [n for n in names if n in self.lora_adapters and n not in self.lora_fused]
+        if not todo:
+            return []
+        weight = self.weight.data
+        bias = None if self.bias is None else self.bias.data
+        new_weight, new_bias = weight, bias
+        for name in todo:
+            scale = self.lora_scale(name) * multiplier
+            new_weight = new_weight + (self.lora_delta(name) * scale).to(weight.dtype)
+            up_bias = self.lora_adapters[name].up_bias
+            if up_bias is not None:
+                if new_bias is None:
+                    raise ValueError("cannot fuse a LoRA bias into a layer without bias")
+                new_bias = new_bias + (up_bias * scale).to(new_bias.dtype)
+        if safe and not torch.isfinite(new_weight).all():
+            raise ValueError(f"fusing LoRA adapters {todo} gives non-finite weights; not fused")
+        if self.lora_original is None:
+            self.lora_original = (weight, bias)
+        self.weight.data = new_weight
+        if new_bias is not None and self.bias is not None:
+            self.bias.data = new_bias
+        self.lora_fused.update({n: multiplier for n in todo})
+        return todo
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Put back the weights from before the first fuse (exactly)."""
+        if self.lora_original is None:
+            return
+        weight, bias = self.lora_original
+        self.weight.data = weight
+        if bias is not None:
+            self.bias.data = bias
+        self.lora_original = None
+        self.lora_fused = {}
+
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def _lora_class(cls: type) -> type:
+    if cls not in _LORA_CLASSES:
+        _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (LoraLayer, cls), {"_lora_base_class": cls})
+    return _LORA_CLASSES[cls]
+
+
+def base_shape(module: nn.Module) -> tuple[int, ...]:
+    return tuple(module.weight.shape)
+
+
+def check_adapter_shapes(module: nn.Module, down: torch.Tensor, up: torch.Tensor, where: str):
+    """``down``/``up`` reshaped for ``module`` (2-D <-> 1x1 conv); ValueError naming ``where`` when they do not fit."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{where}: LoRA targets {type(module).__name__}; only Linear and Conv2d layers take LoRA")
+    weight_shape = base_shape(module)
+    out_features, in_features = weight_shape[:2]
+    rank = down.shape[0]
+    if isinstance(module, nn.Linear):
+        down_shape, up_shape = (rank, in_features), (out_features, rank)
+    else:
+        if module.groups != 1:
+            raise ValueError(f"{where}: LoRA on grouped convolutions is not supported")
+        down_shape, up_shape = (rank, in_features, *weight_shape[2:]), (out_features, rank, 1, 1)
+    if down.numel() != _numel(down_shape) or up.numel() != _numel(up_shape):
+        raise ValueError(f"{where}: LoRA down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a layer with "
+                         f"weight {weight_shape} (expected {down_shape} / {up_shape})")
+    return down.reshape(down_shape), up.reshape(up_shape)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def add_adapter(module: nn.Module, name: str, adapter: Adapter) -> None:
+    """Give ``module`` (Linear/Conv2d, shapes already checked) the adapter ``name``, cast to its weight."""
+    if not isinstance(module, LoraLayer):
+        module.__class__ = _lora_class(type(module))
+        module._init_lora()
+    ref = module.weight
+    cast = (lambda t: None if t is None else t.to(device=ref.device, dtype=ref.dtype))
+    module.lora_adapters[name] = Adapter(cast(adapter.down), cast(adapter.up), adapter.scale, cast(adapter.up_bias))
+
+
+def remove_adapter(module: LoraLayer, name: str) -> None:
+    """Drop adapter ``name`` (a fused layer keeps its fused weight, as the reference does)."""
+    module.lora_adapters.pop(name, None)
+    module.lora_weights.pop(name, None)
+    module.lora_active = tuple(n for n in module.lora_active if n != name)
+    if not module.lora_adapters:
+        remove_lora(module)
+
+
+def remove_lora(module: nn.Module) -> None:
+    """Switch a LoRA layer back to its original class; its current weights stay."""
+    if not isinstance(module, LoraLayer):
+        return
+    for attr in ("lora_adapters", "lora_weights", "lora_active", "lora_call_scale", "lora_fused", "lora_original",
+                 "lora_enabled"):
+        module.__dict__.pop(attr, None)
+    module.__class__ = module._lora_base_class
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def lora_call_scale(model: nn.Module | None, scale: float | None):
+    """Within the block, every LoRA layer of ``model`` applies its adapters times ``scale``."""
+    layers = lora_layers(model) if model is not None and scale is not None else []
+    for layer in layers:
+        layer.lora_call_scale = float(scale)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.lora_call_scale = 1.0
+
+
+def _scale_from_call(model: nn.Module, args: tuple, kwargs: dict) -> float | None:
+    found = {k: kwargs[k] for k in SCALE_KWARGS if k in kwargs}
+    if not found and args:
+        try:
+            bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        found = {k: bound[k] for k in SCALE_KWARGS if k in bound}
+    for options in found.values():
+        if isinstance(options, dict) and "scale" in options:
+            return float(options["scale"])
+    return None
+
+
+def install_scale_hook(model: nn.Module) -> None:
+    """Make ``model(..., cross_attention_kwargs={"scale": s})`` scale its LoRA layers for that call."""
+    if getattr(model, "_lora_scale_hooks", None):
+        return
+
+    def before(module, args, kwargs):
+        scale = _scale_from_call(module, args, kwargs)
+        if scale is not None:
+            module._lora_scaled = lora_layers(module)
+            for layer in module._lora_scaled:
+                layer.lora_call_scale = scale
+
+    def after(module, args, kwargs, output):
+        for layer in module.__dict__.pop("_lora_scaled", ()):
+            layer.lora_call_scale = 1.0
+
+    model._lora_scale_hooks = (
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True, always_call=True),
+    )
+
+
+def remove_scale_hook(model: nn.Module) -> None:
+    for handle in getattr(model, "_lora_scale_hooks", None) or ():
+        handle.remove()
+    model.__dict__.pop("_lora_scale_hooks", None)

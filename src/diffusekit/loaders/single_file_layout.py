@@ -1,0 +1,174 @@
+"""Original (CompVis/LDM, Stability) single-file key layout <-> diffusekit's, built from rules.
+
+A Stable Diffusion checkpoint holds four parts under prefixes: :data:`UNET_PREFIX`,
+:data:`VAE_PREFIX`, and the text encoder under :data:`CLIP_PREFIX` (SD 1.x, transformers' CLIP key
+names) or :data:`OPENCLIP_PREFIX` (SD 2.x, OpenCLIP names). Each ``*_name_map`` function returns
+``{our module path: original module path}`` for a config; a parameter ``<path>.<rest>`` maps by
+its longest mapped prefix (:func:`to_original`), so block internals that share names (attention
+``transformer_blocks``, ``proj_in``...) need no entry of their own.
+
+UNet rules (``L`` = layers_per_block; ``input_blocks`` / ``output_blocks`` count resnets, attentions
+and resamplers in one sequence):
+
+* ``conv_in`` = ``input_blocks.0.0``, ``time_embedding.linear_{1,2}`` = ``time_embed.{0,2}``,
+  ``conv_norm_out`` = ``out.0``, ``conv_out`` = ``out.2``;
+* down block ``b``, layer ``l``: ``input_blocks.{1 + b(L+1) + l}`` ``.0`` (resnet) / ``.1`` (attention);
+  its downsampler ``input_blocks.{1 + b(L+1) + L}.0.op``;
+* mid block: ``middle_block.0`` resnet, ``.1`` attention, ``.2`` resnet;
+* up block ``b``, layer ``l`` (L+1 layers): ``output_blocks.{b(L+1) + l}`` ``.0`` / ``.1``; the
+  upsampler of the last layer is ``.{2 if attention else 1}.conv``;
+* resnet internals: ``norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut`` = ``in_layers.0,
+  in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection``.
+
+VAE rules: ``{encoder,decoder}.down_blocks.i.resnets.j`` = ``encoder.down.i.block.j``; decoder up
+blocks are numbered backwards (``decoder.up_blocks.k`` = ``decoder.up.{n-1-k}``); resamplers are
+``downsample.conv`` / ``upsample.conv``; ``mid_block.resnets.{0,1}`` = ``mid.block_{1,2}``,
+``mid_block.attentions.0`` = ``mid.attn_1`` with ``group_norm, to_q, to_k, to_v, to_out.0`` =
+``norm, q, k, v, proj_out`` (1x1 convolutions there: the weights are reshaped); ``conv_norm_out`` =
+``norm_out``; ``conv_shortcut`` = ``nin_shortcut``.
+
+OpenCLIP rules: ``embeddings.token_embedding`` = ``token_embedding``,
+``embeddings.position_embedding.weight`` = ``positional_embedding``, ``final_layer_norm`` =
+``ln_final``, ``encoder.layers.i`` = ``transformer.resblocks.i`` with ``layer_norm{1,2}`` =
+``ln_{1,2}``, ``mlp.fc{1,2}`` = ``mlp.c_{fc,proj}``, ``self_attn.out_proj`` = ``attn.out_proj`` and
+``self_attn.{q,k,v}_proj`` = thirds of ``attn.in_proj_{weight,bias}``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+EMA_PREFIX = "model_ema."
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def _inner(ours: str, original: str, names: dict[str, str]) -> dict[str, str]:
+    return {f"{ours}.{a}": f"{original}.{b}" for a, b in names.items()}
+
+
+def _layers_per_block(config) -> int:
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ValueError(f"the original layout needs one layers_per_block for all blocks, got {layers!r}")
+    return layers
+
+
+def unet_name_map(config) -> dict[str, str]:
+    """UNet2DConditionModel module paths -> original ``model.diffusion_model`` paths (no prefix)."""
+    layers = _layers_per_block(config)
+    names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    downs, ups = config["down_block_types"], config["up_block_types"]
+    for b, kind in enumerate(downs):
+        for layer in range(layers):
+            index = 1 + b * (layers + 1) + layer
+            names.update(_inner(f"down_blocks.{b}.resnets.{layer}", f"input_blocks.{index}.0", _UNET_RESNET))
+            if "CrossAttn" in kind:
+                names[f"down_blocks.{b}.attentions.{layer}"] = f"input_blocks.{index}.1"
+        if b < len(downs) - 1:
+            names[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{1 + b * (layers + 1) + layers}.0.op"
+    names.update(_inner("mid_block.resnets.0", "middle_block.0", _UNET_RESNET))
+    names["mid_block.attentions.0"] = "middle_block.1"
+    names.update(_inner("mid_block.resnets.1", "middle_block.2", _UNET_RESNET))
+    for b, kind in enumerate(ups):
+        attention = "CrossAttn" in kind
+        for layer in range(layers + 1):
+            index = b * (layers + 1) + layer
+            names.update(_inner(f"up_blocks.{b}.resnets.{layer}", f"output_blocks.{index}.0", _UNET_RESNET))
+            if attention:
+                names[f"up_blocks.{b}.attentions.{layer}"] = f"output_blocks.{index}.1"
+        if b < len(ups) - 1:
+            last = b * (layers + 1) + layers
+            names[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{last}.{2 if attention else 1}.conv"
+    return names
+
+
+def vae_name_map(config) -> dict[str, str]:
+    """AutoencoderKL module paths -> original ``first_stage_model`` paths (no prefix)."""
+    layers = _layers_per_block(config)
+    count = len(config["block_out_channels"])
+    names = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for side in ("encoder", "decoder"):
+        names.update({f"{side}.conv_in": f"{side}.conv_in", f"{side}.conv_out": f"{side}.conv_out",
+                      f"{side}.conv_norm_out": f"{side}.norm_out"})
+        for r in (0, 1):
+            names.update(_inner(f"{side}.mid_block.resnets.{r}", f"{side}.mid.block_{r + 1}", _VAE_RESNET))
+        names.update(_inner(f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1", _VAE_ATTENTION))
+    for i in range(count):
+        for j in range(layers):
+            names.update(_inner(f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _VAE_RESNET))
+        if i < count - 1:
+            names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+    for k in range(count):
+        original = count - 1 - k
+        for j in range(layers + 1):
+            names.update(_inner(f"decoder.up_blocks.{k}.resnets.{j}", f"decoder.up.{original}.block.{j}", _VAE_RESNET))
+        if k < count - 1:
+            names[f"decoder.up_blocks.{k}.upsamplers.0.conv"] = f"decoder.up.{original}.upsample.conv"
+    return names
+
+
+def to_original(key: str, names: dict[str, str]) -> str | None:
+    """The original name of parameter ``key`` by its longest mapped module prefix (None: unmapped)."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        original = names.get(".".join(parts[:cut]))
+        if original is not None:
+            return ".".join([original, *parts[cut:]])
+    return None
+
+
+def is_vae_attention_weight(original_key: str) -> bool:
+    return bool(re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", original_key))
+
+
+def openclip_name(key: str) -> tuple[str, int | None] | None:
+    """Our CLIP text-encoder key -> (OpenCLIP key, third of in_proj or None); None for unmapped keys."""
+    key = key.removeprefix("text_model.")
+    fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
+             "embeddings.position_embedding.weight": "positional_embedding",
+             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+    if key in fixed:
+        return fixed[key], None
+    match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if not match:
+        return None
+    layer, module, kind = match.groups()
+    block = f"transformer.resblocks.{layer}"
+    if module.startswith("self_attn.") and module[len("self_attn."):] in _QKV:
+        return f"{block}.attn.in_proj_{kind}", _QKV[module[len("self_attn."):]]
+    if module in _OPENCLIP_LAYER:
+        return f"{block}.{_OPENCLIP_LAYER[module]}.{kind}", None
+    return None
+
+
+def ema_key(key: str) -> str:
+    """The flat EMA name of a UNet key: ``model.diffusion_model.a.0.w`` -> ``model_ema.diffusion_modela0w``."""
+    return EMA_PREFIX + "".join(key.split(".")[1:])
+
+
+def reshape_like(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """1x1-conv <-> linear weights: reshape when only singleton dimensions differ."""
+    if tensor.shape == shape or tensor.numel() != _numel(shape):
+        return tensor
+    return tensor.reshape(shape)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

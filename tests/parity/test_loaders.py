@@ -1,0 +1,292 @@
+"""Loaders against the reference: LoRA (diffusers/peft and kohya layouts, scale, fuse, unload),
+textual inversion (diffusers and A1111 formats), single original-layout checkpoints."""
+
+import copy
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffusekit
+from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
+
+pytest.importorskip("peft")  # the reference's LoRA backend
+
+TOL = 1e-4
+PROMPT = "the cat and dog"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd")
+    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    torch.manual_seed(0)
+    parts = dict(unet=diffusers.UNet2DConditionModel(**UNET_CONFIG), vae=diffusers.AutoencoderKL(**VAE_CONFIG),
+                 text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
+                 scheduler=diffusers.DDIMScheduler.from_config(SCHEDULER_CONFIG))
+    diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def _load(lib, folder):
+    pipe = lib.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture()
+def pipes(sd_folder):
+    return _load(diffusekit, sd_folder), _load(diffusers, sd_folder)
+
+
+def _run(pipe, prompt=PROMPT, **kwargs):
+    return pipe(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+                **kwargs).images
+
+
+def _close(ours, ref, tol=TOL):
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= tol, np.abs(ours - ref).max()
+
+
+# -- LoRA ----------------------------------------------------------------------------------------
+
+#: (module path, kind): Linear layers of attention and MLP, a 1x1 conv (proj_in), a 3x3 conv (resnet)
+UNET_TARGETS = [
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0",
+    "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+    "down_blocks.1.attentions.0.proj_in",
+    "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v",
+    "up_blocks.1.resnets.0.conv1",
+    "mid_block.resnets.0.time_emb_proj",
+]
+TE_TARGETS = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1"]
+
+
+def _lora_tensors(pipe, seed, rank=2):
+    """{(component, path): (down, up)} for random rank-``rank`` adapters on the targets above."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for component, paths in (("unet", UNET_TARGETS), ("text_encoder", TE_TARGETS)):
+        model = getattr(pipe, component)
+        for path in paths:
+            weight = model.get_submodule(path.removeprefix("text_model.")).weight
+            down_shape = (rank, *weight.shape[1:])
+            up_shape = (weight.shape[0], rank, *([1, 1] if weight.ndim == 4 else []))
+            out[component, path] = (torch.randn(down_shape, generator=gen) * 0.3,
+                                    torch.randn(up_shape, generator=gen) * 0.3)
+    return out
+
+
+def peft_layout(tensors):
+    sd = {}
+    for (component, path), (down, up) in tensors.items():
+        sd[f"{component}.{path}.lora_A.weight"] = down
+        sd[f"{component}.{path}.lora_B.weight"] = up
+    return sd
+
+
+def kohya_layout(tensors, alpha=1.0):
+    sd = {}
+    for (component, path), (down, up) in tensors.items():
+        name = ("lora_unet_" if component == "unet" else "lora_te_") + path.replace(".", "_")
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_lora_matches_reference_scaled_fused_and_unloads_exactly(pipes, layout, tmp_path):
+    ours, ref = pipes
+    base = _run(ours)
+    tensors = _lora_tensors(ours, seed=1)
+    if layout == "kohya":  # the reference drops kohya text-encoder attention keys (see the test below)
+        tensors = {k: v for k, v in tensors.items() if "self_attn" not in k[1]}
+    state = peft_layout(tensors) if layout == "peft" else kohya_layout(tensors)
+    path = tmp_path / "lora.safetensors"
+    save_file(state, str(path))
+    ours.load_lora_weights(str(path), adapter_name="style")
+    ref.load_lora_weights(copy.deepcopy(state), adapter_name="style")
+    assert ours.get_active_adapters() == ["style"]
+
+    with_lora = _run(ours)
+    assert np.abs(with_lora - base).max() > 1e-3  # the LoRA does something
+    _close(with_lora, _run(ref))
+    _close(_run(ours, cross_attention_kwargs={"scale": 0.5}), _run(ref, cross_attention_kwargs={"scale": 0.5}))
+
+    ours.fuse_lora(lora_scale=1.0)
+    ref.fuse_lora(lora_scale=1.0)
+    _close(_run(ours), _run(ref))
+    ours.unfuse_lora()
+    _close(_run(ours), with_lora, tol=1e-6)
+
+    ours.unload_lora_weights()
+    assert np.array_equal(_run(ours), base)
+    assert not any(type(m).__name__.startswith("Lora") for m in ours.unet.modules())
+
+
+def test_kohya_text_encoder_attention_equals_peft_layout(pipes):
+    """With transformers 5 the reference renames kohya ``self_attn`` text-encoder keys to names its
+    text encoder lacks and silently skips them; here they apply, exactly as the same LoRA in the
+    peft layout (which matches the reference above)."""
+    ours, _ = pipes
+    tensors = _lora_tensors(ours, seed=6)
+    ours.load_lora_weights(kohya_layout(tensors, alpha=2.0))
+    kohya = _run(ours)
+    ours.unload_lora_weights()
+    ours.load_lora_weights(peft_layout(tensors))
+    assert np.array_equal(_run(ours), kohya)
+
+
+def test_two_adapters_weights_and_delete(pipes):
+    ours, ref = pipes
+    first, second = _lora_tensors(ours, seed=2), _lora_tensors(ours, seed=3, rank=3)
+    second = {k: v for k, v in second.items() if "self_attn" not in k[1]}  # see the test above
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(peft_layout(first), adapter_name="a")
+        pipe.load_lora_weights(kohya_layout(second, alpha=1.5), adapter_name="b")
+    assert ours.get_active_adapters() == ref.get_active_adapters() == ["b"]
+    assert ours.get_list_adapters() == {"unet": ["a", "b"], "text_encoder": ["a", "b"]}
+    _close(_run(ours), _run(ref))
+    for pipe in (ours, ref):
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    _close(_run(ours), _run(ref))
+    for pipe in (ours, ref):
+        pipe.fuse_lora(lora_scale=0.5)
+    _close(_run(ours), _run(ref))
+    ours.unfuse_lora()
+    ref.unfuse_lora()
+    for pipe in (ours, ref):
+        pipe.delete_adapters("b")
+    assert ours.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
+
+
+def test_lora_keys_that_match_nothing_are_reported(pipes):
+    ours, _ = pipes
+    state = peft_layout(_lora_tensors(ours, seed=4))
+    state["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(2, 8)
+    state["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 2)
+    with pytest.raises(diffusekit.weights.WeightsError, match="no_such_block"):
+        ours.load_lora_weights(state)
+    assert ours.get_list_adapters() == {}
+    ours.load_lora_weights(state, strict=False, adapter_name="partial")
+    assert ours.get_list_adapters()["unet"] == ["partial"]
+    with pytest.raises(diffusekit.weights.WeightsError, match="no key of this LoRA"):
+        ours.load_lora_weights({"unet.nothing.lora_A.weight": torch.zeros(2, 8)}, strict=False)
+
+
+# -- textual inversion ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "a1111_pt", "a1111_safetensors"])
+def test_textual_inversion_matches_reference(pipes, fmt, tmp_path):
+    ours, ref = pipes
+    vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    if fmt == "diffusers":
+        path = tmp_path / "learned_embeds.safetensors"
+        save_file({"<toy>": vectors}, str(path))
+        ours.load_textual_inversion(str(tmp_path))
+        ref.load_textual_inversion(str(tmp_path))
+    elif fmt == "a1111_pt":
+        path = tmp_path / "toy.pt"
+        torch.save({"string_to_param": {"*": vectors}, "name": "<toy>", "step": 100}, path)
+        ours.load_textual_inversion(str(path))
+        ref.load_textual_inversion(str(path))
+    else:
+        path = tmp_path / "toy.safetensors"
+        save_file({"emb_params": vectors}, str(path))
+        ours.load_textual_inversion(str(path), token="<toy>")
+        ref.load_textual_inversion(str(path), token="<toy>")
+    assert ours.maybe_convert_prompt("a <toy> cat") == "a <toy> <toy>_1 <toy>_2 cat"
+    _close(_run(ours, prompt="a <toy> cat"), _run(ref, prompt="a <toy> cat"))
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        ours.load_textual_inversion({"<toy>": vectors[0]})
+
+
+# -- single original-layout files -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single_file(sd_folder, tmp_path_factory):
+    """Our convert() writes the original layout; the reference's own reader validates it below."""
+    from diffusekit.loaders.single_file import convert
+
+    return convert(sd_folder, tmp_path_factory.mktemp("single") / "model.safetensors")
+
+
+def test_single_file_matches_reference(sd_folder, single_file):
+    from safetensors import safe_open
+
+    with safe_open(str(single_file), "pt") as f:
+        keys = set(f.keys())
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "first_stage_model.decoder.up.1.upsample.conv.weight" in keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+
+    reference = _run(_load(diffusers, sd_folder))
+    ref_single = diffusers.StableDiffusionPipeline.from_single_file(str(single_file), config=str(sd_folder),
+                                                                     safety_checker=None)
+    ref_single.set_progress_bar_config(disable=True)
+    _close(_run(ref_single), reference, tol=1e-6)  # the reference reads our file as the folder's weights
+
+    ours = diffusekit.StableDiffusionPipeline.from_single_file(single_file, config=sd_folder)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours.scheduler).__name__ == "DDIMScheduler"
+    _close(_run(ours), reference)
+
+
+def test_single_file_models_ckpt_ema_and_back(sd_folder, single_file, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(single_file))
+    pipe = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
+    unet = diffusekit.UNet2DConditionModel.from_single_file(single_file, config=sd_folder, subfolder="unet")
+    vae = diffusekit.AutoencoderKL.from_single_file(single_file, config=sd_folder / "vae")
+    for ours, expected in ((unet, pipe.unet), (vae, pipe.vae)):
+        assert all(torch.equal(v, expected.state_dict()[k]) for k, v in ours.state_dict().items())
+
+    # a .ckpt (Lightning wrapper) with EMA weights: the EMA copies are used
+    ema = {f"model_ema.{''.join(k.split('.')[1:])}": v + 1 for k, v in state.items()
+           if k.startswith("model.diffusion_model.")}
+    torch.save({"state_dict": {**state, **ema}, "global_step": 10}, tmp_path / "ema.ckpt")
+    unet_ema = diffusekit.UNet2DConditionModel.from_single_file(tmp_path / "ema.ckpt", config=sd_folder / "unet")
+    assert torch.equal(unet_ema.conv_in.weight, pipe.unet.conv_in.weight + 1)
+    unet_raw = diffusekit.UNet2DConditionModel.from_single_file(tmp_path / "ema.ckpt", config=sd_folder / "unet",
+                                                                extract_ema=False)
+    assert torch.equal(unet_raw.conv_in.weight, pipe.unet.conv_in.weight)
+
+    # single file -> folder -> single file gives the same tensors
+    from diffusekit.loaders.single_file import convert
+
+    folder = convert(single_file, tmp_path / "folder", config=sd_folder)
+    again = load_file(str(convert(folder, tmp_path / "again.safetensors")))
+    assert again.keys() == state.keys() and all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_single_file_errors_name_the_file(sd_folder, single_file, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(single_file))
+    state.pop("model.diffusion_model.out.2.weight")
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(diffusekit.weights.WeightsError, match=r"broken\.safetensors.*out\.2\.weight"):
+        diffusekit.StableDiffusionPipeline.from_single_file(tmp_path / "broken.safetensors", config=sd_folder)
+    import shutil
+
+    no_tokenizer = shutil.copytree(sd_folder, tmp_path / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(ValueError, match="tokenizer="):
+        diffusekit.StableDiffusionPipeline.from_single_file(single_file, config=no_tokenizer)
