@@ -290,3 +290,63 @@ def test_single_file_errors_name_the_file(sd_folder, single_file, tmp_path):
     no_tokenizer = shutil.copytree(sd_folder, tmp_path / "no_tokenizer", ignore=shutil.ignore_patterns("tokenizer"))
     with pytest.raises(ValueError, match="tokenizer="):
         diffusekit.StableDiffusionPipeline.from_single_file(single_file, config=no_tokenizer)
+
+
+def test_flux_transformer_lora_matches_reference():
+    """The same LoRA mechanism on FluxTransformer2DModel's Linear layers (``transformer.`` keys,
+    scale from ``joint_attention_kwargs``)."""
+    from diffusekit.loaders.lora import LoraLoaderMixin
+    from diffusekit.pipelines.flux_common import latent_image_ids
+
+    config = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+                  axes_dims_rope=(4, 4, 8))
+    torch.manual_seed(0)
+    ref = diffusers.FluxTransformer2DModel(**config).eval()
+    ours = diffusekit.FluxTransformer2DModel(**config).eval()
+    ours.load_checked_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    targets = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.ff.net.2",
+               "single_transformer_blocks.0.proj_out", "x_embedder", "context_embedder"]
+    state = {}
+    for path in targets:
+        weight = ours.get_submodule(path).weight
+        state[f"transformer.{path}.lora_A.weight"] = torch.randn(4, weight.shape[1], generator=gen) * 0.2
+        state[f"transformer.{path}.lora_B.weight"] = torch.randn(weight.shape[0], 4, generator=gen) * 0.2
+
+    class Holder(LoraLoaderMixin):
+        transformer = ours
+
+    Holder().load_lora_weights(dict(state), adapter_name="x")
+    ref.load_lora_adapter(dict(state), prefix="transformer", adapter_name="x")
+    inputs = dict(hidden_states=torch.randn(1, 12, 16, generator=gen),
+                  encoder_hidden_states=torch.randn(1, 5, 32, generator=gen),
+                  pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                  img_ids=latent_image_ids(3, 4), txt_ids=torch.zeros(5, 3))
+    with torch.no_grad():
+        for options in ({}, {"joint_attention_kwargs": {"scale": 0.3}}):
+            _close(ours(**inputs, **options).sample.numpy(), ref(**inputs, **options).sample.numpy(), 1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_shipped_configs_map_to_the_original_layout(family):
+    """Every parameter of the shipped full-size configs has a unique original name, in the places the
+    original SD checkpoints have them (built on the meta device: nothing is allocated)."""
+    from diffusekit.loaders import single_file_layout as layout
+    from diffusekit.loaders.single_file import CONFIG_ROOT, _expected, component_config
+
+    unet_config = component_config("unet", family, None, {"in_channels": 9})
+    unet_keys = _expected(diffusekit.UNet2DConditionModel, unet_config)
+    names = layout.unet_name_map(unet_config)
+    original = {layout.to_original(k, names) for k in unet_keys}
+    assert None not in original and len(original) == len(unet_keys)
+    assert {"input_blocks.0.0.weight", "input_blocks.3.0.op.weight", "input_blocks.11.0.out_layers.3.weight",
+            "middle_block.1.proj_in.weight", "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+            "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "out.2.bias"} <= original
+    vae_config = component_config("vae", family, None)
+    vae_keys = _expected(diffusekit.AutoencoderKL, vae_config)
+    vae_names = {layout.to_original(k, layout.vae_name_map(vae_config)) for k in vae_keys}
+    assert None not in vae_names and len(vae_names) == len(vae_keys)
+    assert {"decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.3.upsample.conv.weight",
+            "encoder.mid.attn_1.proj_out.weight", "encoder.down.2.downsample.conv.weight"} <= vae_names
+    assert (CONFIG_ROOT / family / "scheduler" / "scheduler_config.json").is_file()

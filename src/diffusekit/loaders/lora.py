@@ -21,6 +21,7 @@ The layers themselves are in :mod:`~diffusekit.loaders.lora_layers`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -356,8 +357,6 @@ class LoraLoaderMixin:
 
     def lora_text_encoder_scale(self, scale: float | None):
         """Context manager scaling the text encoders' adapters (``cross_attention_kwargs["scale"]``)."""
-        import contextlib
-
         stack = contextlib.ExitStack()
         for name in ("text_encoder", "text_encoder_2"):
             stack.enter_context(layers.lora_call_scale(getattr(self, name, None), scale))

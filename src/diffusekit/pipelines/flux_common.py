@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..loaders.lora import LoraLoaderMixin
 from ..utils import BaseOutput
 from .image_processing import postprocess_images
 from .memory import MemoryMixin
@@ -97,7 +98,7 @@ def _repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
     return embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
 
-class FluxBase(MemoryMixin, DiffusionPipeline):
+class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
     """Components and shared steps of the FLUX.1 pipelines (no ``__call__``).
 
     Components: ``scheduler`` (FlowMatchEulerDiscreteScheduler), ``vae`` (AutoencoderKL, 16 latent
