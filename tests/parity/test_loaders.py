@@ -350,3 +350,16 @@ def test_shipped_configs_map_to_the_original_layout(family):
     assert {"decoder.up.0.block.0.nin_shortcut.weight", "decoder.up.3.upsample.conv.weight",
             "encoder.mid.attn_1.proj_out.weight", "encoder.down.2.downsample.conv.weight"} <= vae_names
     assert (CONFIG_ROOT / family / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_openclip_text_encoder_layout_round_trip(sd_folder):
+    """SD 2.x files hold the text encoder in OpenCLIP names, q/k/v fused into in_proj."""
+    from diffusekit.loaders.single_file import pipeline_to_original, text_encoder_from_single_file
+
+    pipe = diffusekit.StableDiffusionPipeline.from_pretrained(sd_folder)
+    state = pipeline_to_original(pipe, text_encoder_layout="openclip")
+    in_proj = state["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert in_proj.shape == (96, 32) and "cond_stage_model.model.positional_embedding" in state
+    text_encoder = text_encoder_from_single_file(state, pipe.text_encoder.config)
+    expected = pipe.text_encoder.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in text_encoder.state_dict().items())
