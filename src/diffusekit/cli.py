@@ -92,10 +92,16 @@ def _call_arguments(pipe, args, generator) -> dict[str, Any]:
         "generator": generator,
         "class_labels": [args.class_label] * args.batch if args.class_label is not None else None,
     }
+    size = (args.width, args.height) if args.width and args.height else None
     if args.image is not None:
         wanted["image"] = Image.open(args.image).convert("RGB")
     if args.mask is not None:
         wanted["mask_image"] = Image.open(args.mask).convert("L")
+    if size and "height" not in accepted:  # image-to-image: the size is the input image's, resized
+        for key in ("image", "mask_image"):
+            if key in wanted:
+                wanted[key] = wanted[key].resize(size, Image.Resampling.LANCZOS)
+        wanted["height"] = wanted["width"] = None
     if "batch_size" in accepted:
         wanted["batch_size"] = args.batch
     elif "num_images_per_prompt" in accepted:
@@ -229,6 +235,18 @@ def command_demo(args) -> int:
     return 0
 
 
+def command_convert(args) -> int:
+    from .loaders.single_file import convert
+
+    target = Path(args.output)
+    if target.exists():
+        raise SystemExit(f"error: {target} exists; choose a new path (nothing is overwritten)")
+    path = convert(args.input, target, half=args.half, config=args.config, prediction_type=args.prediction_type,
+                   extract_ema=False if args.no_ema else None)
+    print(path)
+    return 0
+
+
 def command_train(args) -> int:
     from .training import run_train_command
 
@@ -275,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=command_demo)
+
+    conv = sub.add_parser("convert", help="single-file checkpoint <-> pipeline folder (SD 1.x/2.x)")
+    conv.add_argument("input", help="a .safetensors/.ckpt file, or a pipeline folder")
+    conv.add_argument("output", help="a folder (from a file), or a .safetensors/.ckpt file (from a folder)")
+    conv.add_argument("--half", action="store_true", help="store float16 weights")
+    conv.add_argument("--config", help="a pipeline folder whose configs and tokenizer to use")
+    conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
+    conv.add_argument("--no-ema", action="store_true", help="ignore EMA weights in the file")
+    conv.set_defaults(func=command_convert)
 
     train = sub.add_parser("train", help="train a UNet2DModel pipeline")
     try:
