@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -172,9 +173,16 @@ def command_generate(args) -> int:
             parameters["size"] = f"{image.width}x{image.height}"
             written.append(save_png(image, free_path(out, f"image-{args.seed}-{i}", ".png"), parameters))
         if args.grid and len(output.images) > 1:
-            from .pipelines.image_processing import make_grid
+            from PIL import Image
 
-            written.append(save_png(make_grid(output.images), free_path(out, f"grid-{args.seed}", ".png"), parameters))
+            from .pipelines.image_grid import make_image_grid
+
+            images = list(output.images)
+            cols = math.ceil(math.sqrt(len(images)))
+            rows = math.ceil(len(images) / cols)
+            images += [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))  # black cells
+            written.append(save_png(make_image_grid(images, rows, cols), free_path(out, f"grid-{args.seed}", ".png"),
+                                    parameters))
     for path in written:
         print(path)
     return 0

@@ -44,19 +44,6 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil", from_minu
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
-def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Tile equally sized PIL images into one image, row by row."""
-    if not images:
-        raise ValueError("make_grid needs at least one image")
-    columns = columns or int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / columns))
-    width, height = images[0].size
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
-
-
 # -- inpainting masks ---------------------------------------------------------------------------
 
 def _resize_keep_ratio(image: Image.Image, width: int, height: int, fill: bool) -> Image.Image:
