@@ -9,20 +9,9 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
+from .schedule_math import adams_bashforth
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 from .stepping import StepIndexMixin
-
-
-def adams_bashforth(history: list[torch.Tensor]) -> torch.Tensor:
-    """Explicit Adams-Bashforth extrapolation of the last 1-4 derivative values (oldest first)."""
-    e = history[::-1]
-    if len(e) == 1:
-        return e[0]
-    if len(e) == 2:
-        return (3 * e[0] - e[1]) / 2
-    if len(e) == 3:
-        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
-    return 1 / 24 * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
 
 
 class IPNDMScheduler(StepIndexMixin, SchedulerMixin):

@@ -11,10 +11,6 @@ from .names import KARRAS_DIFFUSION_SCHEDULERS
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 from .stepping import StepIndexMixin
 
-#: Adams-Bashforth weights for 1..4 stored model outputs (newest first).
-_PLMS_WEIGHTS = {2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
-
-
 def transfer(sample, model_output, alpha_prod_t, alpha_prod_prev):
     """The pseudo-numerical transfer phi(x_t, eps, t -> t_prev) of PNDM eq. (9)."""
     sample_coeff = (alpha_prod_prev / alpha_prod_t) ** 0.5
@@ -131,11 +127,7 @@ class PNDMScheduler(StepIndexMixin, SchedulerMixin):
             model_output = (model_output + self.ets[-1]) / 2
             sample, self.cur_sample = self.cur_sample, None
         else:
-            weights, denom = _PLMS_WEIGHTS[len(self.ets)]
-            if len(self.ets) == 4:
-                model_output = 1 / denom * sum(w * e for w, e in zip(weights, reversed(self.ets)))
-            else:
-                model_output = sum(w * e for w, e in zip(weights, reversed(self.ets))) / denom
+            model_output = sm.adams_bashforth(self.ets)
         return self._prev_sample(sample, t, prev_t, model_output)
 
     def _prev_sample(self, sample, t: int, prev_t: int, model_output):

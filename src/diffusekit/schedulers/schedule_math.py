@@ -338,3 +338,18 @@ def sigma_to_t_float32(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.T
     low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
     w = ((low - log_sigma) / (low - high)).clamp(0, 1)
     return (1 - w) * low_idx + w * (low_idx + 1)
+
+
+# -- linear multistep ----------------------------------------------------------------------------
+
+def adams_bashforth(history: list[torch.Tensor]) -> torch.Tensor:
+    """Explicit Adams-Bashforth extrapolation of the last 1-4 derivative values (oldest first), as
+    PLMS (PNDM) and iPNDM combine their stored model outputs."""
+    e = history[::-1]
+    if len(e) == 1:
+        return e[0]
+    if len(e) == 2:
+        return (3 * e[0] - e[1]) / 2
+    if len(e) == 3:
+        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+    return 1 / 24 * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
