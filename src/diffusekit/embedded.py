@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 EMBEDDED_MODELS = ("digits",)
-DEMO_GUIDANCE_SCALE = 3.0
+DEMO_GUIDANCE_SCALE = 1.5
 DEMO_STEPS = 25
 
 
@@ -63,5 +63,5 @@ def generate_demo_grid(out_dir: str | Path, per_class: int = 8, seed: int = 0,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "digits_grid.png"
-    make_image_grid(images, pipeline.num_classes, per_class, scale=scale).save(path)
+    make_image_grid(images, pipeline.num_classes, per_class, scale=scale, gap=2).save(path)
     return path

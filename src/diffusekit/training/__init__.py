@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .config import TrainConfig, add_train_arguments, config_from_args
@@ -12,7 +13,8 @@ from .loop import train
 def run_train_command(args: argparse.Namespace) -> Path:
     """Run ``diffusekit train`` from parsed arguments; print and return the output folder."""
     out = train(config_from_args(args))
-    print(f"saved pipeline to {out}")
+    if os.environ.get("RANK", "0") == "0":  # one line, also under accelerate launch
+        print(f"saved pipeline to {out}")
     return out
 
 

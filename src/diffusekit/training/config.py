@@ -40,7 +40,7 @@ class TrainConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    warmup_steps: int = 200
+    warmup_steps: int = 200  # at most a fifth of the steps
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0

@@ -179,7 +179,7 @@ def save_sample_grid(pipeline, path: Path, config: TrainConfig, num_classes: int
                           generator=generator).images
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 64 // config.resolution)
-    make_image_grid(images, rows, per_row, scale=scale).save(path)
+    make_image_grid(images, rows, per_row, scale=scale, gap=2).save(path)
     return path
 
 
@@ -224,9 +224,10 @@ def train(config: TrainConfig) -> Path:
     null_class = num_classes if num_classes else None
 
     ema = EMAWeights(model, config.ema_decay)
+    warmup = min(config.warmup_steps, config.steps // 5)  # short runs still reach the peak rate
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio))
+        optimizer, lambda s: learning_rate_factor(s, config.steps, warmup, config.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
 
