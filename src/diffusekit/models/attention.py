@@ -26,6 +26,11 @@ from torch import nn
 
 from ..utils import BaseOutput
 
+#: Attention parameter names of checkpoints saved before diffusers 0.14 (e.g. google/ddpm-*).
+LEGACY_ATTENTION_RENAMES = (
+    (".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."),
+)
+
 
 class Attention(nn.Module):
     """Multi-head (self or cross) attention; see the module docstring for the arguments in use."""

@@ -11,8 +11,8 @@ from torch import nn
 from ..configuration import register_to_config
 from ..loaders.single_file import FromOriginalModelMixin
 from ..utils import BaseOutput, Generator
+from .attention import LEGACY_ATTENTION_RENAMES
 from .modeling import ModelMixin
-from .unet_2d import LEGACY_ATTENTION_RENAMES
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 
 

@@ -9,15 +9,10 @@ from torch import nn
 
 from ..configuration import register_to_config
 from ..utils import BaseOutput
+from .attention import LEGACY_ATTENTION_RENAMES
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling import ModelMixin
 from .unet_blocks import UNetMidBlock2D, get_down_block, get_up_block
-
-#: Attention parameter names of checkpoints saved before diffusers 0.14 (e.g. google/ddpm-*).
-LEGACY_ATTENTION_RENAMES = (
-    (".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0."),
-)
-
 
 @dataclass
 class UNet2DOutput(BaseOutput):

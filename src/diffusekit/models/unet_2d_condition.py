@@ -11,10 +11,10 @@ from torch import nn
 from ..configuration import register_to_config
 from ..loaders.single_file import FromOriginalModelMixin
 from ..utils import BaseOutput
-from .attention import Attention
+from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from .modeling import ModelMixin
-from .unet_2d import LEGACY_ATTENTION_RENAMES, timesteps_for_batch
+from .unet_2d import timesteps_for_batch
 from .unet_blocks import get_down_block, get_mid_block, get_up_block
 
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from ..configuration import register_to_config
 from ..utils import BaseOutput
+from .attention import LEGACY_ATTENTION_RENAMES
 from .modeling import ModelMixin
-from .unet_2d import LEGACY_ATTENTION_RENAMES
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, Encoder, VectorQuantizer, _check_norm_type
 
 
