@@ -38,6 +38,8 @@ class KDPM2DiscreteScheduler(SigmaSchedulerBase):
 
     order = 2
     prediction_types = ("epsilon", "v_prediction")
+    #: The midpoints whose timesteps go between the step timesteps.
+    _timed_midpoints = slice(1, -1)
 
     @register_to_config
     def __init__(
@@ -62,13 +64,18 @@ class KDPM2DiscreteScheduler(SigmaSchedulerBase):
         self.num_inference_steps = num_inference_steps
         sigmas, timesteps = dpm2_schedule(self, num_inference_steps, num_train_timesteps)
         self.log_sigmas = torch.from_numpy(np.log(sm.train_sigmas(self.alphas_cumprod)))
+        sigmas_mid = self._set_sigma_tables(sigmas)
+        t_mid = midpoint_timesteps(sigmas_mid, self.alphas_cumprod).to(timesteps.dtype)
+        self.timesteps = torch.cat([timesteps[:1], interleave(t_mid[self._timed_midpoints], timesteps[1:])]).to(device)
+        self.sample = None
+        self._reset_index()
+
+    def _set_sigma_tables(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Fill the per-call sigma tables from the step sigmas (final 0 included); returns the midpoint sigmas."""
         sigmas_mid = sm.log_midpoint(sigmas, sigmas.roll(1))
         self.sigmas = sm.repeat_inner(sigmas)
         self.sigmas_interpol = sm.repeat_inner(sigmas_mid)
-        t_mid = midpoint_timesteps(sigmas_mid, self.alphas_cumprod).to(timesteps.dtype)
-        self.timesteps = torch.cat([timesteps[:1], interleave(t_mid[1:-1], timesteps[1:])]).to(device)
-        self.sample = None
-        self._reset_index()
+        return sigmas_mid
 
     @property
     def state_in_first_order(self) -> bool:

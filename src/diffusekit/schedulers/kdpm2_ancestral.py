@@ -3,13 +3,11 @@ fresh noise of size sigma_up)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..configuration import register_to_config
 from ..utils import randn_tensor
 from . import schedule_math as sm
-from .kdpm2 import KDPM2DiscreteScheduler, dpm2_schedule, interleave, midpoint_timesteps
+from .kdpm2 import KDPM2DiscreteScheduler
 from .scheduling_utils import SchedulerOutput
 
 KDPM2AncestralDiscreteSchedulerOutput = SchedulerOutput
@@ -18,29 +16,11 @@ KDPM2AncestralDiscreteSchedulerOutput = SchedulerOutput
 class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
     """Stochastic DPM2: the midpoint is taken towards sigma_down; noise sigma_up is added after."""
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "linear",
-        trained_betas: np.ndarray | list[float] | None = None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ):
-        self._init_tables()
-        self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
+    _timed_midpoints = slice(None, -2)
 
-    def set_timesteps(self, num_inference_steps: int, device=None, num_train_timesteps: int | None = None):
-        """Choose ``num_inference_steps`` steps spaced by ``timestep_spacing`` and the sigma ramp."""
-        self.num_inference_steps = num_inference_steps
-        sigmas, timesteps = dpm2_schedule(self, num_inference_steps, num_train_timesteps)
-        self.log_sigmas = torch.from_numpy(np.log(sm.train_sigmas(self.alphas_cumprod)))
+    def _set_sigma_tables(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Step sigmas split into sigma_down (the deterministic target) and sigma_up (fresh noise); the
+        midpoints lie between sigma and sigma_down. Returns the midpoint sigmas."""
         sigmas_next = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
         sigmas_down, sigmas_up = sm.ancestral_step(sigmas, sigmas_next)
         sigmas_down[-1] = 0.0
@@ -48,10 +28,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
         sigmas_mid[-2:] = 0.0
         self.sigmas, self.sigmas_interpol = sm.repeat_inner(sigmas), sm.repeat_inner(sigmas_mid)
         self.sigmas_up, self.sigmas_down = sm.repeat_inner(sigmas_up), sm.repeat_inner(sigmas_down)
-        t_mid = midpoint_timesteps(sigmas_mid, self.alphas_cumprod).to(timesteps.dtype)
-        self.timesteps = torch.cat([timesteps[:1], interleave(t_mid[:-2], timesteps[1:])]).to(device)
-        self.sample = None
-        self._reset_index()
+        return sigmas_mid
 
     def _input_sigma(self) -> torch.Tensor:
         i = self._step_index
