@@ -1,8 +1,11 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Files diffusekit writes for itself (the shipped tokenizer, unpacked) go to a temp folder, not ~/.cache.
+os.environ["DIFFUSEKIT_CACHE"] = tempfile.mkdtemp(prefix="diffusekit-test-cache-")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

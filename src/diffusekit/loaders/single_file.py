@@ -12,10 +12,10 @@ The model kind is read from the keys: SD 2.x when the text encoder is OpenCLIP
 ``conv_in`` takes 9 channels. v-prediction cannot be read from the weights: pass
 ``prediction_type="v_prediction"`` (or a ``config`` whose scheduler says so). Configs come from
 ``config`` (a diffusers pipeline folder or Hub repo) or, by default, from the SD 1.x / 2.x configs
-shipped in ``diffusekit/assets/configs``. The CLIP tokenizer is not shipped (its BPE vocabulary is
-1.6 MB): it comes from ``tokenizer=``, ``config``'s ``tokenizer/`` folder, or the Hub cache, and a
-clear error says so when none is found. EMA weights (``model_ema.*``) are used when present unless
-``extract_ema=False``. Key mapping rules: :mod:`~diffusekit.loaders.single_file_layout`.
+shipped in ``diffusekit/assets/configs``. The CLIP tokenizer comes from ``tokenizer=``,
+``config``'s ``tokenizer/`` folder, or else the one shipped with diffusekit
+(:mod:`~diffusekit.loaders.clip_tokenizer`; SD 2.x pads with ``!``), so nothing is downloaded. EMA
+weights (``model_ema.*``) are used when present unless ``extract_ema=False``. Key mapping rules: :mod:`~diffusekit.loaders.single_file_layout`.
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ from . import single_file_layout as layout
 logger = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "assets" / "configs"
-#: Hub repos whose tokenizer a checkpoint of each family uses (looked up in the cache / Hub only
-#: when no tokenizer is given).
-TOKENIZER_REPOS = {"sd1": ("openai/clip-vit-large-patch14", None),
-                   "sd2": ("stabilityai/stable-diffusion-2", "tokenizer")}
-CLIP_VOCAB_SIZE = 49408
 _IGNORED_TEXT_KEYS = ("position_ids", "text_projection", "logit_scale", "attn_mask")
 
 
@@ -244,24 +239,21 @@ def text_encoder_from_single_file(path_or_state, config=None, torch_dtype: torch
 # -- tokenizer and scheduler ----------------------------------------------------------------------
 
 
-def _tokenizer(family: str, folder: Path | None, source):
+def _tokenizer(family: str, folder: Path | None, text_encoder, source):
+    """``folder/tokenizer`` when there is one, else the shipped CLIP tokenizer of ``family``, which
+    must fit the text encoder's vocabulary."""
     from transformers import CLIPTokenizer
+
+    from .clip_tokenizer import clip_tokenizer
 
     if folder is not None and (folder / "tokenizer").is_dir():
         return CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    repo, subfolder = TOKENIZER_REPOS[family]
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder=subfolder)
-        problem = None if len(tokenizer) == CLIP_VOCAB_SIZE else f"it has {len(tokenizer)} tokens"
-    except Exception as err:  # transformers raises OSError, ValueError... when offline
-        problem = type(err).__name__
-    if problem is None:
-        return tokenizer
-    raise ValueError(
-        f"{source}: the CLIP tokenizer is not shipped with diffusekit (a 1.6 MB vocabulary) and {repo} could not be "
-        f"loaded from the Hub or its cache ({problem}). Pass tokenizer=CLIPTokenizer.from_pretrained(...) or "
-        "config=<a diffusers pipeline folder with a tokenizer/ subfolder>."
-    )
+    tokenizer = clip_tokenizer(family)
+    vocab_size = getattr(getattr(text_encoder, "config", None), "vocab_size", None)
+    if vocab_size is not None and vocab_size != len(tokenizer):
+        raise ValueError(f"{source}: the text encoder has {vocab_size} tokens, not the {len(tokenizer)} of the "
+                         "shipped CLIP tokenizer; pass tokenizer= or config=<a pipeline folder with tokenizer/>")
+    return tokenizer
 
 
 def _scheduler(family: str, folder: Path | None, prediction_type: str | None):
@@ -319,7 +311,9 @@ class FromSingleFileMixin:
         if "scheduler" not in kwargs:
             parts["scheduler"] = _scheduler(family, folder, prediction_type)
         if "tokenizer" not in kwargs:
-            parts["tokenizer"] = tokenizer if tokenizer is not None else _tokenizer(family, folder, source)
+            text_encoder = parts.get("text_encoder", kwargs.get("text_encoder"))
+            parts["tokenizer"] = tokenizer if tokenizer is not None else _tokenizer(family, folder, text_encoder,
+                                                                                   source)
         kwargs.setdefault("safety_checker", None)
         kwargs.setdefault("feature_extractor", None)
         kwargs.setdefault("requires_safety_checker", kwargs["safety_checker"] is not None)
