@@ -130,13 +130,27 @@ def load_pipeline(model: str | None, args):
         from .schedulers.names import scheduler_from_name
 
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    names, scales = [], []
     for spec in args.lora or []:
         path, scale = _parse_lora(spec)
-        name = Path(path).stem
-        pipe.load_lora_weights(path, adapter_name=name)
-        pipe.set_adapters([name], [scale])
+        name = stem = Path(path).stem.replace(".", "_") or "lora"  # adapter names cannot hold "."
+        copies = 0
+        while name in names:  # files of the same name
+            copies += 1
+            name = f"{stem}_{copies}"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (OSError, ValueError) as err:  # WeightsError is a ValueError: it names the file and keys
+            raise SystemExit(f"error: --lora {spec}: {err}") from None
+        names.append(name)
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(names, scales)  # all of them, each with its scale
     for path in args.embedding or []:
-        pipe.load_textual_inversion(path)
+        try:
+            pipe.load_textual_inversion(path)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --embedding {path}: {err}") from None
     return pipe.to(args.device)
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffusekit
+from lora_files import kohya_layout, lora_tensors, peft_layout
 from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
 
 pytest.importorskip("peft")  # the reference's LoRA backend
@@ -62,58 +63,12 @@ def _close(ours, ref, tol=TOL):
 
 # -- LoRA ----------------------------------------------------------------------------------------
 
-#: (module path, kind): Linear layers of attention and MLP, a 1x1 conv (proj_in), a 3x3 conv (resnet)
-UNET_TARGETS = [
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0",
-    "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
-    "down_blocks.1.attentions.0.proj_in",
-    "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v",
-    "up_blocks.1.resnets.0.conv1",
-    "mid_block.resnets.0.time_emb_proj",
-]
-TE_TARGETS = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1"]
-
-
-def _lora_tensors(pipe, seed, rank=2):
-    """{(component, path): (down, up)} for random rank-``rank`` adapters on the targets above."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for component, paths in (("unet", UNET_TARGETS), ("text_encoder", TE_TARGETS)):
-        model = getattr(pipe, component)
-        for path in paths:
-            weight = model.get_submodule(path.removeprefix("text_model.")).weight
-            down_shape = (rank, *weight.shape[1:])
-            up_shape = (weight.shape[0], rank, *([1, 1] if weight.ndim == 4 else []))
-            out[component, path] = (torch.randn(down_shape, generator=gen) * 0.3,
-                                    torch.randn(up_shape, generator=gen) * 0.3)
-    return out
-
-
-def peft_layout(tensors):
-    sd = {}
-    for (component, path), (down, up) in tensors.items():
-        sd[f"{component}.{path}.lora_A.weight"] = down
-        sd[f"{component}.{path}.lora_B.weight"] = up
-    return sd
-
-
-def kohya_layout(tensors, alpha=1.0):
-    sd = {}
-    for (component, path), (down, up) in tensors.items():
-        name = ("lora_unet_" if component == "unet" else "lora_te_") + path.replace(".", "_")
-        sd[f"{name}.lora_down.weight"] = down
-        sd[f"{name}.lora_up.weight"] = up
-        sd[f"{name}.alpha"] = torch.tensor(alpha)
-    return sd
-
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])
 def test_lora_matches_reference_scaled_fused_and_unloads_exactly(pipes, layout, tmp_path):
     ours, ref = pipes
     base = _run(ours)
-    tensors = _lora_tensors(ours, seed=1)
+    tensors = lora_tensors(ours, seed=1)
     if layout == "kohya":  # the reference drops kohya text-encoder attention keys (see the test below)
         tensors = {k: v for k, v in tensors.items() if "self_attn" not in k[1]}
     state = peft_layout(tensors) if layout == "peft" else kohya_layout(tensors)
@@ -144,7 +99,7 @@ def test_kohya_text_encoder_attention_equals_peft_layout(pipes):
     text encoder lacks and silently skips them; here they apply, exactly as the same LoRA in the
     peft layout (which matches the reference above)."""
     ours, _ = pipes
-    tensors = _lora_tensors(ours, seed=6)
+    tensors = lora_tensors(ours, seed=6)
     ours.load_lora_weights(kohya_layout(tensors, alpha=2.0))
     kohya = _run(ours)
     ours.unload_lora_weights()
@@ -154,7 +109,7 @@ def test_kohya_text_encoder_attention_equals_peft_layout(pipes):
 
 def test_two_adapters_weights_and_delete(pipes):
     ours, ref = pipes
-    first, second = _lora_tensors(ours, seed=2), _lora_tensors(ours, seed=3, rank=3)
+    first, second = lora_tensors(ours, seed=2), lora_tensors(ours, seed=3, rank=3)
     second = {k: v for k, v in second.items() if "self_attn" not in k[1]}  # see the test above
     for pipe in (ours, ref):
         pipe.load_lora_weights(peft_layout(first), adapter_name="a")
@@ -177,7 +132,7 @@ def test_two_adapters_weights_and_delete(pipes):
 
 def test_lora_keys_that_match_nothing_are_reported(pipes):
     ours, _ = pipes
-    state = peft_layout(_lora_tensors(ours, seed=4))
+    state = peft_layout(lora_tensors(ours, seed=4))
     state["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(2, 8)
     state["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 2)
     with pytest.raises(diffusekit.weights.WeightsError, match="no_such_block"):
