@@ -8,10 +8,10 @@ import torch
 
 from ..configuration import register_to_config
 from .multistep_math import (
-    NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, flow_sigmas, predict_data, ramp_schedule,
-    solver_timesteps, threshold_data,
+    NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, last_sigma, predict_data, solver_timesteps,
+    threshold_data,
 )
-from .schedule_math import sigma_kind, train_sigmas
+from .schedule_math import sigma_kind
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
 
@@ -78,25 +78,15 @@ class DEISMultistepScheduler(SolverSchedulerBase):
     def set_timesteps(self, num_inference_steps: int, device=None, mu: float | None = None) -> None:
         """Choose the inference timesteps and sigmas."""
         cfg = self.config
-        if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError("mu needs use_dynamic_shifting=True and time_shift_type='exponential'")
-            self.flow_shift = float(np.exp(mu))
+        self._apply_mu(mu)
         timesteps = solver_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
                                      steps_offset=cfg.steps_offset)
-        sigmas = train_sigmas(self.alphas_cumprod)
         kind = sigma_kind(cfg)
-        if kind is not None:
-            sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)
-            timesteps = timesteps.round() if kind == "karras" else timesteps
-            sigmas = np.concatenate([sigmas, sigmas[-1:]])
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(num_inference_steps, cfg.num_train_timesteps, self.flow_shift)
-            timesteps = sigmas * cfg.num_train_timesteps
+        sigmas, timesteps = self._inference_sigmas(kind, timesteps, num_inference_steps, kind == "karras")
+        if kind is not None or cfg.use_flow_sigmas:
             sigmas = np.concatenate([sigmas, sigmas[-1:]])
         else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-            sigmas = np.concatenate([sigmas, [((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5]])
+            sigmas = np.concatenate([sigmas, [last_sigma("sigma_min", self.alphas_cumprod)]])
         self._set_schedule(sigmas, timesteps, device)
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -8,10 +8,10 @@ import torch
 from ..configuration import register_to_config
 from ..utils import randn_tensor
 from .multistep_math import (
-    PREDICTION_TYPES, NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, flow_sigmas, last_sigma, noise_to_data,
-    predict_data, predict_noise, ramp_schedule, solver_timesteps, threshold_data,
+    PREDICTION_TYPES, NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, last_sigma, noise_to_data,
+    predict_data, predict_noise, threshold_data,
 )
-from .schedule_math import sigma_kind, train_sigmas
+from .schedule_math import sigma_kind
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
 
@@ -95,31 +95,12 @@ class DPMSolverMultistepScheduler(SolverSchedulerBase):
                       timesteps: list[int] | None = None) -> None:
         """Choose the inference timesteps and sigmas (or pass explicit integer ``timesteps``)."""
         cfg = self.config
-        if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError("mu needs use_dynamic_shifting=True and time_shift_type='exponential'")
-            self.flow_shift = float(np.exp(mu))
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        self._apply_mu(mu)
         kind = "lu" if cfg.use_lu_lambdas else sigma_kind(cfg)
-        if timesteps is not None and kind is not None:
-            raise ValueError(f"timesteps cannot be passed with use_{kind}_{'lambdas' if kind == 'lu' else 'sigmas'}=True")
-        if timesteps is not None:
-            timesteps = np.array(timesteps).astype(np.int64)
-        else:
-            clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
-            timesteps = solver_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.num_train_timesteps,
-                                         cfg.num_train_timesteps - clipped, cfg.steps_offset)
-        sigmas = train_sigmas(self.alphas_cumprod)
-        if kind is not None:
-            sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)
-            if kind in ("karras", "lu") and cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(num_inference_steps, cfg.num_train_timesteps, self.flow_shift)
-            timesteps = sigmas * cfg.num_train_timesteps
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        timesteps = self._given_or_spaced_timesteps(num_inference_steps, timesteps, kind, cfg.timestep_spacing,
+                                                    cfg.steps_offset)
+        round_timesteps = kind in ("karras", "lu") and cfg.beta_schedule != "squaredcos_cap_v2"
+        sigmas, timesteps = self._inference_sigmas(kind, timesteps, num_inference_steps, round_timesteps)
         sigmas = np.concatenate([sigmas, [last_sigma(cfg.final_sigmas_type, self.alphas_cumprod)]])
         self._set_schedule(sigmas, timesteps, device)
 

@@ -11,8 +11,8 @@ import torch
 from ..configuration import register_to_config
 from ..utils import randn_tensor
 from .dpmsolver_multistep import convert_dpm_output, normalize_solver_config
-from .multistep_math import NoiseLevel, dpm_solver_update, flow_sigmas, last_sigma, ramp_schedule, solver_timesteps
-from .schedule_math import sigma_kind, train_sigmas
+from .multistep_math import NoiseLevel, dpm_solver_update, last_sigma
+from .schedule_math import sigma_kind
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
 
@@ -86,32 +86,11 @@ class DPMSolverSinglestepScheduler(SolverSchedulerBase):
                       timesteps: list[int] | None = None) -> None:
         """Choose the inference timesteps and sigmas (or pass explicit integer ``timesteps``)."""
         cfg = self.config
-        if mu is not None:
-            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError("mu needs use_dynamic_shifting=True and time_shift_type='exponential'")
-            self.flow_shift = float(np.exp(mu))
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        self._apply_mu(mu)
         kind = sigma_kind(cfg)
-        if timesteps is not None and kind is not None:
-            raise ValueError(f"timesteps cannot be passed with use_{kind}_sigmas=True")
+        timesteps = self._given_or_spaced_timesteps(num_inference_steps, timesteps, kind, "linspace")
         num_inference_steps = num_inference_steps or len(timesteps)
-        if timesteps is not None:
-            timesteps = np.array(timesteps).astype(np.int64)
-        else:
-            clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
-            timesteps = solver_timesteps("linspace", num_inference_steps, cfg.num_train_timesteps,
-                                         cfg.num_train_timesteps - clipped)
-        sigmas = train_sigmas(self.alphas_cumprod)
-        if kind is not None:
-            sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)
-            if kind == "karras":
-                timesteps = timesteps.round()
-        elif cfg.use_flow_sigmas:
-            sigmas = flow_sigmas(num_inference_steps, cfg.num_train_timesteps, self.flow_shift)
-            timesteps = sigmas * cfg.num_train_timesteps
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        sigmas, timesteps = self._inference_sigmas(kind, timesteps, num_inference_steps, kind == "karras")
         sigmas = np.concatenate([sigmas, [last_sigma(cfg.final_sigmas_type, self.alphas_cumprod)]])
         self._set_schedule(sigmas, timesteps, device)
         self.num_inference_steps = num_inference_steps

@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .multistep_math import alpha_sigma, half_log_snr
-from .schedule_math import broadcast_to, make_betas, rescale_zero_terminal_snr, sigma_kind
+from .multistep_math import alpha_sigma, flow_sigmas, half_log_snr, ramp_schedule, solver_timesteps
+from .schedule_math import broadcast_to, make_betas, rescale_zero_terminal_snr, sigma_kind, train_sigmas
 from .names import KARRAS_DIFFUSION_SCHEDULERS
 from .scheduling_utils import SchedulerMixin
 from .stepping import StepIndexMixin
-
 
 
 class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
@@ -47,6 +46,46 @@ class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
         self._reset_index()
+
+    def _apply_mu(self, mu: float | None) -> None:
+        """Dynamic shifting: a given ``mu`` sets the flow shift to e^mu."""
+        if mu is None:
+            return
+        cfg = self.config
+        if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
+            raise ValueError("mu needs use_dynamic_shifting=True and time_shift_type='exponential'")
+        self.flow_shift = float(np.exp(mu))
+
+    def _given_or_spaced_timesteps(self, num_inference_steps: int | None, timesteps, kind: str | None,
+                                   spacing: str, steps_offset: int = 0) -> np.ndarray:
+        """The caller's integer ``timesteps``, or ``num_inference_steps`` spaced ones above ``lambda_min_clipped``."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None and kind is not None:
+            raise ValueError(f"timesteps cannot be passed with use_{kind}_{'lambdas' if kind == 'lu' else 'sigmas'}=True")
+        if timesteps is not None:
+            return np.array(timesteps).astype(np.int64)
+        cfg = self.config
+        clipped = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
+        return solver_timesteps(spacing, num_inference_steps, cfg.num_train_timesteps,
+                                cfg.num_train_timesteps - clipped, steps_offset)
+
+    def _inference_sigmas(self, kind: str | None, timesteps: np.ndarray, num_inference_steps: int,
+                          round_timesteps: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(sigmas, timesteps)`` without the final sigma: the ``kind`` ramp (timesteps rounded when
+        asked), flow-matching sigmas, or the training sigmas at ``timesteps``."""
+        cfg = self.config
+        sigmas = train_sigmas(self.alphas_cumprod)
+        if kind is not None:
+            sigmas, timesteps = ramp_schedule(kind, sigmas, num_inference_steps, cfg)
+            if round_timesteps:
+                timesteps = timesteps.round()
+        elif cfg.use_flow_sigmas:
+            sigmas = flow_sigmas(num_inference_steps, cfg.num_train_timesteps, self.flow_shift)
+            timesteps = sigmas * cfg.num_train_timesteps
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+        return sigmas, timesteps
 
     def _set_schedule(self, sigmas: np.ndarray, timesteps: np.ndarray, device) -> None:
         self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
-from .multistep_math import NoiseLevel, PREDICTION_TYPES, check_prediction_type, predict_data, predict_noise, ramp_schedule, solver_timesteps, threshold_data
+from .multistep_math import NoiseLevel, PREDICTION_TYPES, check_prediction_type, last_sigma, predict_data, predict_noise, ramp_schedule, solver_timesteps, threshold_data
 from .schedule_math import shift_sigmas, sigma_kind, stretch_to_terminal, time_shift, train_sigmas
 from .scheduling_utils import SchedulerOutput
 from .solver_base import SolverSchedulerBase
@@ -123,7 +123,7 @@ class UniPCMultistepScheduler(SolverSchedulerBase):
             sigma_last = sigmas[-1]
         else:
             sigmas = np.interp(timesteps, np.arange(0, big_n), train_sigmas(self.alphas_cumprod))
-            sigma_last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5
+            sigma_last = last_sigma("sigma_min", self.alphas_cumprod)
         sigma_last = 0 if cfg.final_sigmas_type == "zero" else sigma_last
         self._set_schedule(np.concatenate([sigmas, [sigma_last]]), timesteps, device)
         self.last_sample = None
