@@ -9,7 +9,6 @@ import torch
 from ..utils import Generator, randn_tensor
 from .flux_common import (
     FluxBase,
-    FluxPipelineOutput,
     default_sigmas,
     latent_image_ids,
     pack_latents,
@@ -17,7 +16,7 @@ from .flux_common import (
 )
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
-from .timesteps import retrieve_timesteps
+from .timesteps import progress_due, retrieve_timesteps, warmup_steps
 
 
 class FluxPipeline(FluxBase):
@@ -86,19 +85,12 @@ class FluxPipeline(FluxBase):
         self._start_call(guidance_scale, joint_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
-        lora_scale = (joint_attention_kwargs or {}).get("scale")
 
         # 1. text: T5 token embeddings, CLIP pooled embedding (and the negative ones for true CFG)
-        has_negative = negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_negative
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
-            max_sequence_length, lora_scale)
-        if do_true_cfg:
-            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_negative_prompt(
-                negative_prompt, negative_prompt_2, batch_size, device, num_images_per_prompt,
-                negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length)
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = self.call_prompt_embeds(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, batch_size, device,
+            num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_pooled_prompt_embeds, max_sequence_length)
 
         # 2. packed noise, its position ids, and the schedule shifted for this many image tokens
         latents, image_ids = self.prepare_latents(
@@ -109,7 +101,7 @@ class FluxPipeline(FluxBase):
             self.scheduler, num_inference_steps, device, sigmas=default_sigmas(self.scheduler, num_inference_steps,
                                                                               sigmas), mu=mu)
         self._num_timesteps = len(timesteps)
-        warmup = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
         guidance = self.guidance_vector(latents.shape[0], device)
 
         # 3. denoising loop: Euler steps along the predicted velocity
@@ -119,23 +111,17 @@ class FluxPipeline(FluxBase):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                velocity = self.predict_velocity(latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
-                                                 text_ids, image_ids)
-                if do_true_cfg:
-                    negative = self.predict_velocity(latents, timestep, guidance, negative_prompt_embeds,
-                                                     negative_pooled_prompt_embeds, negative_text_ids, image_ids)
-                    velocity = negative + true_cfg_scale * (velocity - negative)
+                velocity = self.guided_velocity(latents, t, guidance, prompt_embeds, pooled_prompt_embeds, text_ids,
+                                                image_ids, negative, true_cfg_scale)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     state = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t,
                                                dict(latents=latents, prompt_embeds=prompt_embeds))
                     latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                if progress_due(i, timesteps, warmup, self.scheduler):
                     progress.update()
         self._current_timestep = None
 
         # 4. decode
         images = self.latents_to_output(latents, height, width, output_type)
-        self.maybe_free_model_hooks()
-        return FluxPipelineOutput(images=images) if return_dict else (images,)
+        return self._finish_call(images, return_dict)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -219,6 +219,26 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         return prompt_embeds, pooled_prompt_embeds, text_ids
 
+    def call_prompt_embeds(self, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale: float,
+                           batch_size: int, device, num_images_per_prompt: int, prompt_embeds, pooled_prompt_embeds,
+                           negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length: int):
+        """``(prompt_embeds, pooled_prompt_embeds, text_ids, negative)`` for a call: :meth:`encode_prompt`
+        (LoRA scale from ``joint_attention_kwargs``), and ``negative``, the same triple for the negative
+        prompt when true CFG is on (``true_cfg_scale`` > 1 with a negative prompt or negative
+        embeddings), else None."""
+        has_negative = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
+        lora_scale = (self._joint_attention_kwargs or {}).get("scale")
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+            max_sequence_length, lora_scale)
+        negative = None
+        if true_cfg_scale > 1 and has_negative:
+            negative = self.encode_negative_prompt(
+                negative_prompt, negative_prompt_2, batch_size, device, num_images_per_prompt,
+                negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length)
+        return prompt_embeds, pooled_prompt_embeds, text_ids, negative
+
     def encode_negative_prompt(self, negative_prompt, negative_prompt_2, batch_size: int, device,
                                num_images_per_prompt: int, negative_prompt_embeds: torch.Tensor | None,
                                negative_pooled_prompt_embeds: torch.Tensor | None, max_sequence_length: int):
@@ -257,14 +277,19 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
             img_ids=image_ids, joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
         )[0]
 
-    def step_callback(self, callback: Callable | None, names: Sequence[str], step: int, t,
-                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Call ``callback(pipe, step, t, {name: tensor})`` with the ``names`` asked for; returns
-        ``tensors`` updated with what the callback returned."""
-        if callback is None:
-            return tensors
-        returned = callback(self, step, t, {name: tensors[name] for name in names}) or {}
-        return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
+    def guided_velocity(self, latents: torch.Tensor, t: torch.Tensor, guidance: torch.Tensor | None,
+                        prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor,
+                        image_ids: torch.Tensor, negative: tuple | None = None,
+                        true_cfg_scale: float = 1.0) -> torch.Tensor:
+        """The velocity at schedule timestep ``t``; with ``negative`` ``(embeds, pooled, text ids)``,
+        true classifier-free guidance ``neg + true_cfg_scale * (cond - neg)`` (a second transformer call)."""
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        velocity = self.predict_velocity(latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds, text_ids,
+                                         image_ids)
+        if negative is None:
+            return velocity
+        uncond = self.predict_velocity(latents, timestep, guidance, *negative, image_ids)
+        return uncond + true_cfg_scale * (velocity - uncond)
 
     def latents_to_output(self, latents: torch.Tensor, height: int, width: int, output_type: str):
         """Unpack, undo the VAE's scaling and shift, decode and convert; ``latent`` returns the packed latents."""
@@ -273,6 +298,11 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         latents = unpack_latents(latents, *self.latent_size(height, width))
         image = decode_latents(self.vae, latents, shift_factor=self.vae.config.shift_factor or 0.0)
         return postprocess_images(image, output_type)
+
+    def _finish_call(self, images, return_dict: bool):
+        """Release offload hooks; :class:`FluxPipelineOutput` (or ``(images,)``)."""
+        self.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=images) if return_dict else (images,)
 
     # -- the reference's static helpers, for code written against it ---------------------------
 

@@ -9,7 +9,6 @@ import torch
 from ..utils import Generator, randn_tensor
 from .flux_common import (
     FluxBase,
-    FluxPipelineOutput,
     default_sigmas,
     latent_image_ids,
     pack_latents,
@@ -18,7 +17,7 @@ from .flux_common import (
 from .image_processing import preprocess_images
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
-from .timesteps import check_strength, retrieve_timesteps
+from .timesteps import check_strength, progress_due, retrieve_timesteps, warmup_steps
 from .vae_codec import encode_images
 
 
@@ -110,19 +109,12 @@ class FluxImg2ImgPipeline(FluxBase):
                                   latent_channels=self.latent_channels).to(torch.float32)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
-        lora_scale = (joint_attention_kwargs or {}).get("scale")
 
         # 1. text: T5 token embeddings, CLIP pooled embedding (and the negative ones for true CFG)
-        has_negative = negative_prompt is not None or (
-            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        do_true_cfg = true_cfg_scale > 1 and has_negative
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
-            max_sequence_length, lora_scale)
-        if do_true_cfg:
-            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_negative_prompt(
-                negative_prompt, negative_prompt_2, batch_size, device, num_images_per_prompt,
-                negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length)
+        prompt_embeds, pooled_prompt_embeds, text_ids, negative = self.call_prompt_embeds(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, batch_size, device,
+            num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_pooled_prompt_embeds, max_sequence_length)
 
         # 2. the shifted schedule, its tail for this strength, and the image noised to its first step
         latent_h, latent_w = self.latent_size(height, width)
@@ -138,7 +130,7 @@ class FluxImg2ImgPipeline(FluxBase):
             image, timesteps[:1].repeat(batch_size * num_images_per_prompt), batch_size * num_images_per_prompt,
             self.transformer.config.in_channels // 4, height, width, prompt_embeds.dtype, device, generator, latents)
         self._num_timesteps = len(timesteps)
-        warmup = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
         guidance = self.guidance_vector(latents.shape[0], device)
 
         # 3. denoising loop: Euler steps along the predicted velocity
@@ -147,23 +139,17 @@ class FluxImg2ImgPipeline(FluxBase):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                velocity = self.predict_velocity(latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
-                                                 text_ids, image_ids)
-                if do_true_cfg:
-                    negative = self.predict_velocity(latents, timestep, guidance, negative_prompt_embeds,
-                                                     negative_pooled_prompt_embeds, negative_text_ids, image_ids)
-                    velocity = negative + true_cfg_scale * (velocity - negative)
+                velocity = self.guided_velocity(latents, t, guidance, prompt_embeds, pooled_prompt_embeds, text_ids,
+                                                image_ids, negative, true_cfg_scale)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     state = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t,
                                                dict(latents=latents, prompt_embeds=prompt_embeds))
                     latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                if progress_due(i, timesteps, warmup, self.scheduler):
                     progress.update()
         self._current_timestep = None
 
         # 4. decode
         images = self.latents_to_output(latents, height, width, output_type)
-        self.maybe_free_model_hooks()
-        return FluxPipelineOutput(images=images) if return_dict else (images,)
+        return self._finish_call(images, return_dict)

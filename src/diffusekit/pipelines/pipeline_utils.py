@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +130,15 @@ class DiffusionPipeline(ConfigMixin):
         if iterable is not None:
             return tqdm(iterable, **config)
         return tqdm(total=total, **config)
+
+    def step_callback(self, callback: Callable | None, names: Sequence[str], step: int, t,
+                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Call ``callback(pipe, step, t, {name: tensor})`` (``callback_on_step_end``) with the ``names``
+        asked for; returns ``tensors`` updated with what the callback returned."""
+        if callback is None:
+            return tensors
+        returned = callback(self, step, t, {name: tensors[name] for name in names}) or {}
+        return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -254,10 +263,9 @@ def _load_component(name: str, entry: list, folder: Path, index_path: Path, torc
         component_cls = getattr(transformers, class_name, None)
         if component_cls is None:
             raise ValueError(f"{where}: transformers has no class {class_name!r}")
-        options = {}
-        if torch_dtype is not None and issubclass(component_cls, torch.nn.Module):
-            options["dtype"] = torch_dtype
-        return component_cls.from_pretrained(path, **options)
+        from .transformers_loading import load_transformers_component
+
+        return load_transformers_component(component_cls, path, torch_dtype)
     component_cls = _diffusekit_class(class_name, where)
     from ..models.modeling import ModelMixin
 

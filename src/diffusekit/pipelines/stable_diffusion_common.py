@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -137,6 +137,18 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
         prompt_encoding.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                             prompt_weighting)
 
+    def _begin_call(self, prompt, height: int | None, width: int | None, negative_prompt, prompt_embeds,
+                    negative_prompt_embeds, callback, callback_inputs: Sequence[str] | None,
+                    prompt_weighting: str | None, output_type: str, guidance_scale: float,
+                    guidance_rescale: float = 0.0, clip_skip: int | None = None,
+                    cross_attention_kwargs: dict | None = None) -> list[str]:
+        """Check the shared arguments and start the call's state; returns the step callback's tensor names."""
+        callback_names = self.callback_names(callback, callback_inputs)
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          callback_names, prompt_weighting, output_type)
+        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
+        return callback_names
+
     # -- steps ----------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt, device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
@@ -156,6 +168,18 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
                 do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds,
                 clip_skip=clip_skip, prompt_weighting=prompt_weighting, dtype=dtype,
             )
+
+    def unet_prompt_embeds(self, prompt, device, num_images_per_prompt: int, negative_prompt, prompt_embeds,
+                           negative_prompt_embeds, clip_skip: int | None, prompt_weighting: str | None):
+        """:meth:`encode_prompt` for the denoising loop: ``(UNet text embeddings, negative embeddings)``;
+        with guidance the UNet's batch holds the negative half first."""
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        return prompt_embeds, negative_prompt_embeds
 
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
                         dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None):
@@ -194,15 +218,6 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
             noise_pred = apply_guidance(noise_pred, self._guidance_scale, guidance_rescale)
         return noise_pred
 
-    def step_callback(self, callback: Callable | None, names: Sequence[str], step: int, t,
-                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Call ``callback(pipe, step, t, {name: tensor})`` with the ``names`` asked for; returns
-        ``tensors`` updated with what the callback returned."""
-        if callback is None:
-            return tensors
-        returned = callback(self, step, t, {name: tensors[name] for name in names}) or {}
-        return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
-
     def run_safety_checker(self, image: torch.Tensor, device, dtype: torch.dtype):
         """``(image with flagged images blacked out, flags)``; flags are None without a checker."""
         if self.safety_checker is None:
@@ -226,3 +241,10 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
         image, flags = self.run_safety_checker(image, self._execution_device, dtype or latents.dtype)
         keep = None if flags is None else [not flag for flag in flags]
         return postprocess_images(image, output_type, do_denormalize=keep), flags
+
+    def _finish_call(self, images, nsfw: list[bool] | None, return_dict: bool):
+        """Release offload hooks; :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw)``)."""
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)

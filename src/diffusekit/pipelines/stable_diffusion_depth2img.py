@@ -12,11 +12,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..utils import Generator
-from .image_processing import image_size, postprocess_images, preprocess_images
+from .image_processing import image_size, postprocess_images
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
-from .timesteps import check_strength, step_kwargs, timesteps_for_strength, warmup_steps
+from .timesteps import check_strength, progress_due, step_kwargs, warmup_steps
 from .vae_codec import decode_latents, vae_scale_factor
 
 
@@ -102,31 +102,23 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         check_strength(strength)
         if image is None:
             raise ValueError("image is required")
-        callback_names = self.callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          callback_names, prompt_weighting, output_type)
-        self._start_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                          output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
-        )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
+            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            prompt_weighting)
 
         # 2. depth condition, the image noised to the first kept timestep
         depth_mask = self.prepare_depth_map(image, depth_map, batch_size * num_images_per_prompt,
                                             self.do_classifier_free_guidance, prompt_embeds.dtype, device)
-        image = preprocess_images(image, multiple=self.vae_scale_factor,
-                                  latent_channels=self.vae.config.latent_channels)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps, num_inference_steps = timesteps_for_strength(self.scheduler, num_inference_steps, strength)
-        latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt)
-        latents = self.prepare_latents(image, latent_timestep, batch_size, num_images_per_prompt,
-                                       prompt_embeds.dtype, device, generator)
+        latents, timesteps, num_inference_steps = self.noised_image_latents(
+            image, strength, num_inference_steps, batch_size, num_images_per_prompt, prompt_embeds.dtype, device,
+            generator)
         extra_step = step_kwargs(self.scheduler, generator, eta)
 
         # 3. denoising loop
@@ -142,7 +134,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
                         depth_mask=depth_mask))
                     latents, prompt_embeds = state["latents"], state["prompt_embeds"]
                     negative_prompt_embeds, depth_mask = state["negative_prompt_embeds"], state["depth_mask"]
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                if progress_due(i, timesteps, warmup, self.scheduler):
                     progress.update()
 
         # 4. decode and convert (no safety checker)

@@ -10,8 +10,10 @@ from ..utils import Generator, randn_tensor
 from .image_processing import preprocess_images
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
-from .stable_diffusion_common import StableDiffusionBase, StableDiffusionPipelineOutput
-from .timesteps import check_strength, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps
+from .stable_diffusion_common import StableDiffusionBase
+from .timesteps import (
+    check_strength, progress_due, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps,
+)
 from .vae_codec import encode_images
 
 
@@ -35,6 +37,20 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         init_latents = _repeat_to(init_latents, batch_size, "image")
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(init_latents, noise, timestep)
+
+    def noised_image_latents(self, image, strength: float, num_inference_steps: int, batch_size: int,
+                             num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator,
+                             timesteps: list[int] | None = None, sigmas: list[float] | None = None):
+        """``(latents, timesteps, steps left)``: the schedule's tail for ``strength`` and ``image``
+        (preprocessed, encoded, repeated to the batch) noised to its first timestep."""
+        image = preprocess_images(image, multiple=self.vae_scale_factor,
+                                  latent_channels=self.vae.config.latent_channels)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = timesteps_for_strength(self.scheduler, num_inference_steps, strength)
+        latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt)
+        latents = self.prepare_latents(image, latent_timestep, batch_size, num_images_per_prompt, dtype, device,
+                                       generator)
+        return latents, timesteps, num_inference_steps
 
     @torch.no_grad()
     def __call__(
@@ -70,29 +86,21 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         check_strength(strength)
         if image is None:
             raise ValueError("image is required")
-        callback_names = self.callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          callback_names, prompt_weighting, output_type)
-        self._start_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                          output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
-        )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
+            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            prompt_weighting)
 
         # 2. the image, the tail of the schedule, and the image noised to its first timestep
-        image = preprocess_images(image, multiple=self.vae_scale_factor,
-                                  latent_channels=self.vae.config.latent_channels)
-        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
-        timesteps, num_inference_steps = timesteps_for_strength(self.scheduler, num_inference_steps, strength)
-        latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt)
-        latents = self.prepare_latents(image, latent_timestep, batch_size, num_images_per_prompt,
-                                       prompt_embeds.dtype, device, generator)
+        latents, timesteps, num_inference_steps = self.noised_image_latents(
+            image, strength, num_inference_steps, batch_size, num_images_per_prompt, prompt_embeds.dtype, device,
+            generator, timesteps, sigmas)
         extra_step = step_kwargs(self.scheduler, generator, eta)
         timestep_cond = self.timestep_cond(batch_size * num_images_per_prompt, device, latents.dtype)
 
@@ -110,15 +118,12 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
                     latents, prompt_embeds = state["latents"], state["prompt_embeds"]
                     negative_prompt_embeds = state["negative_prompt_embeds"]
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                if progress_due(i, timesteps, warmup, self.scheduler):
                     progress.update()
 
         # 4. decode, safety check, convert
         images, nsfw = self.latents_to_output(latents, output_type, generator, prompt_embeds.dtype)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, nsfw
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        return self._finish_call(images, nsfw, return_dict)
 
 
 def _repeat_to(batch: torch.Tensor, size: int, name: str) -> torch.Tensor:

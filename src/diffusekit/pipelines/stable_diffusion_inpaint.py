@@ -18,9 +18,11 @@ from .image_processing import (
 )
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
-from .stable_diffusion_common import StableDiffusionBase, StableDiffusionPipelineOutput
+from .stable_diffusion_common import StableDiffusionBase
 from .stable_diffusion_img2img import _repeat_to
-from .timesteps import check_strength, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps
+from .timesteps import (
+    check_strength, progress_due, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps,
+)
 from .vae_codec import encode_images
 
 
@@ -149,22 +151,18 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
         Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).
         """
-        callback_names = self.callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         height, width = self.default_height_width(height, width)
-        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          callback_names, prompt_weighting, output_type)
+        callback_names = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                          output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         self.check_inpaint_inputs(image, mask_image, strength, padding_mask_crop, output_type)
-        self._start_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
-        )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
+            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            prompt_weighting)
 
         # 2. the tail of the schedule that `strength` keeps
         _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
@@ -227,14 +225,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                     latents, prompt_embeds = state["latents"], state["prompt_embeds"]
                     negative_prompt_embeds, mask = state["negative_prompt_embeds"], state["mask"]
                     masked_image_latents = state["masked_image_latents"]
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % self.scheduler.order == 0):
+                if progress_due(i, timesteps, warmup, self.scheduler):
                     progress.update()
 
         # 5. decode, safety check, convert; with a crop, paste the result back into the image
         images, nsfw = self.latents_to_output(latents, output_type, generator, prompt_embeds.dtype)
         if padding_mask_crop is not None:
             images = [overlay_inpainted(mask_image, image, result, crops_coords) for result in images]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, nsfw
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        return self._finish_call(images, nsfw, return_dict)

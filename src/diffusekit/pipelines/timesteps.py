@@ -68,3 +68,9 @@ def step_kwargs(scheduler, generator: Generator = None, eta: float = 0.0) -> dic
 def warmup_steps(timesteps: torch.Tensor, num_inference_steps: int, scheduler) -> int:
     """Steps before the progress bar counts (schedulers of order > 1 run extra model calls)."""
     return len(timesteps) - num_inference_steps * scheduler.order
+
+
+def progress_due(step: int, timesteps: torch.Tensor, warmup: int, scheduler) -> bool:
+    """Whether the progress bar advances after loop step ``step``: the last step, and after the
+    warm-up every ``scheduler.order``-th model call."""
+    return step == len(timesteps) - 1 or (step + 1 > warmup and (step + 1) % scheduler.order == 0)
