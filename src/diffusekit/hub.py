@@ -80,3 +80,15 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, subfolder: str 
         return Path(hf_hub_download(str(name_or_path), filename, subfolder=subfolder, **_hub_options(**hub_kwargs)))
     except Exception as err:
         raise _not_found(str(name_or_path), filename if not subfolder else f"{subfolder}/{filename}", err) from None
+
+
+def resolve_first_file(name_or_path: str | os.PathLike, filenames: Iterable[str], what: str, **hub_kwargs) -> Path:
+    """The first of ``filenames`` that a local folder or Hub repo ``name_or_path`` holds;
+    FileNotFoundError naming ``what`` and the names when it holds none."""
+    names = list(filenames)
+    for name in names:
+        try:
+            return resolve_file(name_or_path, name, **hub_kwargs)
+        except (FileNotFoundError, OSError):
+            continue
+    raise FileNotFoundError(f"no {what} file {' or '.join(names)} in {name_or_path!r}")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hub import resolve_file, split_hub_kwargs
+from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, check_safetensors_header, load_file
 from . import lora_layers as layers
 
@@ -74,15 +74,8 @@ def read_lora_file(path_or_dict: str | os.PathLike | dict, weight_name: str | No
         return dict(path_or_dict), {}, "LoRA state dict"
     path = Path(path_or_dict)
     if not path.is_file():
-        names = [weight_name] if weight_name else list(LORA_WEIGHT_NAMES)
-        for name in names:
-            try:
-                path = resolve_file(path_or_dict, name, **hub_kwargs)
-                break
-            except (FileNotFoundError, OSError):
-                continue
-        else:
-            raise FileNotFoundError(f"no LoRA file {' or '.join(names)} in {path_or_dict!r}")
+        path = resolve_first_file(path_or_dict, [weight_name] if weight_name else LORA_WEIGHT_NAMES, "LoRA",
+                                  **hub_kwargs)
     metadata: dict = {}
     if path.suffix == ".safetensors":
         raw = (check_safetensors_header(path).get("__metadata__") or {}).get(METADATA_KEY)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..hub import resolve_file, split_hub_kwargs
+from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, load_file
 
 logger = logging.getLogger(__name__)
@@ -35,15 +35,8 @@ def read_embedding_file(path_or_dict, weight_name: str | None = None, **hub_kwar
         return path_or_dict, "textual inversion state dict", None
     path = Path(path_or_dict)
     if not path.is_file():
-        names = [weight_name] if weight_name else list(TI_WEIGHT_NAMES)
-        for name in names:
-            try:
-                path = resolve_file(path_or_dict, name, **hub_kwargs)
-                break
-            except (FileNotFoundError, OSError):
-                continue
-        else:
-            raise FileNotFoundError(f"no textual inversion file {' or '.join(names)} in {path_or_dict!r}")
+        path = resolve_first_file(path_or_dict, [weight_name] if weight_name else TI_WEIGHT_NAMES,
+                                  "textual inversion", **hub_kwargs)
     return load_file(path), str(path), path.stem
 
 
