@@ -73,15 +73,6 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def alphas_cumprod_from_config(config) -> torch.Tensor:
-    """``cumprod(1 - betas)`` for a scheduler config with the usual beta keys."""
-    betas = make_betas(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end,
-                       config.get("trained_betas"))
-    if config.get("rescale_betas_zero_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
 # -- sigmas ----------------------------------------------------------------------------------------
 
 def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray | torch.Tensor:
