@@ -114,7 +114,7 @@ class ModelMixin(nn.Module, ConfigMixin):
             raise WeightsError(f"{source} does not fit {type(self).__name__}: " + "; ".join(problems))
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        self.load_state_dict(state, strict=True, assign=True)
+        assign_tensors(self, state)
         leftover = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if leftover:
             raise WeightsError(f"{source}: tensors not materialised after loading: {_clip(leftover)}")
@@ -130,6 +130,24 @@ class ModelMixin(nn.Module, ConfigMixin):
                 key = key.replace(old, new)
             renamed[key] = value
         return renamed
+
+
+def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """What ``load_state_dict(state, assign=True)`` does once keys and shapes are checked, without
+    its per-module hook machinery: parameters wrap the given tensors (keeping ``requires_grad``),
+    buffers take them as they are."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, tensor in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = modules[owner_name]
+        if leaf not in owner._parameters:
+            owner._buffers[leaf] = tensor
+            continue
+        current = owner._parameters[leaf]
+        if isinstance(tensor, nn.Parameter):
+            owner._parameters[leaf] = tensor.requires_grad_(current.requires_grad)
+        else:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=current.requires_grad)
 
 
 @contextlib.contextmanager
