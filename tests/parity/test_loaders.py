@@ -19,14 +19,6 @@ TOL = 1e-4
 PROMPT = "the cat and dog"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd")
