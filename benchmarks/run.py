@@ -1,23 +1,36 @@
 """Side-by-side benchmarks against the reference (diffusers), in one run, printed as ratios.
 
-    make bench                       # everything that this machine can run
-    python benchmarks/run.py --only import,scheduler
+    make bench                                        # everything that this machine can run
+    python benchmarks/run.py --only import,scheduler  # some sections
+    python benchmarks/run.py --threads 1              # steadier on a busy shared machine
 
-Ratios are diffusekit / reference: below 1.0 means diffusekit is faster. Results go to
-bench-results.json. GPU sections run only when CUDA is available.
+Sections: import (fresh processes: time and peak RSS), scheduler (step and set_timesteps on a
+2x4x64x64 latent), unet (DDIM sampling with tiny UNet2DModels at 32x32 and 64x64), tiny_sd (the
+parity tests' tiny Stable Diffusion pipeline, equal output checked), sd15_load (from_pretrained of
+an SD 1.5-size fp16 pipeline with random weights, saved by the reference: ~2 GB under --cache),
+and, only where CUDA is available, gpu_sd15 (512x512, 50 steps, fp16, batch 1 and 8, guided;
+eager and torch.compile) and gpu_sdxl_unet (one SDXL-size UNet forward). Peak memory is measured
+in fresh processes (RSS) or with torch.cuda.max_memory_allocated (VRAM).
+
+Ours and the reference run alternately in the same process; figures are medians. Ratios are
+diffusekit / reference: below 1.0 means diffusekit is faster or smaller. Results go to
+bench-results.json (--out).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,24 +45,43 @@ def record(name: str, ours: float, reference: float, unit: str = "s", **extra) -
 
 
 def timed(fn, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` untimed ones."""
+    return timed_pair(fn, None, repeat, warmup)[0]
+
+
+def timed_pair(ours, reference, repeat: int = 5, warmup: int = 1) -> tuple[float, float]:
+    """Median wall times of two callables, run alternately (the machine is shared: noise hits both)."""
+    fns = [fn for fn in (ours, reference) if fn is not None]
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            gc.collect()
+            start = time.perf_counter()
+            result = fn()
+            bucket.append(time.perf_counter() - start)
+            del result  # freeing what a run built is not part of its time
+    medians = [statistics.median(t) for t in times]
+    return medians[0], (medians[1] if len(medians) > 1 else float("nan"))
 
 
 # -- import ----------------------------------------------------------------------------------------
 
+# Peak RSS from VmHWM: on Linux ru_maxrss survives exec, so a child would report this (torch-laden)
+# process's peak instead of its own.
 _IMPORT_PROBE = """
-import resource, sys, time
+import sys, time
 start = time.perf_counter()
 {stmt}
 elapsed = time.perf_counter() - start
-print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'transformers' in sys.modules)
+try:
+    peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024
+except OSError:
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(elapsed, peak, 'transformers' in sys.modules)
 """
 
 
@@ -83,28 +115,67 @@ SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteS
 
 
 def bench_scheduler() -> None:
+    """Per scheduler: ``scale_model_input`` + ``step`` on a 2x4x64x64 latent (30 steps, per step),
+    and ``set_timesteps(30)`` on its own."""
     import diffusers
 
     import diffusekit
 
     sample = torch.randn(2, 4, 64, 64)
+    steps = 30
     for name in SCHEDULERS:
-        per_step = []
+        loops, setups = [], []
         for lib in (diffusekit, diffusers):
             scheduler = getattr(lib, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-            steps = 30
-
             takes_generator = "generator" in inspect.signature(scheduler.step).parameters
 
-            def run() -> None:
+            def loop(scheduler=scheduler, takes_generator=takes_generator) -> None:
                 scheduler.set_timesteps(steps)
                 x = sample
                 extra = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
                 for t in scheduler.timesteps:
-                    x = scheduler.step(0.1 * x, t, x, **extra).prev_sample
+                    model_input = scheduler.scale_model_input(x, t)
+                    x = scheduler.step(0.1 * model_input, t, x, **extra).prev_sample
 
-            per_step.append(timed(run, repeat=3) / len(scheduler.timesteps))
-        record(f"scheduler step {name}", per_step[0] * 1e3, per_step[1] * 1e3, unit="ms")
+            loops.append(loop)
+            setups.append(lambda scheduler=scheduler: scheduler.set_timesteps(steps))
+        setup = timed_pair(*setups, repeat=7)
+        total = timed_pair(*loops, repeat=5)
+        per_step = [(total[i] - setup[i]) / steps * 1e3 for i in range(2)]
+        record(f"scheduler step {name}", *per_step, unit="ms")
+        record(f"scheduler set_timesteps {name}", setup[0] * 1e3, setup[1] * 1e3, unit="ms")
+
+
+# -- peak memory of a run in a fresh process -------------------------------------------------------
+
+_MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, {bench_dir!r})
+import run
+torch.set_num_threads({threads})
+run.{function}({library!r}, {argument!r})
+print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)
+"""
+
+
+def peak_rss(function: str, argument: str) -> tuple[float, float]:
+    """Peak RSS (MB) of a fresh process running ``function(library, argument)``, ours then the reference."""
+    if not os.path.exists("/proc/self/status"):
+        return float("nan"), float("nan")
+    peaks = []
+    for library in ("diffusekit", "diffusers"):
+        code = _MEMORY_PROBE.format(bench_dir=str(Path(__file__).resolve().parent), threads=torch.get_num_threads(),
+                                    function=function, library=library, argument=argument)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        peaks.append(float(out.stdout.split()[-1]))
+    return peaks[0], peaks[1]
+
+
+def _library(name: str):
+    import importlib
+
+    return importlib.import_module(name)
 
 
 # -- pixel UNet sampling ---------------------------------------------------------------------------
@@ -113,7 +184,7 @@ def _tiny_unet_folder(root: Path, size: int) -> Path:
     import diffusers
 
     folder = root / f"ddpm-{size}"
-    if not folder.exists():
+    if not (folder / "model_index.json").exists():
         torch.manual_seed(0)
         unet = diffusers.UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
                                      block_out_channels=(32, 64), norm_num_groups=8,
@@ -123,6 +194,13 @@ def _tiny_unet_folder(root: Path, size: int) -> Path:
     return folder
 
 
+def sample_unet(library: str, folder: str):
+    pipe = _library(library).DDIMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
 def bench_unet_sampling(root: Path) -> None:
     import diffusers
 
@@ -130,31 +208,55 @@ def bench_unet_sampling(root: Path) -> None:
 
     for size in (32, 64):
         folder = _tiny_unet_folder(root, size)
-        outputs, times = [], []
+        runs = []
         for lib in (diffusekit, diffusers):
             pipe = lib.DDIMPipeline.from_pretrained(folder)
             pipe.set_progress_bar_config(disable=True)
 
-            def run():
+            def run(pipe=pipe):
                 return pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
                             output_type="np").images
 
-            times.append(timed(run, repeat=3))
-            outputs.append(run())
-        diff = float(abs(outputs[0] - outputs[1]).max())
-        record(f"DDIM sampling UNet2DModel {size}x{size}", times[0], times[1], max_abs_diff=diff)
+            runs.append(run)
+        diff = float(abs(runs[0]() - runs[1]()).max())
+        name = f"DDIM sampling UNet2DModel {size}x{size} (batch 2, 10 steps)"
+        record(name, *timed_pair(*runs, repeat=5), max_abs_diff=diff)
+        record(f"{name} peak RSS", *peak_rss("sample_unet", str(folder)), unit="MB")
 
 
 # -- Stable Diffusion ------------------------------------------------------------------------------
 
 def _tiny_sd_folder(root: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "parity"))
-    from sd_fixtures import save_tiny_sd_pipeline  # the parity tests' tiny reference pipeline
+    """The parity tests' tiny Stable Diffusion pipeline (tests/sd_components.py), saved by the reference."""
+    import diffusers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
 
     folder = root / "tiny-sd"
-    if not folder.exists():
-        save_tiny_sd_pipeline(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    tokenizer = tiny_tokenizer(root / "tiny-sd-tokenizer")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**UNET_CONFIG)
+    vae = diffusers.AutoencoderKL(**VAE_CONFIG)
+    diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
+        scheduler=diffusers.PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
     return folder
+
+
+def _tiny_sd_call(pipe):
+    return pipe("a photo of a cat", num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def sample_tiny_sd(library: str, folder: str):
+    pipe = _library(library).StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return _tiny_sd_call(pipe)
 
 
 def bench_tiny_sd(root: Path) -> None:
@@ -163,19 +265,15 @@ def bench_tiny_sd(root: Path) -> None:
     import diffusekit
 
     folder = _tiny_sd_folder(root)
-    outputs, times = [], []
+    runs = []
     for lib in (diffusekit, diffusers):
-        pipe = lib.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe = lib.StableDiffusionPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
-
-        def run():
-            return pipe("a photo of a cat", num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
-                        generator=torch.Generator().manual_seed(0), output_type="np").images
-
-        times.append(timed(run, repeat=3))
-        outputs.append(run())
-    record("tiny SD pipeline sampling (10 steps)", times[0], times[1],
-           max_abs_diff=float(abs(outputs[0] - outputs[1]).max()))
+        runs.append(lambda pipe=pipe: _tiny_sd_call(pipe))
+    diff = float(abs(runs[0]() - runs[1]()).max())
+    name = "tiny SD pipeline sampling (64x64, 10 steps, CFG)"
+    record(name, *timed_pair(*runs, repeat=7), max_abs_diff=diff)
+    record(f"{name} peak RSS", *peak_rss("sample_tiny_sd", str(folder)), unit="MB")
 
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
@@ -185,10 +283,17 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                 layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
 
 
 def _sd15_folder(root: Path) -> Path:
-    """An SD 1.5-size pipeline with random weights in float16, saved by the reference."""
+    """An SD 1.5-size pipeline with random weights in float16, saved by the reference (~2 GB)."""
     import diffusers
     import transformers
 
@@ -212,23 +317,91 @@ def _sd15_folder(root: Path) -> Path:
     return folder
 
 
-def bench_sd15_load(root: Path) -> None:
-    import gc
+def load_sd15(library: str, folder: str):
+    return _library(library).StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
 
+
+def bench_sd15_load(root: Path) -> None:
+    folder = _sd15_folder(root)
+    loads = [lambda lib=lib: load_sd15(lib, str(folder)) for lib in ("diffusekit", "diffusers")]
+    record("from_pretrained SD 1.5-size fp16", *timed_pair(*loads, repeat=7))
+    record("from_pretrained SD 1.5-size fp16 peak RSS", *peak_rss("load_sd15", str(folder)), unit="MB")
+
+
+# -- GPU -------------------------------------------------------------------------------------------
+
+def _cuda_timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float, float, float]:
+    """Median times and peak allocated VRAM (MB) of two CUDA callables, run alternately."""
+    times: list[list[float]] = [[], []]
+    peaks = [0.0, 0.0]
+    for fn in (ours, reference):
+        fn()  # warm-up (and compilation)
+    for _ in range(repeat):
+        for i, fn in enumerate((ours, reference)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - start)
+            peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated() / 2**20)
+    return statistics.median(times[0]), statistics.median(times[1]), peaks[0], peaks[1]
+
+
+def bench_gpu_sd15(root: Path) -> None:
+    """SD 1.5-size text-to-image, 512x512, 50 steps, fp16, guidance 7.5, batch 1 and 8; eager and compiled."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    folder = _sd15_folder(root)
+    pipes = [load_sd15(lib, str(folder)).to("cuda") for lib in ("diffusekit", "diffusers")]
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    for mode in ("eager", "compile"):
+        if mode == "compile":
+            for pipe in pipes:
+                pipe.unet = torch.compile(pipe.unet)
+        for batch in (1, 8):
+            def make(pipe):
+                return lambda: pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5, height=512,
+                                    width=512, num_images_per_prompt=batch, output_type="np",
+                                    generator=torch.Generator("cuda").manual_seed(0)).images
+            runs = [make(pipe) for pipe in pipes]
+            diff = float(abs(runs[0]() - runs[1]()).max())
+            t_ours, t_ref, vram_ours, vram_ref = _cuda_timed_pair(*runs)
+            name = f"GPU SD1.5 512px 50 steps fp16 batch {batch} ({mode})"
+            record(name, t_ours, t_ref, max_abs_diff=diff)
+            record(f"{name} peak VRAM", vram_ours, vram_ref, unit="MB")
+
+
+def bench_gpu_sdxl_unet(root: Path) -> None:
+    """One SDXL-size UNet forward (random fp16 weights, 1024x1024 latents, batch 2 = one guided image)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
     import diffusers
 
     import diffusekit
 
-    folder = _sd15_folder(root)
-    times = []
-    for lib in (diffusekit, diffusers):
-        def load():
-            pipe = lib.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
-            del pipe
-            gc.collect()
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # random init on the GPU: ~10 GB of float32 weights each before .half()
+        reference = diffusers.UNet2DConditionModel(**SDXL_UNET).half().eval()
+        ours = diffusekit.UNet2DConditionModel(**SDXL_UNET).half().eval()
+    ours.load_state_dict(reference.state_dict())
+    sample = torch.randn(2, 4, 128, 128, device="cuda", dtype=torch.float16)
+    text = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
+    added = {"text_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16),
+             "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2, device="cuda", dtype=torch.float16)}
+    for mode in ("eager", "compile"):
+        models = [ours, reference] if mode == "eager" else [torch.compile(ours), torch.compile(reference)]
 
-        times.append(timed(load, repeat=3))
-    record("from_pretrained SD 1.5-size fp16", times[0], times[1])
+        @torch.no_grad()
+        def forward(model):
+            return model(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+        runs = [lambda m=m: forward(m) for m in models]
+        diff = float((runs[0]() - runs[1]()).abs().max())
+        t_ours, t_ref, vram_ours, vram_ref = _cuda_timed_pair(*runs, repeat=10)
+        record(f"GPU SDXL-size UNet forward fp16 batch 2 ({mode})", t_ours, t_ref, max_abs_diff=diff)
+        record(f"GPU SDXL-size UNet forward fp16 batch 2 ({mode}) peak VRAM", vram_ours, vram_ref, unit="MB")
 
 
 SECTIONS = {
@@ -237,7 +410,10 @@ SECTIONS = {
     "unet": bench_unet_sampling,
     "tiny_sd": bench_tiny_sd,
     "sd15_load": bench_sd15_load,
+    "gpu_sd15": bench_gpu_sd15,
+    "gpu_sdxl_unet": bench_gpu_sdxl_unet,
 }
+GPU_SECTIONS = ("gpu_sd15", "gpu_sdxl_unet")
 
 
 def main() -> None:
@@ -245,18 +421,33 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated sections: " + ",".join(SECTIONS))
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "diffusekit-bench"))
     parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch CPU threads (1 gives steadier figures on a busy shared machine)")
     args = parser.parse_args()
     root = Path(args.cache)
     root.mkdir(parents=True, exist_ok=True)
     chosen = args.only.split(",") if args.only else list(SECTIONS)
-    torch.set_num_threads(os.cpu_count() or 1)
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # the reference warns about deprecated config keys on every load
     for name in chosen:
+        if name in GPU_SECTIONS and not torch.cuda.is_available():
+            print(f"{name}: skipped (no CUDA device)")
+            RESULTS[name] = {"skipped": "no CUDA device"}
+            continue
         try:
             SECTIONS[name](root)
         except Exception as err:  # report and go on: one missing piece should not hide the rest
-            print(f"{name}: skipped ({type(err).__name__}: {err})")
+            print(f"{name}: failed ({type(err).__name__}: {err})")
             RESULTS[name] = {"error": f"{type(err).__name__}: {err}"}
-    meta = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
+    import diffusers
+
+    meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "machine": platform.platform(), "processor": platform.processor(),
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": RESULTS}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
