@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--guidance-scale", type=float, default=1.5)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"),

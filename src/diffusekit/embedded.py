@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 EMBEDDED_MODELS = ("digits",)
-DEMO_GUIDANCE_SCALE = 1.5
+DEMO_GUIDANCE_SCALE = 3.0
 DEMO_STEPS = 25
 
 

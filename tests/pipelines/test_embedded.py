@@ -44,7 +44,7 @@ def test_embedded_model_loads_from_the_installed_package(pipeline):
 def test_embedded_model_draws_the_requested_digits(pipeline, digit_classifier):
     labels = list(range(10)) * 2
     generator = torch.Generator().manual_seed(0)
-    images = pipeline(class_labels=labels, num_inference_steps=20, guidance_scale=1.5, generator=generator,
+    images = pipeline(class_labels=labels, num_inference_steps=20, guidance_scale=3.0, generator=generator,
                       output_type="np").images
     assert images.shape == (20, 16, 16, 1) and images.min() >= 0 and images.max() <= 1
     accuracy = (classify(digit_classifier, images) == np.array(labels)).mean()

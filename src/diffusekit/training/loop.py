@@ -55,12 +55,17 @@ def build_noise_scheduler(config: TrainConfig):
 
 
 def build_sampling_scheduler(noise_scheduler):
-    """The DDIMScheduler shipped with the trained pipeline (same noise schedule, fast sampling)."""
+    """The DDIMScheduler shipped with the trained pipeline (same noise schedule, fast sampling).
+
+    ``clip_sample`` is off: clipping the predicted clean image while keeping the unclipped noise
+    prediction makes guided samples (guidance above about 2) degrade into speckle.
+    """
     from ..schedulers.ddim import DDIMScheduler
 
     c = noise_scheduler.config
     return DDIMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
-                         beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type)
+                         beta_start=c.beta_start, beta_end=c.beta_end, prediction_type=c.prediction_type,
+                         clip_sample=False)
 
 
 def training_targets(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
