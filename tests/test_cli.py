@@ -54,3 +54,24 @@ def test_schedulers_lists_known_names(capsys):
     out = capsys.readouterr().out
     for name in ("euler_a", "dpmpp_2m_karras", "unipc", "ddim"):
         assert name in out
+
+
+def test_train_command_writes_a_loadable_pipeline(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from diffusekit import DiffusionPipeline
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = np.full((8, 8), 40 + 150 * (label == "b") + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    args = ["train", "--data", str(tmp_path / "data"), "--resolution", "8", "--steps", "2", "--batch-size", "4",
+            "--out", str(tmp_path / "run"), "--class-conditional", "--block-out-channels", "8,16",
+            "--save-every", "2", "--sample-every", "0"]
+    assert main(args) == 0
+    assert "saved pipeline to" in capsys.readouterr().out
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    images = pipe(class_labels=[0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape[0] == 2 and images.shape[1:3] == (8, 8)

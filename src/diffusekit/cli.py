@@ -272,7 +272,8 @@ def command_convert(args) -> int:
 def command_train(args) -> int:
     from .training import run_train_command
 
-    return run_train_command(args) or 0
+    run_train_command(args)
+    return 0
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -326,12 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=command_convert)
 
     train = sub.add_parser("train", help="train a UNet2DModel pipeline")
-    try:
-        from .training import add_train_arguments
-    except ImportError:
-        add_train_arguments = None
-    if add_train_arguments is not None:
-        add_train_arguments(train)
+    from .training.config import add_train_arguments  # argparse only: no torch at parse time
+
+    add_train_arguments(train)
     train.set_defaults(func=command_train)
     return parser
 

@@ -7,11 +7,21 @@ import os
 from pathlib import Path
 
 from .config import TrainConfig, add_train_arguments, config_from_args
-from .loop import train
+
+
+def __getattr__(name: str):
+    """``train`` (and torch with it) is imported only when used, so the CLI parser stays light."""
+    if name == "train":
+        from .loop import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_train_command(args: argparse.Namespace) -> Path:
     """Run ``diffusekit train`` from parsed arguments; print and return the output folder."""
+    from .loop import train
+
     out = train(config_from_args(args))
     if os.environ.get("RANK", "0") == "0":  # one line, also under accelerate launch
         print(f"saved pipeline to {out}")
