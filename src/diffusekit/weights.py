@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,15 @@ _DTYPE_SIZES = {
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+#: safetensors dtype names that this torch build has (the rest go through the safetensors reader).
+_TORCH_DTYPES = {
+    name: getattr(torch, attr) for name, attr in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+        ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+        ("U64", "uint64"),
+    ) if hasattr(torch, attr)
+}
 
 
 class WeightsError(ValueError):
@@ -41,7 +51,11 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
     Lengths that lie (a header longer than the file, tensors past its end, offsets that do not
     match dtype and shape) raise :class:`WeightsError` naming the file and key.
     """
-    path = Path(path)
+    return _read_header(Path(path))[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    """The checked header, the offset where tensor data starts and the file size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -67,7 +81,9 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
             start, end = info["data_offsets"]
             count = 1
             for dim in info["shape"]:
-                count *= int(dim)
+                if not isinstance(dim, int) or dim < 0:
+                    raise ValueError(dim)
+                count *= dim
             item = _DTYPE_SIZES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise WeightsError(f"{path}: corrupt entry for tensor {key!r} in the header") from None
@@ -76,18 +92,50 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
                 f"{path}: tensor {key!r} claims bytes {start}..{end}, but the data holds {data_len} bytes"
                 " (file truncated or corrupt)"
             )
-    return header
+    return header, 8 + header_len, size
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file after checking its header."""
+    """Read a safetensors file after checking its header.
+
+    On CPU the tensors view a private (copy-on-write) memory map of the file, each on its own
+    storage slice as the safetensors reader gives them, so nothing is read until it is used.
+    """
+    path = Path(path)
+    header, data_start, size = _read_header(path)
+    if str(device) == "cpu" and sys.byteorder == "little":
+        tensors = _map_tensors(path, header, data_start, size)
+        if tensors is not None:
+            return tensors
     from safetensors.torch import load_file
 
-    check_safetensors_header(path)
     try:
         return load_file(str(path), device=device)
     except Exception as err:  # the Rust reader reports its own error types
         raise WeightsError(f"{path}: cannot read safetensors file ({err})") from None
+
+
+def _map_tensors(path: Path, header: dict, data_start: int, size: int) -> dict[str, torch.Tensor] | None:
+    """The tensors of a checked header over a memory map, in file order; None where a dtype is not
+    one torch has or the file cannot be mapped (the safetensors reader then takes over)."""
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            return None
+        start, end = info["data_offsets"]
+        entries.append((start, end, key, dtype, info["shape"]))
+    entries.sort(key=lambda entry: entry[0])
+    try:
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    except (RuntimeError, OSError):
+        return None
+    return {
+        key: torch.empty(0, dtype=dtype, device="cpu").set_(storage[data_start + start:data_start + end], 0, shape)
+        for start, end, key, dtype, shape in entries
+    }
 
 
 def load_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
