@@ -11,6 +11,9 @@ Layouts read (one file may mix them):
 * kohya / A1111: ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha`` and ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoders. Underscored names
   are matched against the model's own module names, so every Linear/Conv2d layer is reachable.
+* FLUX.1 LoRAs in the original model's names (kohya ``lora_unet_double_blocks_0_img_attn_qkv...``,
+  BFL/ComfyUI ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``): renamed first, fused
+  qkv / linear1 LoRAs split per layer; the rules are in :mod:`~diffusekit.loaders.lora_flux`.
 
 Scale of an adapter on a layer: ``alpha / rank`` (alpha = rank when the file has none, as the
 reference). Keys that reach no layer raise :class:`~diffusekit.weights.WeightsError` listing them
@@ -36,6 +39,7 @@ from torch import nn
 from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, check_safetensors_header, load_file
 from . import lora_layers as layers
+from .lora_flux import convert_flux_lora, is_flux_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +240,7 @@ class LoraLoaderMixin:
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, weight_name: str | None = None, strict: bool = True,
                           **kwargs: Any) -> None:
-        """Load a LoRA (diffusers/peft or kohya layout; a file, a folder, a Hub repo or a state dict)
+        """Load a LoRA (diffusers/peft, kohya, FLUX BFL layouts; a file, a folder, a Hub repo or a state dict)
         as adapter ``adapter_name`` (default ``default_<n>``), which becomes the active adapter.
 
         Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning).
@@ -255,12 +259,15 @@ class LoraLoaderMixin:
             raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
         state, metadata, source = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
         models = self._lora_models()
+        file_keys, origin = sorted(state), {}
+        if is_flux_transformer(models.get("transformer")):
+            state, origin = convert_flux_lora(state, models["transformer"], source)
         grouped, unknown = group_lora_keys(state, list(models))
         plan, unmatched = plan_adapters(grouped, models, metadata, source)
-        unmatched = unknown + unmatched
+        unmatched = list(dict.fromkeys(origin.get(k, k) for k in unknown + unmatched))
         if not plan:
             raise WeightsError(f"{source}: no key of this LoRA reaches a layer of {type(self).__name__} "
-                               f"({len(state)} keys: {_clip(sorted(state))})")
+                               f"({len(file_keys)} keys: {_clip(file_keys)})")
         if unmatched:
             message = f"{source}: LoRA keys that match no layer: {_clip(sorted(unmatched))}"
             if strict:

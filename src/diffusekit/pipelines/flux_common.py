@@ -204,14 +204,14 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
 
         Embeddings, computed or given, are repeated ``num_images_per_prompt`` times per prompt (the
         reference repeats only computed ones and fails on given ones with several images per prompt).
-        ``lora_scale`` is accepted for the reference's signature; it has no effect on the text
-        encoders here.
+        ``lora_scale`` scales the text encoders' LoRA adapters for this call, as in the reference.
         """
         device = device or self._execution_device
         if prompt_embeds is None:
-            pooled_prompt_embeds = self._get_clip_prompt_embeds(prompt, num_images_per_prompt, device)
-            prompt_embeds = self._get_t5_prompt_embeds(prompt_2 or prompt, num_images_per_prompt,
-                                                       max_sequence_length, device)
+            with self.lora_text_encoder_scale(lora_scale):
+                pooled_prompt_embeds = self._get_clip_prompt_embeds(prompt, num_images_per_prompt, device)
+                prompt_embeds = self._get_t5_prompt_embeds(prompt_2 or prompt, num_images_per_prompt,
+                                                           max_sequence_length, device)
         elif num_images_per_prompt > 1:
             prompt_embeds = _repeat_per_image(prompt_embeds.to(device), num_images_per_prompt)
             pooled_prompt_embeds = _repeat_per_image(pooled_prompt_embeds.to(device), num_images_per_prompt)
@@ -236,19 +236,21 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         if true_cfg_scale > 1 and has_negative:
             negative = self.encode_negative_prompt(
                 negative_prompt, negative_prompt_2, batch_size, device, num_images_per_prompt,
-                negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length)
+                negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length, lora_scale)
         return prompt_embeds, pooled_prompt_embeds, text_ids, negative
 
     def encode_negative_prompt(self, negative_prompt, negative_prompt_2, batch_size: int, device,
                                num_images_per_prompt: int, negative_prompt_embeds: torch.Tensor | None,
-                               negative_pooled_prompt_embeds: torch.Tensor | None, max_sequence_length: int):
+                               negative_pooled_prompt_embeds: torch.Tensor | None, max_sequence_length: int,
+                               lora_scale: float | None = None):
         """:meth:`encode_prompt` for true CFG's negative branch; a single negative prompt serves every prompt."""
         if negative_prompt_embeds is None:
             negative_prompt, negative_prompt_2 = (
                 _match_batch(text, batch_size, name)
                 for text, name in ((negative_prompt, "negative_prompt"), (negative_prompt_2, "negative_prompt_2")))
         return self.encode_prompt(negative_prompt, negative_prompt_2, device, num_images_per_prompt,
-                                  negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length)
+                                  negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length,
+                                  lora_scale)
 
     # -- latents and the transformer --------------------------------------------------------------
 

@@ -1,0 +1,141 @@
+"""FLUX.1 LoRAs written against Black Forest Labs' module names, renamed to diffusekit's.
+
+Community trainers save FLUX LoRAs in the original (BFL) model's names rather than diffusers':
+
+* kohya / sd-scripts: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``.lora_up.weight``
+  / ``.alpha`` (``lora_te1_`` / ``lora_te_`` keys for CLIP are handled by the generic kohya rules);
+* BFL / ComfyUI / ai-toolkit: ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` /
+  ``.lora_B.weight`` (or ``.lora_down`` / ``.lora_up``, ``.alpha``); CLIP keys under
+  ``text_encoders.clip_l.transformer.``.
+
+Rules (a BFL name, dots or underscores, -> layers of ``FluxTransformer2DModel``):
+
+* ``double_blocks.N.``: ``img_attn.qkv`` -> ``attn.to_q/to_k/to_v``; ``txt_attn.qkv`` ->
+  ``attn.add_q_proj/add_k_proj/add_v_proj``; ``img_attn.proj`` -> ``attn.to_out.0``; ``txt_attn.proj``
+  -> ``attn.to_add_out``; ``img_mlp.0/.2`` -> ``ff.net.0.proj`` / ``ff.net.2``; ``txt_mlp.*`` -> the same
+  under ``ff_context``; ``img_mod.lin`` / ``txt_mod.lin`` -> ``norm1.linear`` / ``norm1_context.linear``
+  (``transformer_blocks.N``).
+* ``single_blocks.N.``: ``linear1`` -> ``attn.to_q/to_k/to_v`` + ``proj_mlp``; ``linear2`` -> ``proj_out``;
+  ``modulation.lin`` -> ``norm.linear`` (``single_transformer_blocks.N``).
+* ``img_in`` / ``txt_in`` -> ``x_embedder`` / ``context_embedder``; ``time_in``, ``vector_in``,
+  ``guidance_in`` ``.in_layer/.out_layer`` -> ``time_text_embed.{timestep,text,guidance}_embedder.linear_1/2``;
+  ``final_layer.linear`` -> ``proj_out``; ``final_layer.adaLN_modulation.1`` -> ``norm_out.linear`` with
+  the two halves of the up matrix swapped (BFL emits shift, scale; diffusers scale, shift).
+* A fused projection (qkv, linear1) becomes one adapter per target layer: the down matrix shared,
+  the up matrix cut by rows into the targets' output sizes (read from the model, so any width works).
+  The result is the same function as the fused LoRA.
+* alpha: the file's ``.alpha``, else the rank, kept per target (scale alpha / rank). The reference
+  ignores the alphas of ``final_layer`` keys; they are honoured here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..weights import WeightsError
+
+_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",), "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",), "txt_mod_lin": ("norm1_context.linear",),
+}
+_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",), "modulation_lin": ("norm.linear",),
+}
+_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+    **{f"{bfl}_{io}_layer": f"time_text_embed.{ours}_embedder.linear_{n}"
+       for bfl, ours in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance"))
+       for io, n in (("in", 1), ("out", 2))},
+}
+_SWAP_HALVES = {"norm_out.linear"}
+_BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)")
+_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+_ROLE = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+         "alpha": "alpha"}
+_PREFIXES = ("lora_unet_", "diffusion_model.")
+_CLIP_PREFIX = "text_encoders.clip_l.transformer."
+
+
+def is_flux_transformer(model: nn.Module | None) -> bool:
+    return model is not None and hasattr(model, "single_transformer_blocks") and hasattr(model, "transformer_blocks")
+
+
+def _targets(name: str) -> tuple[str, ...] | None:
+    """diffusekit layer paths for an underscored BFL module name, or None."""
+    match = _BLOCK.fullmatch(name)
+    if match:
+        kind, index, rest = match.groups()
+        table, block = (_DOUBLE, "transformer_blocks") if kind == "double" else (_SINGLE, "single_transformer_blocks")
+        paths = table.get(rest)
+        return tuple(f"{block}.{index}.{p}" for p in paths) if paths else None
+    return (_TOP[name],) if name in _TOP else None
+
+
+def _split_bfl_key(key: str) -> tuple[str, str] | None:
+    """``(underscored BFL module name, role)`` for a kohya-FLUX or BFL key, else None."""
+    prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+    match = _SUFFIX.search(key)
+    if prefix is None or match is None:
+        return None
+    name = key[len(prefix): match.start()].replace(".", "_")
+    return (name, _ROLE[match.group(1)]) if _targets(name) else None
+
+
+def convert_flux_lora(state: dict[str, torch.Tensor], transformer: nn.Module,
+                      source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state with FLUX original names turned into diffusers-layout transformer keys, {new key: original key})``.
+
+    Keys that are not FLUX original names pass through unchanged; fused LoRAs whose rows do not add
+    up to their target layers raise ValueError naming the key.
+    """
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    keys_of: dict[str, list[str]] = {}
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, tensor in state.items():
+        split = _split_bfl_key(key)
+        if split is None:
+            new_key = "text_encoder." + key[len(_CLIP_PREFIX):] if key.startswith(_CLIP_PREFIX) else key
+            out[new_key], origin[new_key] = tensor, key
+            continue
+        name, role = split
+        if role in modules.setdefault(name, {}):
+            raise WeightsError(f"{source}: LoRA key {key!r} repeats the {role} of {name!r} given by {keys_of[name]}")
+        modules[name][role] = tensor
+        keys_of.setdefault(name, []).append(key)
+    for name, tensors in modules.items():
+        targets, keys = _targets(name), keys_of[name]
+        if "down" not in tensors or "up" not in tensors:
+            out.update({k: state[k] for k in keys})  # incomplete: reported as matching no layer
+            origin.update({k: k for k in keys})
+            continue
+        down, up = tensors["down"], tensors["up"]
+        alpha = tensors.get("alpha", torch.tensor(float(down.shape[0])))
+        try:
+            sizes = [transformer.get_submodule(t).weight.shape[0] for t in targets]
+        except AttributeError:
+            out.update({k: state[k] for k in keys})
+            origin.update({k: k for k in keys})
+            continue
+        if sum(sizes) != up.shape[0]:
+            raise ValueError(f"{source}: {keys[0]}: the up matrix has {up.shape[0]} rows but the layers "
+                             f"{list(targets)} it feeds have {sizes} outputs")
+        for target, part in zip(targets, torch.split(up, sizes)):
+            if target in _SWAP_HALVES:
+                part = torch.cat(part.chunk(2)[::-1])
+            prefix = f"transformer.{target}."
+            for suffix, value in (("lora_A.weight", down), ("lora_B.weight", part), ("alpha", alpha)):
+                out[prefix + suffix], origin[prefix + suffix] = value, keys[0]
+    return out, origin
+
+
+__all__ = ["convert_flux_lora", "is_flux_transformer"]
