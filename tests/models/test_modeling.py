@@ -100,3 +100,42 @@ def test_malformed_config_names_file(tmp_path):
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match="config.json"):
         TinyModel.from_pretrained(tmp_path)
+
+
+def test_skip_init_restores_torch_and_keeps_setattr_semantics():
+    from torch import nn
+
+    from diffusekit.models.modeling import skip_init
+
+    before = (nn.Module.__setattr__, nn.Linear.reset_parameters, torch.nn.init.normal_)
+    with skip_init():
+        layer = nn.Linear(2, 3)
+        layer.note = 4  # plain value: stored as an attribute
+        with pytest.raises(TypeError, match="as parameter"):
+            layer.weight = 1.5  # a parameter's name still refuses a plain value
+        layer.bias = None  # and None still unregisters it
+        layer.extra = nn.Identity()
+        with pytest.raises(TypeError, match="child module"):
+            layer.extra = 3
+    assert (nn.Module.__setattr__, nn.Linear.reset_parameters, torch.nn.init.normal_) == before
+    assert layer.note == 4 and "note" not in layer._parameters and layer._parameters["bias"] is None
+    assert isinstance(layer._modules["extra"], nn.Identity)
+
+
+def test_safetensors_read_over_memory_map_matches_reader_and_leaves_file_alone(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffusekit.weights import load_safetensors
+
+    tensors = {"a": torch.randn(3, 4), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+               "half": torch.randn(5).half(), "mask": torch.tensor([True, False]), "index": torch.arange(7)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    loaded, reference = load_safetensors(path), load_file(str(path))
+    assert list(loaded) == list(reference)
+    for key, tensor in tensors.items():
+        assert loaded[key].dtype == tensor.dtype and loaded[key].stride() == reference[key].stride()
+        assert loaded[key].untyped_storage().nbytes() == reference[key].untyped_storage().nbytes()
+        torch.testing.assert_close(loaded[key], tensor, rtol=0, atol=0)
+    loaded["a"].add_(1)  # private mapping: the file keeps its bytes
+    torch.testing.assert_close(load_file(str(path))["a"], tensors["a"], rtol=0, atol=0)
