@@ -113,9 +113,16 @@ class ModelMixin(nn.Module, ConfigMixin):
         if problems:
             raise WeightsError(f"{source} does not fit {type(self).__name__}: " + "; ".join(problems))
         if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        assign_tensors(self, state)
-        leftover = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+            state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
+        modules = dict(self.named_modules(remove_duplicate=False))
+        assign_tensors(self, state, modules)
+        leftover = [
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in modules.items()
+            for tensors in (module._parameters, module._buffers)
+            for name, tensor in tensors.items()
+            if tensor is not None and tensor.is_meta
+        ]
         if leftover:
             raise WeightsError(f"{source}: tensors not materialised after loading: {_clip(leftover)}")
 
@@ -132,11 +139,14 @@ class ModelMixin(nn.Module, ConfigMixin):
         return renamed
 
 
-def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor],
+                   modules: dict[str, nn.Module] | None = None) -> None:
     """What ``load_state_dict(state, assign=True)`` does once keys and shapes are checked, without
     its per-module hook machinery: parameters wrap the given tensors (keeping ``requires_grad``),
-    buffers take them as they are."""
-    modules = dict(model.named_modules(remove_duplicate=False))
+    buffers take them as they are. ``modules``: ``dict(model.named_modules(remove_duplicate=False))``
+    where the caller has it."""
+    if modules is None:
+        modules = dict(model.named_modules(remove_duplicate=False))
     for key, tensor in state.items():
         owner_name, _, leaf = key.rpartition(".")
         owner = modules[owner_name]
