@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,21 +161,18 @@ def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor],
 
 
 #: torch layers whose ``reset_parameters`` only initialises tensors (skipped by :func:`skip_init`).
-_RESETTING_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
-#: Attribute values that ``nn.Module.__setattr__`` stores as plain attributes (unless the name is
-#: a registered parameter, buffer or submodule).
-_PLAIN_TYPES = frozenset({int, float, bool, str, tuple, type(None)})
+_RESETTING_LAYERS = tuple(
+    getattr(nn, name) for name in ("Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding") if hasattr(nn, name)
+) + (nn.modules.conv._ConvNd,)
 
 
 @contextlib.contextmanager
 def skip_init():
     """Make building a module whose weights are about to be assigned cheap: the ``torch.nn.init``
-    functions and the ``reset_parameters`` of torch's common layers become no-ops, and
-    ``nn.Module.__setattr__`` takes a shortcut (same result) for plain attribute values."""
+    functions and the ``reset_parameters`` of torch's common layers become no-ops."""
     targets = [(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
     targets += [(layer, "reset_parameters") for layer in _RESETTING_LAYERS]
     replacements = [(owner, name, _keep) for owner, name in targets]
-    replacements.append((nn.Module, "__setattr__", _plain_setattr_over(nn.Module.__setattr__)))
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
     for owner, name, replacement in replacements:
         setattr(owner, name, replacement)
@@ -188,23 +185,6 @@ def skip_init():
 
 def _keep(tensor, *args, **kwargs):
     return tensor
-
-
-def _plain_setattr_over(module_setattr: Callable) -> Callable:
-    """``module_setattr`` (``nn.Module.__setattr__``) without its parameter/module/buffer checks
-    where none can apply: a plain value under a name that is not a parameter, buffer or submodule."""
-
-    def plain_setattr(self: nn.Module, name: str, value: Any) -> None:
-        if type(value) in _PLAIN_TYPES:
-            attributes = self.__dict__
-            if "_modules" in attributes and not (
-                name in attributes["_parameters"] or name in attributes["_modules"] or name in attributes["_buffers"]
-            ):
-                super(nn.Module, self).__setattr__(name, value)
-                return
-        module_setattr(self, name, value)
-
-    return plain_setattr
 
 
 def _clip(items: list[str], limit: int = 20) -> str:
