@@ -99,6 +99,15 @@ def test_prompt_weighting_and_callback_interrupt(pipe):
     assert calls == [0] and latents.shape == (1, 4, 16, 16)
 
 
+def test_a1111_weighting_gives_finite_images_with_effect(pipe):
+    plain = _run(pipe, prompt="the cat").images
+    same = _run(pipe, prompt="(the cat:1.0)", prompt_weighting="a1111").images
+    weighted = _run(pipe, prompt="(the cat:1.5)", prompt_weighting="a1111").images
+    assert np.isfinite(weighted).all() and np.isfinite(same).all()
+    np.testing.assert_array_equal(same, plain)
+    assert np.abs(weighted - plain).max() > 1e-4
+
+
 def _overflowing_vae() -> AutoencoderKL:
     """A float16 VAE whose decoder input layer overflows (activations ~1e6 > 65504)."""
     torch.manual_seed(1)
