@@ -7,24 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusekit import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusekit import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusekit.pipelines.vae_codec import decode_latents
-from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    return dict(vae=AutoencoderKL(**VAE_CONFIG).eval(), text_encoder=tiny_text_encoder(tokenizer),
-                tokenizer=tokenizer, unet=UNet2DConditionModel(**UNET_CONFIG).eval(),
-                scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None)
+from sd_components import VAE_CONFIG
 
 
 @pytest.fixture(scope="module")

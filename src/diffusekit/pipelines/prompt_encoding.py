@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from .call_checks import check_prompt_text
+
 logger = logging.getLogger(__name__)
 
 PROMPT_WEIGHTINGS = (None, "a1111")
@@ -37,8 +39,8 @@ def check_prompt_inputs(prompt, negative_prompt=None, prompt_embeds=None, negati
         raise ValueError("pass either prompt or prompt_embeds, not both")
     if prompt is None and prompt_embeds is None:
         raise ValueError("pass prompt or prompt_embeds; both are None")
-    if prompt is not None and not isinstance(prompt, (str, list)):
-        raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    check_prompt_text("prompt", prompt)
+    check_prompt_text("negative_prompt", negative_prompt)
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
     if prompt_embeds is not None and negative_prompt_embeds is not None:

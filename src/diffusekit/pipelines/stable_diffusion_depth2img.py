@@ -12,11 +12,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..utils import Generator
+from .call_checks import check_call_arguments
 from .image_processing import image_size, postprocess_images
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
-from .timesteps import check_strength, progress_due, step_kwargs, warmup_steps
+from .timesteps import progress_due, step_kwargs, warmup_steps
 from .vae_codec import decode_latents, vae_scale_factor
 
 
@@ -99,7 +100,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
 
         Returns :class:`~diffusekit.pipelines.pipeline_utils.ImagePipelineOutput` (or ``(images,)``).
         """
-        check_strength(strength)
+        check_call_arguments(strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             num_images_per_prompt=num_images_per_prompt, eta=eta)
         if image is None:
             raise ValueError("image is required")
         callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
