@@ -10,10 +10,11 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 
 from ..utils import Generator
 from .call_checks import check_call_arguments
-from .image_processing import image_size, postprocess_images
+from .image_processing import convert_pil, image_size, postprocess_images
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
@@ -148,9 +149,6 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
 
 
 def _image_list(image) -> list:
-    """A batch as a list of single images, as the depth estimator's image processor takes it."""
-    if isinstance(image, (list, tuple)):
-        return list(image)
-    if getattr(image, "ndim", 3) == 4:
-        return list(image)
-    return [image]
+    """A batch as a list of single images (PIL ones in RGB), as the depth estimator's image processor takes it."""
+    images = list(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 3) == 4 else [image]
+    return [convert_pil(i, "RGB") if isinstance(i, Image.Image) else i for i in images]

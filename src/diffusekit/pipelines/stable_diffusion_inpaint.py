@@ -88,8 +88,10 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
         return mask, masked_latents.to(device=device, dtype=dtype)
 
-    def check_inpaint_inputs(self, image, mask_image, padding_mask_crop: int | None, output_type: str) -> None:
+    def check_inpaint_inputs(self, image, mask_image, strength: float, padding_mask_crop: int | None,
+                             output_type: str) -> None:
         """Checks of the inpainting arguments (ValueError naming the argument)."""
+        check_call_arguments(strength=strength)
         if image is None or mask_image is None:
             raise ValueError("image and mask_image are required")
         is_latents = isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self._latent_channels()
@@ -148,13 +150,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
         Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).
         """
-        check_call_arguments(strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              num_images_per_prompt=num_images_per_prompt, eta=eta)
         height, width = self.default_height_width(height, width)
         callback_names = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
                                           output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
-        self.check_inpaint_inputs(image, mask_image, padding_mask_crop, output_type)
+        self.check_inpaint_inputs(image, mask_image, strength, padding_mask_crop, output_type)
         batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
 
