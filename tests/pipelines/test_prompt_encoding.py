@@ -1,6 +1,8 @@
 """Prompt encoding: the reference's truncation path and the opt-in A1111 prompt weighting."""
 
+import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -9,7 +11,9 @@ from diffusekit.pipelines.guidance import apply_guidance, rescale_noise_cfg
 from diffusekit.pipelines.prompt_encoding import (
     encode_prompt,
     encode_weighted_text,
+    mean_restoring_factor,
     parse_prompt_attention,
+    weighted_token_windows,
 )
 from sd_components import tiny_text_encoder, tiny_tokenizer
 
@@ -20,12 +24,24 @@ def clip(tmp_path_factory):
     return tiny_text_encoder(tokenizer), tokenizer
 
 
+@pytest.fixture(scope="module")
+def biased_clip(clip):
+    """The tiny encoder with a final layer-norm bias, so its hidden states have a mean far from 0."""
+    text_encoder, tokenizer = clip
+    biased = copy.deepcopy(text_encoder)
+    with torch.no_grad():
+        getattr(biased, "text_model", biased).final_layer_norm.bias.fill_(0.3)
+    return biased, tokenizer
+
+
 def _expected_window(text_encoder, ids: list[int], weights: list[float]) -> torch.Tensor:
-    """The documented rule, computed independently: e * w, rescaled to e's mean."""
+    """The documented rule, computed independently: e * w, rescaled to e's mean unless a mean is ~0."""
     with torch.no_grad():
         e = text_encoder(torch.tensor([ids]))[0][0]
-    w = torch.tensor(weights)[:, None]
-    return e * w * (e.mean() / (e * w).mean())
+    weighted = e * torch.tensor(weights)[:, None]
+    if e.mean().abs() > 1e-3 * e.abs().mean() and weighted.mean().abs() > 1e-3 * weighted.abs().mean():
+        return weighted * (e.mean() / weighted.mean())
+    return weighted
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -42,8 +58,9 @@ def test_parse_prompt_attention():
 
 
 @torch.no_grad()
-def test_weighted_short_prompt_matches_rule(clip):
-    text_encoder, tok = clip
+@pytest.mark.parametrize("encoder", ["clip", "biased_clip"])
+def test_weighted_short_prompt_matches_rule(encoder, request):
+    text_encoder, tok = request.getfixturevalue(encoder)
     got = encode_weighted_text(text_encoder, tok, ["the (cat:1.5) [dog]"])
     body = _ids(tok, "the") + _ids(tok, "cat") + _ids(tok, "dog")
     weights = [1.0, 1.0, 1.5, 1 / 1.1]
@@ -89,6 +106,55 @@ def test_unweighted_a1111_equals_default_and_default_truncates(clip, caplog):
     assert any("truncated" in r.message and "zebra" in r.message for r in caplog.records)
     with pytest.raises(ValueError, match="prompt_weighting"):
         encode_prompt(text_encoder, tok, "x", "cpu", 1, False, prompt_weighting="compel")
+
+
+@torch.no_grad()
+def test_zero_mean_hidden_states_stay_finite_and_keep_the_weights(clip):
+    """Layer-normed states without a bias have a mean of exactly 0: no rescale, no NaN."""
+    text_encoder, tok = clip
+    plain, _ = encode_prompt(text_encoder, tok, "the cat", "cpu", 1, False)
+    assert plain.mean().abs() < 1e-6
+    weights = {}
+    for prompt in ("the cat", "(the cat:1.0)", "(the cat:1.3)", "[the] (cat:2)"):
+        weights[prompt], _ = encode_prompt(text_encoder, tok, prompt, "cpu", 1, False, prompt_weighting="a1111")
+        assert torch.isfinite(weights[prompt]).all(), prompt
+    torch.testing.assert_close(weights["the cat"], plain, atol=0, rtol=0)
+    torch.testing.assert_close(weights["(the cat:1.0)"], plain, atol=0, rtol=0)
+    assert not torch.allclose(weights["(the cat:1.3)"], plain)
+    torch.testing.assert_close(weights["(the cat:1.3)"][0, 1:3], 1.3 * plain[0, 1:3])  # no rescale: e * w
+
+
+@torch.no_grad()
+def test_rescale_restores_the_mean(biased_clip):
+    text_encoder, tok = biased_clip
+    plain, _ = encode_prompt(text_encoder, tok, "the cat", "cpu", 1, False)
+    one, _ = encode_prompt(text_encoder, tok, "(the cat:1.0)", "cpu", 1, False, prompt_weighting="a1111")
+    weighted, _ = encode_prompt(text_encoder, tok, "(the cat:1.5)", "cpu", 1, False, prompt_weighting="a1111")
+    torch.testing.assert_close(one, plain, atol=0, rtol=0)
+    assert not torch.allclose(weighted, plain)
+    torch.testing.assert_close(weighted.mean(), plain.mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_mean_restoring_factor_guards_a_zero_mean():
+    embeds = torch.tensor([[[1.0, -1.0], [2.0, -2.0]], [[1.0, 2.0], [3.0, 4.0]]])
+    weighted = embeds * torch.tensor([[2.0], [1.0]])
+    factor = mean_restoring_factor(embeds, weighted)
+    assert factor.shape == (2, 1, 1)
+    assert factor[0].item() == 1.0  # both means are 0
+    assert factor[1].item() == pytest.approx(2.5 / 3.25)
+    assert mean_restoring_factor(embeds, torch.full_like(embeds, math.inf))[1].item() == 1.0
+
+
+@torch.no_grad()
+def test_ten_thousand_token_prompt_is_chunked_and_finite(clip):
+    text_encoder, tok = clip
+    prompt = "the (cat:1.4) and [dog] " * 2500
+    windows = weighted_token_windows(tok, prompt)
+    assert len(windows) == math.ceil(10_000 / 75)
+    embeds = encode_weighted_text(text_encoder, tok, [prompt])
+    assert embeds.shape == (1, 77 * len(windows), 32) and torch.isfinite(embeds).all()
+    ids, weights = windows[-1]
+    torch.testing.assert_close(embeds[0, -77:], _expected_window(text_encoder, ids, weights), atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_combine_and_rescale():

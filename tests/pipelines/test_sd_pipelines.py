@@ -7,24 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusekit import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusekit import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from diffusekit.pipelines.vae_codec import decode_latents
-from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    return dict(vae=AutoencoderKL(**VAE_CONFIG).eval(), text_encoder=tiny_text_encoder(tokenizer),
-                tokenizer=tokenizer, unet=UNet2DConditionModel(**UNET_CONFIG).eval(),
-                scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None)
+from sd_components import VAE_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +82,15 @@ def test_prompt_weighting_and_callback_interrupt(pipe):
 
     latents = _run(pipe, num_inference_steps=3, output_type="latent", callback_on_step_end=stop).images
     assert calls == [0] and latents.shape == (1, 4, 16, 16)
+
+
+def test_a1111_weighting_gives_finite_images_with_effect(pipe):
+    plain = _run(pipe, prompt="the cat").images
+    same = _run(pipe, prompt="(the cat:1.0)", prompt_weighting="a1111").images
+    weighted = _run(pipe, prompt="(the cat:1.5)", prompt_weighting="a1111").images
+    assert np.isfinite(weighted).all() and np.isfinite(same).all()
+    np.testing.assert_array_equal(same, plain)
+    assert np.abs(weighted - plain).max() > 1e-4
 
 
 def _overflowing_vae() -> AutoencoderKL:

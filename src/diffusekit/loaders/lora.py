@@ -27,6 +27,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -89,6 +90,28 @@ def read_lora_file(path_or_dict: str | os.PathLike | dict, weight_name: str | No
             except json.JSONDecodeError:
                 raise WeightsError(f"{path}: corrupt {METADATA_KEY} in the safetensors metadata") from None
     return load_file(path), metadata, str(path)
+
+
+def check_lora_values(state: dict, source: str) -> None:
+    """ValueError naming ``source`` and the key: a tensor with NaN/inf, or an ``alpha`` that is not one number."""
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if key.endswith(".alpha") and tensor.numel() != 1:
+            raise WeightsError(f"{source}: {key} must be a single number (the LoRA alpha), "
+                               f"got a tensor of shape {tuple(tensor.shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{source}: {key} holds NaN or infinite values")
+
+
+def _finite_alpha(value: Any, name: str, source: str) -> float:
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not math.isfinite(alpha):
+        raise WeightsError(f"{source}: the metadata's {name} must be a finite number, got {value!r}")
+    return alpha
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -154,7 +177,7 @@ def _pattern_value(patterns: dict, name: str):
     return None
 
 
-def _alphas(component: str, entries: dict[str, _Entry], metadata: dict) -> dict[str, float]:
+def _alphas(component: str, entries: dict[str, _Entry], metadata: dict, source: str) -> dict[str, float]:
     """alpha per module id: from ``.alpha`` keys, else metadata, else the most common alpha, else rank."""
     given = {m: float(e.tensors["alpha"]) for m, e in entries.items() if "alpha" in e.tensors}
     common = collections.Counter(given.values()).most_common(1)[0][0] if given else None
@@ -165,9 +188,10 @@ def _alphas(component: str, entries: dict[str, _Entry], metadata: dict) -> dict[
         if module_id in given:
             result[module_id] = given[module_id]
         elif _pattern_value(alpha_pattern, module_id) is not None:
-            result[module_id] = float(_pattern_value(alpha_pattern, module_id))
+            result[module_id] = _finite_alpha(_pattern_value(alpha_pattern, module_id), f"{component}.alpha_pattern",
+                                              source)
         elif meta_alpha is not None:
-            result[module_id] = float(meta_alpha)
+            result[module_id] = _finite_alpha(meta_alpha, f"{component}.lora_alpha", source)
         elif common is not None:
             result[module_id] = common
         elif "down" in entry.tensors:
@@ -185,7 +209,7 @@ def plan_adapters(grouped: dict, models: dict[str, nn.Module], metadata: dict, s
             unmatched += [k for e in entries.values() for k in e.keys]
             continue
         lookup = _module_lookup(model)
-        alphas = _alphas(component, entries, metadata)
+        alphas = _alphas(component, entries, metadata, source)
         targets = []
         for module_id, entry in entries.items():
             module = lookup.get(module_id)
@@ -258,6 +282,7 @@ class LoraLoaderMixin:
         if not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
         state, metadata, source = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
+        check_lora_values(state, source)
         models = self._lora_models()
         file_keys, origin = sorted(state), {}
         if is_flux_transformer(models.get("transformer")):

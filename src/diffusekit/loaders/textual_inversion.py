@@ -66,6 +66,18 @@ def token_and_embedding(state, token: str | None, source: str, file_token: str |
     return token, embedding
 
 
+def check_token(token: Any, tokenizer, source: str) -> None:
+    """ValueError naming ``token``: not a str, empty or whitespace, or an existing word of the
+    tokenizer's vocabulary (it would take that word's place in every prompt)."""
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError(f"{source}: the token must be a non-empty, non-blank str, got {token!r}")
+    vocab = tokenizer.get_vocab()
+    pieces = tokenizer.tokenize(token)
+    if token in vocab or (len(pieces) == 1 and pieces[0] in vocab):
+        raise ValueError(f"{source}: token {token!r} is already in the tokenizer's vocabulary (as {pieces}); "
+                         "choose another token= name")
+
+
 def expand_tokens(token: str, embedding: torch.Tensor) -> tuple[list[str], list[torch.Tensor]]:
     """``token, token_1, ...`` and one vector each."""
     vectors = list(embedding) if embedding.ndim == 2 else [embedding]
@@ -127,6 +139,9 @@ class TextualInversionLoaderMixin:
         for source, wanted in zip(sources, tokens):
             state, where, file_token = read_embedding_file(source, weight_name, **hub)
             name, embedding = token_and_embedding(state, wanted, where, file_token)
+            check_token(name, tokenizer, where)
+            if not torch.isfinite(embedding).all():
+                raise WeightsError(f"{where}: the embedding of token {name!r} holds NaN or infinite values")
             names, rows = expand_tokens(name, embedding)
             clash = [n for n in names if n in vocab or n in new_tokens or f"{name}_1" in vocab]
             if clash:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..utils import Generator
+from .call_checks import check_call_arguments
 from .noise import initial_noise
 from .pipeline_utils import AudioPipelineOutput, DiffusionPipeline
 
@@ -36,6 +37,7 @@ class DanceDiffusionPipeline(DiffusionPipeline):
         return_dict: bool = True,
     ):
         """Generate ``audio_length_in_s`` seconds (default: the unet's ``sample_size``) in [-1, 1]."""
+        check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps)
         rate = self.unet.config.sample_rate
         if not rate:
             raise ValueError("unet.config.sample_rate is not set; DanceDiffusionPipeline needs it")

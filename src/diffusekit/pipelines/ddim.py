@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import Generator
+from .call_checks import check_call_arguments
 from .image_processing import postprocess_images
 from .noise import image_shape, initial_noise
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -35,6 +36,7 @@ class DDIMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
+        check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps, eta=eta)
         image = initial_noise(image_shape(self.unet, batch_size), generator, self.device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):

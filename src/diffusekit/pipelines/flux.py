@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..utils import Generator, randn_tensor
+from .call_checks import check_call_arguments
 from .flux_common import (
     FluxBase,
     default_sigmas,
@@ -78,6 +79,8 @@ class FluxPipeline(FluxBase):
         - ``callback_on_step_end(pipe, step, t, tensors)`` gets the ``callback_on_step_end_tensor_inputs``
           (latents, prompt_embeds) and may return replacements.
         """
+        check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             true_cfg_scale=true_cfg_scale, num_images_per_prompt=num_images_per_prompt)
         height, width = self.default_height_width(height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..loaders.lora import LoraLoaderMixin
 from ..utils import BaseOutput
+from .call_checks import check_image_size, check_prompt_text
 from .image_processing import postprocess_images
 from .memory import MemoryMixin
 from .pipeline_utils import DiffusionPipeline
@@ -144,6 +145,7 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
                      negative_pooled_prompt_embeds=None, callback_on_step_end_tensor_inputs: Sequence[str] = (),
                      max_sequence_length: int | None = None, output_type: str = "pil") -> None:
         """The reference's argument checks (ValueError naming the argument)."""
+        check_image_size(height, width)
         multiple = self.vae_scale_factor * 2
         if height % multiple or width % multiple:
             logger.warning("height and width must be divisible by %d, got %d and %d; the image is made smaller to fit",
@@ -162,8 +164,7 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
                                                  negative_prompt_embeds)):
             if text is not None and embeds is not None:
                 raise ValueError(f"pass either {name} or {embeds_name}, not both")
-            if text is not None and not isinstance(text, (str, list)):
-                raise ValueError(f"{name} must be a str or a list of str, got {type(text).__name__}")
+            check_prompt_text(name, text)
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass prompt or prompt_embeds; both are None")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
@@ -256,7 +257,7 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
 
     def default_height_width(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.default_sample_size * self.vae_scale_factor
-        return height or default, width or default
+        return default if height is None else height, default if width is None else width
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """The latent grid of a ``height`` x ``width`` image, both rounded down to even numbers."""

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..utils import Generator, randn_tensor
+from .call_checks import check_call_arguments
 from .flux_common import (
     FluxBase,
     default_sigmas,
@@ -17,7 +18,7 @@ from .flux_common import (
 from .image_processing import preprocess_images
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
-from .timesteps import check_strength, progress_due, retrieve_timesteps, warmup_steps
+from .timesteps import progress_due, retrieve_timesteps, warmup_steps
 from .vae_codec import encode_images
 
 
@@ -99,7 +100,8 @@ class FluxImg2ImgPipeline(FluxBase):
         """
         if image is None:
             raise ValueError("image is required")
-        check_strength(strength)
+        check_call_arguments(strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             true_cfg_scale=true_cfg_scale, num_images_per_prompt=num_images_per_prompt)
         height, width = self.default_height_width(height, width)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,

@@ -44,6 +44,49 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil", from_minu
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
+# -- PIL modes ----------------------------------------------------------------------------------
+
+#: Integer grayscale modes with more than 8 bits (16-bit PNGs open as one of these).
+WIDE_GRAYSCALE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (:data:`WIDE_GRAYSCALE_MODES`) scaled to 8-bit "L" (PIL's own conversion
+    clips it at 255 instead); other images unchanged."""
+    if image.mode not in WIDE_GRAYSCALE_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def convert_pil(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` in ``mode`` ("RGB" for images, "L" for masks), as the reference converts them: alpha
+    dropped, palettes expanded; 16-bit grayscale scaled (see :func:`eight_bit`)."""
+    image = eight_bit(image)
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _pixel_channels(batch: torch.Tensor, name: str, latent_channels: int | None) -> torch.Tensor:
+    """An (N, C, H, W) pixel batch with 3 channels: grayscale repeated, anything but RGB refused."""
+    channels = batch.shape[1]
+    if channels == 1:
+        return batch.repeat(1, 3, 1, 1)
+    if channels != 3:
+        latents = f", or {latent_channels} for latents (tensors only)" if latent_channels else ""
+        raise ValueError(f"{name} has {channels} channels; pixels must have 3 (RGB) or 1 (grayscale){latents}. "
+                         "Drop the alpha channel of RGBA images first")
+    return batch
+
+
+def _array_values(array: np.ndarray) -> np.ndarray:
+    """Float values in [0, 1] for integer arrays (scaled by their type's maximum, e.g. 65535 for uint16)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float32) / np.iinfo(array.dtype).max
+    return array
+
+
 # -- inpainting masks ---------------------------------------------------------------------------
 
 def _resize_keep_ratio(image: Image.Image, width: int, height: int, fill: bool) -> Image.Image:
@@ -106,8 +149,8 @@ def _mask_batch(mask) -> torch.Tensor | list[Image.Image]:
     if all(isinstance(m, np.ndarray) for m in items):
         # (H, W) and (H, W, 1) are one mask, (N, H, W) a batch of them
         arrays = [m[None] if m.ndim == 2 or (m.ndim == 3 and m.shape[-1] == 1) else m for m in items]
-        arrays = [a[..., None] if a.ndim == 3 else a for a in arrays]
-        if any(a.ndim != 4 for a in arrays):
+        arrays = [_array_values(a[..., None] if a.ndim == 3 else a) for a in arrays]
+        if any(a.ndim != 4 or a.shape[-1] != 1 for a in arrays):
             raise ValueError("mask_image arrays must be (H, W), (H, W, 1), (N, H, W) or (N, H, W, 1)")
         return _numpy_to_tensor(np.concatenate(arrays)).float()
     if all(isinstance(m, torch.Tensor) for m in items):
@@ -141,8 +184,8 @@ def preprocess_mask(mask, height: int | None = None, width: int | None = None, v
             batch = [m.crop(crops_coords) for m in batch]
         height = _multiple_below(height or batch[0].height, vae_scale_factor)
         width = _multiple_below(width or batch[0].width, vae_scale_factor)
-        batch = [np.asarray(resize_pil(m, width, height, resize_mode).convert("L"), dtype=np.float32) / 255.0
-                 for m in batch]
+        batch = [np.asarray(convert_pil(resize_pil(eight_bit(m), width, height, resize_mode), "L"),
+                            dtype=np.float32) / 255.0 for m in batch]
         batch = _numpy_to_tensor(np.stack(batch))
     else:
         if resize_mode != "default":
@@ -155,7 +198,7 @@ def preprocess_mask(mask, height: int | None = None, width: int | None = None, v
 def mask_crop_region(mask: Image.Image, width: int, height: int, pad: int = 0) -> tuple[int, int, int, int]:
     """The box (x1, y1, x2, y2) around the mask's non-zero pixels, widened by ``pad`` and then to the
     aspect ratio ``width / height`` (shifted to stay inside the mask)."""
-    values = np.asarray(mask.convert("L"))
+    values = np.asarray(convert_pil(mask, "L"))
     h, w = values.shape
     cols, rows = np.flatnonzero(values.any(axis=0)), np.flatnonzero(values.any(axis=1))
     left, right = (cols[0], cols[-1] + 1) if cols.size else (w, 0)
@@ -185,7 +228,7 @@ def overlay_inpainted(mask: Image.Image, original: Image.Image, image: Image.Ima
     the inpainted crop and is first resized into that box of a canvas the size of ``original``."""
     width, height = original.size
     kept = Image.new("RGBa", (width, height))
-    kept.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    kept.paste(convert_pil(original, "RGB").convert("RGBa"), mask=ImageOps.invert(convert_pil(mask, "L")))
     kept = kept.convert("RGBA")
     if crops_coords is not None:
         x1, y1, x2, y2 = crops_coords
@@ -208,10 +251,12 @@ def _resize_nearest(images: torch.Tensor, height: int, width: int) -> torch.Tens
 def preprocess_images(image, height: int | None = None, width: int | None = None, multiple: int = 8,
                       latent_channels: int | None = 4, normalize: bool = True, resize_mode: str = "default",
                       crops_coords: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """Pipeline image input to a float tensor (N, C, H, W) in [-1, 1], as the reference prepares it.
+    """Pipeline image input to a float tensor (N, 3, H, W) in [-1, 1], as the reference prepares it.
 
-    ``image``: a PIL image, a numpy array (H, W, C) or (N, H, W, C) in [0, 1], a tensor (C, H, W)
-    or (N, C, H, W) in [0, 1], or a list of one of these. The size is ``height`` x ``width``, by
+    ``image``: a PIL image (any mode: converted to RGB, see :func:`convert_pil`), a numpy array
+    (H, W[, C]) or (N, H, W, C) in [0, 1] (integer arrays are scaled by their type's maximum), a
+    tensor (C, H, W) or (N, C, H, W) in [0, 1], or a list of one of these. Arrays and tensors have
+    3 channels or 1 (grayscale, repeated); others are refused. The size is ``height`` x ``width``, by
     default the input's, rounded down to a multiple of ``multiple`` (the VAE scale factor); PIL
     images are resized with Lanczos, arrays and tensors with nearest-neighbour interpolation.
     A tensor with ``latent_channels`` channels is taken to be latents and returned unchanged. A tensor
@@ -227,6 +272,7 @@ def preprocess_images(image, height: int | None = None, width: int | None = None
     if isinstance(first, Image.Image):
         if not all(isinstance(i, Image.Image) for i in images):
             raise ValueError("image: a list must hold images of one kind")
+        images = [convert_pil(i, "RGB") for i in images]
         if crops_coords is not None:
             images = [i.crop(crops_coords) for i in images]
         height = _multiple_below(height or images[0].height, multiple)
@@ -235,13 +281,14 @@ def preprocess_images(image, height: int | None = None, width: int | None = None
         batch = _numpy_to_tensor(np.stack(arrays, axis=0))
     elif isinstance(first, np.ndarray):
         batch = np.concatenate(images, axis=0) if first.ndim == 4 else np.stack(images, axis=0)
-        batch = _numpy_to_tensor(batch)
+        batch = _pixel_channels(_numpy_to_tensor(_array_values(batch)), "image", None)
         batch = _resize_nearest(batch, _multiple_below(height or batch.shape[2], multiple),
                                 _multiple_below(width or batch.shape[3], multiple))
     elif isinstance(first, torch.Tensor):
         batch = torch.cat(images, dim=0) if first.ndim == 4 else torch.stack(images, dim=0)
         if latent_channels is not None and batch.shape[1] == latent_channels:
             return batch
+        batch = _pixel_channels(batch, "image", latent_channels)
         batch = _resize_nearest(batch, _multiple_below(height or batch.shape[2], multiple),
                                 _multiple_below(width or batch.shape[3], multiple))
     else:

@@ -7,6 +7,7 @@ import inspect
 import torch
 
 from ..utils import Generator
+from .call_checks import check_call_arguments
 from .image_processing import postprocess_images
 from .noise import image_shape, initial_noise
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -46,6 +47,7 @@ class LDMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
+        check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps, eta=eta)
         latents = initial_noise(image_shape(self.unet, batch_size), generator, self.device, self.unet.dtype,
                                 scale=self.scheduler.init_noise_sigma)
         self.scheduler.set_timesteps(num_inference_steps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..utils import Generator
+from .call_checks import check_call_arguments, check_image_size, check_prompt_text
 from .image_processing import postprocess_images
 from .ldm import decode_vq_latents, step_options
 from .noise import initial_noise
@@ -45,15 +46,15 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         return_dict: bool = True,
     ):
         """Generate one image per prompt; ``guidance_scale`` > 1 enables classifier-free guidance."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not all(isinstance(p, str) for p in prompt):
-            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta)
+        if prompt is None:
+            raise ValueError("prompt is required")
+        check_prompt_text("prompt", prompt)
+        prompt = [prompt] if isinstance(prompt, str) else prompt
         factor = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
-        if height % factor or width % factor:
-            raise ValueError(f"height and width must be multiples of {factor}, got {height} and {width}")
+        check_image_size(height, width, multiple=factor)
+        height = self.unet.config.sample_size * factor if height is None else height
+        width = self.unet.config.sample_size * factor if width is None else width
 
         batch_size = len(prompt)
         guided = guidance_scale != 1.0

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from .call_checks import check_prompt_text
+
 logger = logging.getLogger(__name__)
 
 PROMPT_WEIGHTINGS = (None, "a1111")
@@ -37,8 +39,8 @@ def check_prompt_inputs(prompt, negative_prompt=None, prompt_embeds=None, negati
         raise ValueError("pass either prompt or prompt_embeds, not both")
     if prompt is None and prompt_embeds is None:
         raise ValueError("pass prompt or prompt_embeds; both are None")
-    if prompt is not None and not isinstance(prompt, (str, list)):
-        raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    check_prompt_text("prompt", prompt)
+    check_prompt_text("negative_prompt", negative_prompt)
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
     if prompt_embeds is not None and negative_prompt_embeds is not None:
@@ -267,7 +269,8 @@ def encode_weighted_text(text_encoder, tokenizer, texts: Sequence[str], clip_ski
     ``e`` = the text encoder's hidden states for the window (with ``clip_skip`` as in
     :func:`run_text_encoder`), ``w`` = the per-token weights;
     ``e_w = e * w[:, None]``, then ``e_w * (mean(e) / mean(e_w))`` where each mean is taken over all
-    tokens and channels of that window. The windows' results are concatenated along the tokens.
+    tokens and channels of that window (the factor is 1 where a mean is ~0, see
+    :func:`mean_restoring_factor`). The windows' results are concatenated along the tokens.
     Prompts with fewer windows than the longest (or than ``num_windows``) get empty-prompt windows
     appended. With all weights 1 and at most 75 tokens, this equals the default encoding.
     """
@@ -279,18 +282,31 @@ def encode_weighted_text(text_encoder, tokenizer, texts: Sequence[str], clip_ski
                              f"more than the {num_windows} of the embeddings it is paired with")
         count = num_windows
     pad = empty_window(tokenizer)
-    per_text = [w + [pad] * (count - len(w)) for w in per_text]
+    windows = [window for w in per_text for window in w + [pad] * (count - len(w))]
     device = text_encoder.device
-    pieces = []
-    for index in range(count):
-        ids = torch.tensor([w[index][0] for w in per_text], device=device)
-        weights = torch.tensor([w[index][1] for w in per_text], device=device)
-        embeds = run_text_encoder(text_encoder, ids, clip_skip=clip_skip)
-        weighted = embeds * weights[:, :, None].to(embeds.dtype)
-        old_mean = embeds.mean(dim=(1, 2), keepdim=True)
-        new_mean = weighted.mean(dim=(1, 2), keepdim=True)
-        pieces.append(weighted * (old_mean / new_mean))
-    return torch.cat(pieces, dim=1)
+    ids = torch.tensor([ids for ids, _ in windows], device=device)
+    weights = torch.tensor([weights for _, weights in windows], device=device)
+    embeds = run_text_encoder(text_encoder, ids, clip_skip=clip_skip)  # all windows in one batch
+    weighted = embeds * weights[:, :, None].to(embeds.dtype)
+    rescaled = weighted * mean_restoring_factor(embeds, weighted).to(embeds.dtype)
+    return rescaled.reshape(len(per_text), count * rescaled.shape[1], rescaled.shape[2])
+
+
+#: A window's mean counts as ~0 below this share of its mean absolute value (the ratio of means
+#: would then be noise: e.g. layer-normed hidden states without a bias have a mean of exactly 0).
+MEAN_TOLERANCE = 1e-3
+
+
+def mean_restoring_factor(embeds: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    """Per window, ``mean(embeds) / mean(weighted)`` (in float32), as A1111 rescales weighted
+    embeddings; 1 where either mean is ~0 (see :data:`MEAN_TOLERANCE`) or the ratio is not finite."""
+    embeds, weighted = embeds.float(), weighted.float()
+    old_mean = embeds.mean(dim=(1, 2), keepdim=True)
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    significant = (old_mean.abs() > MEAN_TOLERANCE * embeds.abs().mean(dim=(1, 2), keepdim=True)) & \
+        (new_mean.abs() > MEAN_TOLERANCE * weighted.abs().mean(dim=(1, 2), keepdim=True))
+    factor = old_mean / torch.where(significant, new_mean, torch.ones_like(new_mean))
+    return torch.where(significant & torch.isfinite(factor), factor, torch.ones_like(factor))
 
 
 def _encode_weighted_pair(text_encoder, tokenizer, texts, uncond_texts, prompt_embeds, negative_prompt_embeds,

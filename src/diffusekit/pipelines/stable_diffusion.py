@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..utils import Generator
+from .call_checks import check_call_arguments
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_common import StableDiffusionBase, StableDiffusionPipelineOutput
 from .timesteps import progress_due, retrieve_timesteps, step_kwargs, warmup_steps
@@ -63,6 +64,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
         Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).
         """
+        check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             num_images_per_prompt=num_images_per_prompt, guidance_rescale=guidance_rescale, eta=eta)
         height, width = self.default_height_width(height, width)
         callback_names = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,

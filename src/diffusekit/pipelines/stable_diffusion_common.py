@@ -20,6 +20,7 @@ from ..loaders.single_file import FromSingleFileMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..utils import BaseOutput, Generator
 from . import prompt_encoding
+from .call_checks import check_image_size
 from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
 from .image_processing import numpy_to_pil, postprocess_images
 from .memory import MemoryMixin
@@ -111,11 +112,10 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
 
     def default_height_width(self, height: int | None, width: int | None) -> tuple[int, int]:
         """``height``/``width``, by default the UNet's sample size times the VAE scale factor."""
-        if height and width:
-            return height, width
         size = self.unet.config.sample_size
         size_h, size_w = (size, size) if isinstance(size, int) else size
-        return height or size_h * self.vae_scale_factor, width or size_w * self.vae_scale_factor
+        return (size_h * self.vae_scale_factor if height is None else height,
+                size_w * self.vae_scale_factor if width is None else width)
 
     def callback_names(self, callback, names: Sequence[str] | None) -> list[str]:
         """The tensors a step callback receives: a callback object's ``tensor_inputs``, else ``names``."""
@@ -126,8 +126,7 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
                      prompt_embeds=None, negative_prompt_embeds=None, callback_names: Sequence[str] = (),
                      prompt_weighting: str | None = None, output_type: str = "pil") -> None:
         """Argument checks shared by the SD pipelines; each raises ValueError naming the argument."""
-        if height is not None and width is not None and (height % 8 or width % 8):
-            raise ValueError(f"height and width must be divisible by 8, got height={height} and width={width}")
+        check_image_size(height, width, multiple=8)
         unknown = [n for n in callback_names if n not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only name {list(self._callback_tensor_inputs)}, "

@@ -10,13 +10,15 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 
 from ..utils import Generator
-from .image_processing import image_size, postprocess_images
+from .call_checks import check_call_arguments
+from .image_processing import convert_pil, image_size, postprocess_images
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
-from .timesteps import check_strength, progress_due, step_kwargs, warmup_steps
+from .timesteps import progress_due, step_kwargs, warmup_steps
 from .vae_codec import decode_latents, vae_scale_factor
 
 
@@ -99,7 +101,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
 
         Returns :class:`~diffusekit.pipelines.pipeline_utils.ImagePipelineOutput` (or ``(images,)``).
         """
-        check_strength(strength)
+        check_call_arguments(strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             num_images_per_prompt=num_images_per_prompt, eta=eta)
         if image is None:
             raise ValueError("image is required")
         callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
@@ -146,9 +149,6 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
 
 
 def _image_list(image) -> list:
-    """A batch as a list of single images, as the depth estimator's image processor takes it."""
-    if isinstance(image, (list, tuple)):
-        return list(image)
-    if getattr(image, "ndim", 3) == 4:
-        return list(image)
-    return [image]
+    """A batch as a list of single images (PIL ones in RGB), as the depth estimator's image processor takes it."""
+    images = list(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 3) == 4 else [image]
+    return [convert_pil(i, "RGB") if isinstance(i, Image.Image) else i for i in images]

@@ -7,13 +7,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..utils import Generator, randn_tensor
+from .call_checks import check_call_arguments
 from .image_processing import preprocess_images
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_common import StableDiffusionBase
-from .timesteps import (
-    check_strength, progress_due, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps,
-)
+from .timesteps import progress_due, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps
 from .vae_codec import encode_images
 
 
@@ -83,7 +82,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         0 returns it unchanged after a round trip through the VAE); ``int(num_inference_steps *
         strength)`` steps run. The other arguments are those of :class:`StableDiffusionPipeline`.
         """
-        check_strength(strength)
+        check_call_arguments(strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             num_images_per_prompt=num_images_per_prompt, eta=eta)
         if image is None:
             raise ValueError("image is required")
         callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,

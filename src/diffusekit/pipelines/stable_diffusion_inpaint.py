@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..utils import Generator, randn_tensor
+from .call_checks import check_call_arguments
 from .image_processing import (
     image_size, mask_crop_region, mask_size, overlay_inpainted, preprocess_images, preprocess_mask,
 )
@@ -20,9 +21,7 @@ from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_common import StableDiffusionBase
 from .stable_diffusion_img2img import _repeat_to
-from .timesteps import (
-    check_strength, progress_due, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps,
-)
+from .timesteps import progress_due, retrieve_timesteps, step_kwargs, timesteps_for_strength, warmup_steps
 from .vae_codec import encode_images
 
 
@@ -92,7 +91,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
     def check_inpaint_inputs(self, image, mask_image, strength: float, padding_mask_crop: int | None,
                              output_type: str) -> None:
         """Checks of the inpainting arguments (ValueError naming the argument)."""
-        check_strength(strength)
+        check_call_arguments(strength=strength)
         if image is None or mask_image is None:
             raise ValueError("image and mask_image are required")
         is_latents = isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == self._latent_channels()
@@ -151,6 +150,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
         Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).
         """
+        check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             num_images_per_prompt=num_images_per_prompt, eta=eta)
         height, width = self.default_height_width(height, width)
         callback_names = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                           callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..utils import Generator
+from .call_checks import check_strength
 
 
 def _takes(method, name: str) -> bool:
@@ -34,11 +35,6 @@ def retrieve_timesteps(scheduler, num_inference_steps: int | None = None, device
         return scheduler.timesteps, len(scheduler.timesteps)
     scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
     return scheduler.timesteps, num_inference_steps
-
-
-def check_strength(strength: float) -> None:
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
 
 
 def timesteps_for_strength(scheduler, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:

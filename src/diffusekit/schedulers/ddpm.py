@@ -26,6 +26,7 @@ class DDPMScheduler(StepIndexMixin, SchedulerMixin):
 
     _compatibles = KARRAS_DIFFUSION_SCHEDULERS
     order = 1
+    _steps_capped_by_training = True
 
     @register_to_config
     def __init__(

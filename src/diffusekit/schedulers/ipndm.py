@@ -27,8 +27,6 @@ class IPNDMScheduler(StepIndexMixin, SchedulerMixin):
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Evenly spaced t from 1 towards 0; ``betas`` are the sigmas and ``alphas`` the signal scales."""
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         self.num_inference_steps = num_inference_steps
         steps = torch.cat([torch.linspace(1, 0, num_inference_steps + 1)[:-1], torch.tensor([0.0])])
         if self.config.trained_betas is not None:

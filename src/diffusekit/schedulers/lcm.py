@@ -39,6 +39,7 @@ class LCMScheduler(StepIndexMixin, SchedulerMixin):
 
     _compatibles = ()
     order = 1
+    _steps_capped_by_training = True
 
     @register_to_config
     def __init__(
@@ -110,8 +111,6 @@ class LCMScheduler(StepIndexMixin, SchedulerMixin):
                                                          self.num_inference_steps), 0)
             schedule = np.array(timesteps, dtype=np.int64)[t_start * self.order:]
         else:
-            if num_inference_steps > cfg.num_train_timesteps:
-                raise ValueError(f"num_inference_steps ({num_inference_steps}) cannot exceed num_train_timesteps")
             if len(origin) // num_inference_steps < 1:
                 raise ValueError(f"original_inference_steps x strength ({original_steps} x {strength}) is smaller "
                                  f"than num_inference_steps ({num_inference_steps})")
