@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import register_to_config
-from ..loaders.single_file import FromOriginalModelMixin
+from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput
 from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
@@ -50,6 +50,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     """
 
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
+    single_file_component = "unet"
 
     @register_to_config
     def __init__(
