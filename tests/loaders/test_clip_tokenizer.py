@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffusekit import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusekit.loaders import single_file
+from diffusekit.loaders import single_file, single_file_model
 from diffusekit.loaders.clip_tokenizer import clip_tokenizer, clip_tokenizer_folder
 from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
 
@@ -102,7 +102,7 @@ def tiny_full_vocab(tmp_path_factory):
 
 def test_single_file_loads_with_no_tokenizer_and_no_config(tiny_full_vocab, tmp_path, monkeypatch):
     folder, configs = tiny_full_vocab
-    monkeypatch.setattr(single_file, "CONFIG_ROOT", configs)
+    monkeypatch.setattr(single_file_model, "CONFIG_ROOT", configs)
     path = single_file.convert(folder, tmp_path / "model.safetensors")
     pipe = StableDiffusionPipeline.from_single_file(path)
     assert type(pipe.tokenizer).__name__ == "CLIPTokenizer" and len(pipe.tokenizer) == 49408
@@ -123,7 +123,7 @@ def test_text_encoder_that_does_not_fit_the_shipped_tokenizer(tmp_path, monkeypa
     tokenizer = tiny_tokenizer(tmp_path / "tokenizer")
     folder = tmp_path / "sd"
     _pipeline(tokenizer, tiny_text_encoder(tokenizer)).save_pretrained(folder)
-    monkeypatch.setattr(single_file, "CONFIG_ROOT", _tiny_shipped_configs(folder, tmp_path / "configs"))
+    monkeypatch.setattr(single_file_model, "CONFIG_ROOT", _tiny_shipped_configs(folder, tmp_path / "configs"))
     path = single_file.convert(folder, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=rf"model\.safetensors.*{len(tokenizer)} tokens.*tokenizer="):
         StableDiffusionPipeline.from_single_file(path)

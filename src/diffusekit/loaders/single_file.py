@@ -4,7 +4,8 @@
 * ``StableDiffusionPipeline.from_single_file(path, config=None, tokenizer=None, prediction_type=None,
   ...)`` (and the img2img / inpainting pipelines, by the same classmethod of :class:`FromSingleFileMixin`);
 * ``UNet2DConditionModel.from_single_file`` / ``AutoencoderKL.from_single_file``
-  (:class:`FromOriginalModelMixin`) and :func:`text_encoder_from_single_file`;
+  (:class:`~diffusekit.loaders.single_file_model.FromOriginalModelMixin`, which knows no model class;
+  this module knows the models) and :func:`text_encoder_from_single_file`;
 * :func:`convert` (pipeline folder -> single file, single file -> folder) for ``diffusekit convert``.
 
 The model kind is read from the keys: SD 2.x when the text encoder is OpenCLIP
@@ -20,73 +21,34 @@ weights (``model_ema.*``) are used when present unless ``extract_ema=False``. Ke
 
 from __future__ import annotations
 
-import logging
+import inspect
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..configuration import read_json
 from ..hub import resolve_folder
-from ..weights import WeightsError, load_file
+from ..models.autoencoder_kl import AutoencoderKL
+from ..models.unet_2d_condition import UNet2DConditionModel
+from ..weights import WeightsError
 from . import single_file_layout as layout
+from .single_file_model import (  # CONFIG_ROOT, _expected, FromOriginalModelMixin: re-exported
+    CONFIG_ROOT,
+    FromOriginalModelMixin,
+    _expected,
+    clip_list,
+    component_config,
+    conv_in_channels,
+    convert_keys,
+    detect_family,
+    load_model,
+    read_checkpoint,
+    strip_prefix,
+    use_ema,
+)
 
-logger = logging.getLogger(__name__)
-
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "assets" / "configs"
 _IGNORED_TEXT_KEYS = ("position_ids", "text_projection", "logit_scale", "attn_mask")
-
-
-# -- reading --------------------------------------------------------------------------------------
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a single-file checkpoint (a Lightning ``state_dict`` wrapper is unpacked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (from_single_file needs a .safetensors or .ckpt file)")
-    state = load_file(path)
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise WeightsError(f"{path}: no tensors in the checkpoint")
-    return tensors
-
-
-def use_ema(state: dict[str, torch.Tensor], extract_ema: bool | None, source) -> dict[str, torch.Tensor]:
-    """UNet weights replaced by their EMA copies when the file has them (and ``extract_ema`` is not False)."""
-    has_ema = any(k.startswith(layout.EMA_PREFIX) for k in state)
-    if extract_ema and not has_ema:
-        raise WeightsError(f"{source}: extract_ema=True but the checkpoint has no model_ema.* weights")
-    if not has_ema or extract_ema is False:
-        return state
-    logger.info("%s: using the EMA weights of the UNet (pass extract_ema=False for the others)", source)
-    result = dict(state)
-    for key in state:
-        if key.startswith(layout.UNET_PREFIX) and layout.ema_key(key) in state:
-            result[key] = state[layout.ema_key(key)]
-    return result
-
-
-def detect_family(state: dict[str, torch.Tensor]) -> str:
-    """``"sd2"`` for OpenCLIP text encoders or 1024-wide cross-attention, else ``"sd1"``."""
-    if any(k.startswith(layout.OPENCLIP_PREFIX) for k in state):
-        return "sd2"
-    if any(k.startswith(layout.CLIP_PREFIX) for k in state):
-        return "sd1"
-    for key, tensor in state.items():
-        if key.endswith("attn2.to_k.weight") and tensor.ndim == 2:
-            return "sd2" if tensor.shape[1] == 1024 else "sd1"
-    return "sd1"
-
-
-def _conv_in_channels(state: dict[str, torch.Tensor], prefix: str) -> int | None:
-    for key in (f"{prefix}input_blocks.0.0.weight", "conv_in.weight"):
-        if key in state:
-            return state[key].shape[1]
-    return None
 
 
 def _config_folder(config, **hub) -> Path | None:
@@ -95,100 +57,9 @@ def _config_folder(config, **hub) -> Path | None:
     return resolve_folder(config, allow_patterns=["*.json", "*.txt"], **hub)
 
 
-def component_config(component: str, family: str, folder: Path | None, overrides: dict | None = None) -> dict:
-    """The config of ``component`` from ``folder/component`` (``folder`` itself when it is a model
-    folder) or the shipped family configs."""
-    name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    root = folder if folder is not None else CONFIG_ROOT / family
-    path = root / name if (root / name).is_file() and component != "scheduler" else root / component / name
-    config = read_json(path)
-    config.update(overrides or {})
-    return config
-
-
-# -- state dict conversion ------------------------------------------------------------------------
-
-
-def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _convert(expected: dict[str, torch.Tensor], original: dict[str, torch.Tensor], rename, source,
-             what: str, strict_extra: bool = True) -> dict[str, torch.Tensor]:
-    """Pick our keys out of ``original`` (no prefix) with ``rename(our key) -> original key``."""
-    result, missing, used = {}, [], set()
-    for key, target in expected.items():
-        name = rename(key)
-        if name is None or name not in original:
-            missing.append(f"{key} (original {name})")
-            continue
-        result[key] = layout.reshape_like(original[name], target.shape)
-        used.add(name)
-    extra = sorted(set(original) - used)
-    problems = []
-    if missing:
-        problems.append(f"missing {_clip(missing)}")
-    if extra and strict_extra:
-        problems.append(f"unexpected {_clip(extra)}")
-    if problems:
-        raise WeightsError(f"{source}: the {what} weights do not fit its config: " + "; ".join(problems))
-    return result
-
-
-def _clip(items: list[str], limit: int = 12) -> str:
-    return "[" + ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") + "]"
-
-
-def _ldm_part(state, prefix: str, diffusers_marker: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """The part under ``prefix``; a bare file (no prefix) is used whole. The flag says whether the
-    part is already in our layout (``diffusers_marker`` key present)."""
-    part = _strip(state, prefix)
-    if not part:
-        part = state
-    return part, diffusers_marker in part
-
-
-def _build(model_cls, config: dict, state: dict[str, torch.Tensor], source, dtype):
-    from ..models.modeling import skip_init
-
-    with torch.device("meta"), skip_init():
-        model = model_cls.from_config(config)
-    model.load_checked_state_dict(state, source=source, dtype=dtype)
-    return model.eval()
-
-
-def _expected(model_cls, config: dict) -> dict[str, torch.Tensor]:
-    from ..models.modeling import skip_init
-
-    with torch.device("meta"), skip_init():
-        return model_cls.from_config(config).state_dict()
-
-
-def load_unet(state, config: dict, source, dtype=None):
-    from ..models.unet_2d_condition import UNet2DConditionModel
-
-    part, ours = _ldm_part(state, layout.UNET_PREFIX, "conv_in.weight")
-    if not ours:
-        names = layout.unet_name_map(config)
-        part = _convert(_expected(UNet2DConditionModel, config), part, lambda k: layout.to_original(k, names),
-                        source, "UNet")
-    return _build(UNet2DConditionModel, config, part, source, dtype)
-
-
-def load_vae(state, config: dict, source, dtype=None):
-    from ..models.autoencoder_kl import AutoencoderKL
-
-    part, ours = _ldm_part(state, layout.VAE_PREFIX, "encoder.conv_norm_out.weight")
-    if not ours:
-        names = layout.vae_name_map(config)
-        part = {k: v for k, v in part.items() if not k.startswith("loss.")}
-        part = _convert(_expected(AutoencoderKL, config), part, lambda k: layout.to_original(k, names), source, "VAE")
-    return _build(AutoencoderKL, config, part, source, dtype)
-
-
 def text_encoder_state(state, model_keys: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
     """Our CLIPTextModel keys from the checkpoint's CLIP (SD 1.x) or OpenCLIP (SD 2.x) text encoder."""
-    openclip = _strip(state, layout.OPENCLIP_PREFIX)
+    openclip = strip_prefix(state, layout.OPENCLIP_PREFIX)
     if openclip:
         result, missing = {}, []
         for key, target in model_keys.items():
@@ -199,9 +70,9 @@ def text_encoder_state(state, model_keys: dict[str, torch.Tensor], source) -> di
             tensor = openclip[name[0]]
             result[key] = tensor.chunk(3)[name[1]] if name[1] is not None else tensor
         if missing:
-            raise WeightsError(f"{source}: the OpenCLIP text encoder lacks {_clip(missing)}")
+            raise WeightsError(f"{source}: the OpenCLIP text encoder lacks {clip_list(missing)}")
         return result
-    clip = _strip(state, layout.CLIP_PREFIX)
+    clip = strip_prefix(state, layout.CLIP_PREFIX)
     if not clip:
         raise WeightsError(f"{source}: no text encoder weights (cond_stage_model.transformer.* or "
                            "cond_stage_model.model.*)")
@@ -209,7 +80,7 @@ def text_encoder_state(state, model_keys: dict[str, torch.Tensor], source) -> di
     with_prefix = any(k.startswith("text_model.") for k in model_keys)
     rename = (lambda k: k.removeprefix("text_model.")) if with_prefix else (lambda k: k)
     clip = {k: v for k, v in clip.items() if not k.endswith(_IGNORED_TEXT_KEYS)}
-    return _convert(model_keys, clip, rename, source, "text encoder")
+    return convert_keys(model_keys, clip, rename, source, "text encoder")
 
 
 def text_encoder_from_single_file(path_or_state, config=None, torch_dtype: torch.dtype | None = None,
@@ -287,8 +158,10 @@ class FromSingleFileMixin:
                          extract_ema: bool | None = None, **kwargs: Any):
         """A pipeline from one original-layout checkpoint; see the module docstring.
 
-        Components given by name (``scheduler=``, ``vae=``, ``safety_checker=``...) replace the
-        loaded ones. Without ``safety_checker`` the pipeline has none.
+        Only the components the pipeline's ``__init__`` takes are built. Components given by name
+        (``scheduler=``, ``vae=``, ``safety_checker=``...) replace the loaded ones; the others a
+        checkpoint does not hold (``safety_checker``, ``feature_extractor``, ``depth_estimator``...)
+        are None.
         """
         from ..hub import split_hub_kwargs
 
@@ -297,66 +170,42 @@ class FromSingleFileMixin:
         state = use_ema(read_checkpoint(pretrained_model_link_or_path), extract_ema, source)
         family = detect_family(state)
         folder = _config_folder(config, **hub)
-        channels = _conv_in_channels(state, layout.UNET_PREFIX)
-        overrides = _family_overrides(family, prediction_type, channels, folder)
+        overrides = _family_overrides(family, prediction_type, conv_in_channels(state), folder)
+        wanted = _init_parameters(cls)
+
+        def needed(name: str) -> bool:
+            return name in wanted and name not in kwargs
+
         parts: dict[str, Any] = {}
-        if "unet" not in kwargs:
-            parts["unet"] = load_unet(state, component_config("unet", family, folder, overrides), source, torch_dtype)
-        if "vae" not in kwargs:
+        if needed("unet"):
+            unet_config = component_config("unet", family, folder, overrides)
+            parts["unet"] = load_model(UNet2DConditionModel, state, unet_config, source, torch_dtype)
+        if needed("vae"):
             vae_overrides = {"sample_size": 768} if overrides.get("sample_size") == 96 else {}
-            parts["vae"] = load_vae(state, component_config("vae", family, folder, vae_overrides), source, torch_dtype)
-        if "text_encoder" not in kwargs:
+            vae_config = component_config("vae", family, folder, vae_overrides)
+            parts["vae"] = load_model(AutoencoderKL, state, vae_config, source, torch_dtype)
+        if needed("text_encoder"):
             te_config = component_config("text_encoder", family, folder)
             parts["text_encoder"] = text_encoder_from_single_file(state, te_config, torch_dtype, family)
-        if "scheduler" not in kwargs:
+        if needed("scheduler"):
             parts["scheduler"] = _scheduler(family, folder, prediction_type)
-        if "tokenizer" not in kwargs:
+        if needed("tokenizer"):
             text_encoder = parts.get("text_encoder", kwargs.get("text_encoder"))
             parts["tokenizer"] = tokenizer if tokenizer is not None else _tokenizer(family, folder, text_encoder,
                                                                                    source)
-        kwargs.setdefault("safety_checker", None)
-        kwargs.setdefault("feature_extractor", None)
-        kwargs.setdefault("requires_safety_checker", kwargs["safety_checker"] is not None)
+        for name, parameter in wanted.items():
+            if name not in parts and name not in kwargs and parameter.default is inspect.Parameter.empty:
+                parts[name] = None
+        if needed("requires_safety_checker"):
+            kwargs["requires_safety_checker"] = kwargs.get("safety_checker") is not None
         return cls(**parts, **kwargs)
 
 
-class FromOriginalModelMixin:
-    """``from_single_file`` for a model alone (``UNet2DConditionModel``, ``AutoencoderKL``)."""
-
-    #: Model class -> the pipeline subfolder / checkpoint part it is loaded from.
-    _components = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}
-
-    @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike, config: str | os.PathLike | dict | None = None,
-                         subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-                         extract_ema: bool | None = None, **kwargs: Any):
-        """The model from a full SD checkpoint, a bare original-layout file, or a file in our layout.
-
-        ``config``: a dict, a model folder, or a pipeline folder (``subfolder`` defaults to the
-        component); default: the shipped config of the detected SD family. Other keyword
-        arguments override config entries.
-        """
-        source = str(pretrained_model_link_or_path)
-        component = cls._components.get(cls.__name__)
-        if component is None:
-            raise ValueError(f"{cls.__name__} cannot be loaded from an original single file "
-                             f"(supported: {sorted(cls._components)})")
-        state = read_checkpoint(pretrained_model_link_or_path)
-        if component == "unet":
-            state = use_ema(state, extract_ema, source)
-        if isinstance(config, dict):
-            model_config = {**config, **kwargs}
-        else:
-            folder = Path(config) if config is not None else None
-            if folder is not None and subfolder:
-                folder = folder / subfolder
-            overrides = dict(kwargs)
-            channels = _conv_in_channels(state, layout.UNET_PREFIX)
-            if component == "unet" and channels is not None:
-                overrides.setdefault("in_channels", channels)
-            model_config = component_config(component, detect_family(state), folder, overrides)
-        loader = load_unet if component == "unet" else load_vae
-        return loader(state, model_config, source, torch_dtype)
+def _init_parameters(pipeline_cls) -> dict[str, inspect.Parameter]:
+    """The named parameters of ``pipeline_cls.__init__`` (without ``self``)."""
+    parameters = list(inspect.signature(pipeline_cls.__init__).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p for p in parameters if p.kind in kinds}
 
 
 # -- the way back ---------------------------------------------------------------------------------
@@ -439,7 +288,7 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, *, half: bo
             raise ValueError(f"{target}: the single file must end in .safetensors or .ckpt")
         return target
     state = read_checkpoint(source)
-    nine = _conv_in_channels(state, layout.UNET_PREFIX) == 9
+    nine = conv_in_channels(state) == 9
     pipeline_cls = diffusekit.StableDiffusionInpaintPipeline if nine else diffusekit.StableDiffusionPipeline
     pipe = pipeline_cls.from_single_file(source, config=config, tokenizer=tokenizer, prediction_type=prediction_type,
                                          torch_dtype=dtype, extract_ema=extract_ema)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import register_to_config
-from ..loaders.single_file import FromOriginalModelMixin
+from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput, Generator
 from .attention import LEGACY_ATTENTION_RENAMES
 from .modeling import ModelMixin
@@ -74,6 +74,7 @@ class AutoencoderKL(ModelMixin, AutoencoderMixin, FromOriginalModelMixin):
     """
 
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
+    single_file_component = "vae"
 
     @register_to_config
     def __init__(

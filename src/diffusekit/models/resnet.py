@@ -205,7 +205,6 @@ class ResnetBlock2D(nn.Module):
         temb_channels: int | None = 512,
         groups: int = 32,
         groups_out: int | None = None,
-        pre_norm: bool = True,
         eps: float = 1e-6,
         non_linearity: str = "swish",
         skip_time_act: bool = False,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import register_to_config
-from ..loaders.single_file import FromOriginalModelMixin
+from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput
 from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
@@ -41,6 +41,130 @@ def _to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class BlockSettings:
+    """The per-block config values of a UNet's down path (one entry per down block)."""
+
+    only_cross_attention: list
+    heads: list
+    cross_attention_dim: list
+    layers: list
+    transformer_layers: list
+
+    @classmethod
+    def from_config(cls, count: int, *, only_cross_attention, attention_head_dim, cross_attention_dim,
+                    layers_per_block, transformer_layers_per_block) -> "BlockSettings":
+        return cls(_per_block("only_cross_attention", only_cross_attention, count),
+                   _per_block("attention_head_dim", attention_head_dim, count),
+                   _per_block("cross_attention_dim", cross_attention_dim, count),
+                   _per_block("layers_per_block", layers_per_block, count),
+                   _per_block("transformer_layers_per_block", transformer_layers_per_block, count))
+
+
+def build_conv_in(in_channels: int, channels: int, kernel: int) -> nn.Conv2d:
+    """The input convolution (``conv_in``), padded to keep the size."""
+    return nn.Conv2d(in_channels, channels, kernel_size=kernel, padding=(kernel - 1) // 2)
+
+
+def build_time_embedding(*, first_channels: int, time_embedding_type: str, time_embedding_dim: int | None,
+                         flip_sin_to_cos: bool, freq_shift: int, act_fn: str, timestep_post_act: str | None,
+                         time_cond_proj_dim: int | None) -> tuple[nn.Module, TimestepEmbedding, int, int]:
+    """``(time_proj, time_embedding, time_embed_dim, timestep_input_dim)``: positional or fourier."""
+    if time_embedding_type == "fourier":
+        time_embed_dim = time_embedding_dim or first_channels * 2
+        if time_embed_dim % 2:
+            raise ValueError(f"time_embedding_dim must be even for fourier embeddings, got {time_embed_dim}")
+        time_proj = GaussianFourierProjection(time_embed_dim // 2, set_W_to_weight=False, log=False,
+                                              flip_sin_to_cos=flip_sin_to_cos)
+        timestep_input_dim = time_embed_dim
+    elif time_embedding_type == "positional":
+        time_embed_dim = time_embedding_dim or first_channels * 4
+        time_proj = Timesteps(first_channels, flip_sin_to_cos, freq_shift)
+        timestep_input_dim = first_channels
+    else:
+        raise ValueError(f"time_embedding_type {time_embedding_type!r} is not one of positional, fourier")
+    embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn, post_act_fn=timestep_post_act,
+                                  cond_proj_dim=time_cond_proj_dim)
+    return time_proj, embedding, time_embed_dim, timestep_input_dim
+
+
+def build_class_embedding(kind: str | None, *, num_class_embeds: int | None, projection_dim: int | None,
+                          time_embed_dim: int, timestep_input_dim: int, act_fn: str) -> nn.Module | None:
+    """The ``class_embedding`` of a ``class_embed_type`` (None: an embedding table when ``num_class_embeds``)."""
+    if kind in ("projection", "simple_projection") and projection_dim is None:
+        raise ValueError(f"class_embed_type {kind!r} needs projection_class_embeddings_input_dim")
+    if kind is None:
+        return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
+    if kind == "timestep":
+        return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
+    if kind == "identity":
+        return nn.Identity()
+    if kind == "projection":
+        return TimestepEmbedding(projection_dim, time_embed_dim)
+    if kind == "simple_projection":
+        return nn.Linear(projection_dim, time_embed_dim)
+    raise ValueError(f"class_embed_type {kind!r} is not one of None, timestep, identity, projection, "
+                     "simple_projection")
+
+
+def build_down_blocks(block_types: Sequence[str], block_out_channels: Sequence[int], per_block: BlockSettings,
+                      *, downsample_padding: int, **common: Any) -> nn.ModuleList:
+    """The down path; ``common`` holds the block arguments shared by all blocks (``temb_channels``...)."""
+    blocks, output_channel, n = nn.ModuleList(), block_out_channels[0], len(block_types)
+    for i, block_type in enumerate(block_types):
+        input_channel, output_channel = output_channel, block_out_channels[i]
+        heads = per_block.heads[i]
+        blocks.append(get_down_block(
+            block_type, num_layers=per_block.layers[i], transformer_layers_per_block=per_block.transformer_layers[i],
+            in_channels=input_channel, out_channels=output_channel, add_downsample=i < n - 1,
+            cross_attention_dim=per_block.cross_attention_dim[i], num_attention_heads=heads,
+            downsample_padding=downsample_padding, only_cross_attention=per_block.only_cross_attention[i],
+            attention_head_dim=heads if heads is not None else output_channel, **common))
+    return blocks
+
+
+def build_mid_block(block_type: str | None, block_out_channels: Sequence[int], per_block: BlockSettings,
+                    *, output_scale_factor: float, **common: Any) -> nn.Module | None:
+    """The mid block at the deepest resolution (None for ``mid_block_type=None``)."""
+    return get_mid_block(
+        block_type, in_channels=block_out_channels[-1], output_scale_factor=output_scale_factor,
+        transformer_layers_per_block=per_block.transformer_layers[-1], num_attention_heads=per_block.heads[-1],
+        cross_attention_dim=per_block.cross_attention_dim[-1], attention_head_dim=per_block.heads[-1], **common)
+
+
+def build_up_blocks(block_types: Sequence[str], block_out_channels: Sequence[int], per_block: BlockSettings,
+                    reverse_transformer_layers_per_block: Sequence | None = None, **common: Any) -> nn.ModuleList:
+    """The up path (the down path's settings reversed; each block has one more layer for the skips)."""
+    n = len(block_types)
+    channels = list(reversed(block_out_channels))
+    heads, layers = list(reversed(per_block.heads)), list(reversed(per_block.layers))
+    cross, only_cross = list(reversed(per_block.cross_attention_dim)), list(reversed(per_block.only_cross_attention))
+    tlayers = (list(reversed(per_block.transformer_layers)) if reverse_transformer_layers_per_block is None
+               else list(reverse_transformer_layers_per_block))
+    blocks, output_channel = nn.ModuleList(), channels[0]
+    for i, block_type in enumerate(block_types):
+        prev_output_channel, output_channel = output_channel, channels[i]
+        # attention_head_dim follows the down path's order, as in the reference
+        head_dim = per_block.heads[i] if per_block.heads[i] is not None else output_channel
+        blocks.append(get_up_block(
+            block_type, num_layers=layers[i] + 1, transformer_layers_per_block=tlayers[i],
+            in_channels=channels[min(i + 1, n - 1)], out_channels=output_channel,
+            prev_output_channel=prev_output_channel, add_upsample=i < n - 1, resolution_idx=i,
+            cross_attention_dim=cross[i], num_attention_heads=heads[i], only_cross_attention=only_cross[i],
+            attention_head_dim=head_dim, **common))
+    return blocks
+
+
+def build_conv_out(channels: int, out_channels: int, kernel: int, *, norm_num_groups: int | None, norm_eps: float,
+                   act_fn: str) -> tuple[nn.GroupNorm | None, nn.Module | None, nn.Conv2d]:
+    """``(conv_norm_out, conv_act, conv_out)``; no norm and activation when ``norm_num_groups`` is None."""
+    norm = act = None
+    if norm_num_groups is not None:
+        norm = nn.GroupNorm(num_channels=channels, num_groups=norm_num_groups, eps=norm_eps)
+        act = get_activation(act_fn)
+    return norm, act, nn.Conv2d(channels, out_channels, kernel_size=kernel, padding=(kernel - 1) // 2)
+
+
 class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     """A conditional 2-D UNet: noisy latents, timestep and encoder hidden states -> sample-shaped output.
 
@@ -50,6 +174,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     """
 
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
+    single_file_component = "unet"
 
     @register_to_config
     def __init__(
@@ -123,27 +248,16 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                              "block types that are not supported")
         self.sample_size = sample_size
         first = block_out_channels[0]
-
-        self.conv_in = nn.Conv2d(in_channels, first, kernel_size=conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
-        if time_embedding_type == "fourier":
-            time_embed_dim = time_embedding_dim or first * 2
-            if time_embed_dim % 2:
-                raise ValueError(f"time_embedding_dim must be even for fourier embeddings, got {time_embed_dim}")
-            self.time_proj = GaussianFourierProjection(time_embed_dim // 2, set_W_to_weight=False, log=False,
-                                                       flip_sin_to_cos=flip_sin_to_cos)
-            timestep_input_dim = time_embed_dim
-        elif time_embedding_type == "positional":
-            time_embed_dim = time_embedding_dim or first * 4
-            self.time_proj = Timesteps(first, flip_sin_to_cos, freq_shift)
-            timestep_input_dim = first
-        else:
-            raise ValueError(f"time_embedding_type {time_embedding_type!r} is not one of positional, fourier")
-        self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn,
-                                                post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim)
-
+        self.conv_in = build_conv_in(in_channels, first, conv_in_kernel)
+        self.time_proj, self.time_embedding, time_embed_dim, timestep_input_dim = build_time_embedding(
+            first_channels=first, time_embedding_type=time_embedding_type, time_embedding_dim=time_embedding_dim,
+            flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift, act_fn=act_fn, timestep_post_act=timestep_post_act,
+            time_cond_proj_dim=time_cond_proj_dim)
         self._build_encoder_hid_proj(encoder_hid_dim_type, encoder_hid_dim, cross_attention_dim)
-        self._build_class_embedding(class_embed_type, num_class_embeds, projection_class_embeddings_input_dim,
-                                    time_embed_dim, timestep_input_dim, act_fn)
+        self.class_embedding = build_class_embedding(
+            class_embed_type, num_class_embeds=num_class_embeds,
+            projection_dim=projection_class_embeddings_input_dim, time_embed_dim=time_embed_dim,
+            timestep_input_dim=timestep_input_dim, act_fn=act_fn)
         if addition_embed_type == "text_time":
             if addition_time_embed_dim is None or projection_class_embeddings_input_dim is None:
                 raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
@@ -154,59 +268,24 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             raise ValueError(f"addition_embed_type {addition_embed_type!r} is not supported (None, text_time)")
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn is not None else None
 
-        only_cross = _per_block("only_cross_attention", only_cross_attention, n)
-        heads = _per_block("attention_head_dim", attention_head_dim, n)
-        cross_dims = _per_block("cross_attention_dim", cross_attention_dim, n)
-        layers = _per_block("layers_per_block", layers_per_block, n)
-        tlayers = _per_block("transformer_layers_per_block", transformer_layers_per_block, n)
-        blocks_temb = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
-        common = dict(temb_channels=blocks_temb, resnet_eps=norm_eps, resnet_act_fn=act_fn,
-                      resnet_groups=norm_num_groups, dual_cross_attention=dual_cross_attention,
-                      use_linear_projection=use_linear_projection, upcast_attention=upcast_attention,
-                      resnet_time_scale_shift=resnet_time_scale_shift, attention_type=attention_type,
-                      dropout=dropout)
-
-        self.down_blocks = nn.ModuleList()
-        output_channel = first
-        for i, block_type in enumerate(down_block_types):
-            input_channel, output_channel = output_channel, block_out_channels[i]
-            self.down_blocks.append(get_down_block(
-                block_type, num_layers=layers[i], transformer_layers_per_block=tlayers[i],
-                in_channels=input_channel, out_channels=output_channel, add_downsample=i < n - 1,
-                cross_attention_dim=cross_dims[i], num_attention_heads=heads[i],
-                downsample_padding=downsample_padding, only_cross_attention=only_cross[i],
-                attention_head_dim=heads[i] if heads[i] is not None else output_channel, **common))
-
-        self.mid_block = get_mid_block(
-            mid_block_type, in_channels=block_out_channels[-1], output_scale_factor=mid_block_scale_factor,
-            transformer_layers_per_block=tlayers[-1], num_attention_heads=heads[-1],
-            cross_attention_dim=cross_dims[-1], attention_head_dim=heads[-1], **common)
-
+        per_block = BlockSettings.from_config(
+            n, only_cross_attention=only_cross_attention, attention_head_dim=attention_head_dim,
+            cross_attention_dim=cross_attention_dim, layers_per_block=layers_per_block,
+            transformer_layers_per_block=transformer_layers_per_block)
+        common = dict(temb_channels=time_embed_dim * 2 if class_embeddings_concat else time_embed_dim,
+                      resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
+                      dual_cross_attention=dual_cross_attention, use_linear_projection=use_linear_projection,
+                      upcast_attention=upcast_attention, resnet_time_scale_shift=resnet_time_scale_shift,
+                      attention_type=attention_type, dropout=dropout)
+        self.down_blocks = build_down_blocks(down_block_types, block_out_channels, per_block,
+                                             downsample_padding=downsample_padding, **common)
+        self.mid_block = build_mid_block(mid_block_type, block_out_channels, per_block,
+                                         output_scale_factor=mid_block_scale_factor, **common)
         self.num_upsamplers = n - 1
-        rev_channels = list(reversed(block_out_channels))
-        rev_heads, rev_layers = list(reversed(heads)), list(reversed(layers))
-        rev_cross, rev_only_cross = list(reversed(cross_dims)), list(reversed(only_cross))
-        rev_tlayers = (list(reversed(tlayers)) if reverse_transformer_layers_per_block is None
-                       else list(reverse_transformer_layers_per_block))
-        self.up_blocks = nn.ModuleList()
-        output_channel = rev_channels[0]
-        for i, block_type in enumerate(up_block_types):
-            prev_output_channel, output_channel = output_channel, rev_channels[i]
-            input_channel = rev_channels[min(i + 1, n - 1)]
-            self.up_blocks.append(get_up_block(
-                block_type, num_layers=rev_layers[i] + 1, transformer_layers_per_block=rev_tlayers[i],
-                in_channels=input_channel, out_channels=output_channel, prev_output_channel=prev_output_channel,
-                add_upsample=i < n - 1, resolution_idx=i, cross_attention_dim=rev_cross[i],
-                num_attention_heads=rev_heads[i], only_cross_attention=rev_only_cross[i],
-                attention_head_dim=heads[i] if heads[i] is not None else output_channel, **common))
-
-        if norm_num_groups is not None:
-            self.conv_norm_out = nn.GroupNorm(num_channels=first, num_groups=norm_num_groups, eps=norm_eps)
-            self.conv_act = get_activation(act_fn)
-        else:
-            self.conv_norm_out = self.conv_act = None
-        self.conv_out = nn.Conv2d(first, out_channels, kernel_size=conv_out_kernel,
-                                  padding=(conv_out_kernel - 1) // 2)
+        self.up_blocks = build_up_blocks(up_block_types, block_out_channels, per_block,
+                                         reverse_transformer_layers_per_block, **common)
+        self.conv_norm_out, self.conv_act, self.conv_out = build_conv_out(
+            first, out_channels, conv_out_kernel, norm_num_groups=norm_num_groups, norm_eps=norm_eps, act_fn=act_fn)
 
     def _build_encoder_hid_proj(self, kind: str | None, dim: int | None, cross_dim: Any) -> None:
         if kind is None and dim is not None:
@@ -220,24 +299,6 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
             self.encoder_hid_proj = None
         else:
             raise ValueError(f"encoder_hid_dim_type {kind!r} is not supported (None, text_proj)")
-
-    def _build_class_embedding(self, kind: str | None, num_class_embeds: int | None, projection_dim: int | None,
-                               time_embed_dim: int, timestep_input_dim: int, act_fn: str) -> None:
-        if kind in ("projection", "simple_projection") and projection_dim is None:
-            raise ValueError(f"class_embed_type {kind!r} needs projection_class_embeddings_input_dim")
-        if kind is None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
-        elif kind == "timestep":
-            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
-        elif kind == "identity":
-            self.class_embedding = nn.Identity()
-        elif kind == "projection":
-            self.class_embedding = TimestepEmbedding(projection_dim, time_embed_dim)
-        elif kind == "simple_projection":
-            self.class_embedding = nn.Linear(projection_dim, time_embed_dim)
-        else:
-            raise ValueError(f"class_embed_type {kind!r} is not one of None, timestep, identity, projection, "
-                             "simple_projection")
 
     # -- attention utilities ------------------------------------------------------------------------
 

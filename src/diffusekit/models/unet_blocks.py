@@ -84,10 +84,9 @@ class DownBlock2D(nn.Module):
     has_cross_attention = False
     with_attention = False
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, dropout: float = 0.0,
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int | None, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, resnet_pre_norm: bool = True,
-                 output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
+                 resnet_act_fn: str = "swish", resnet_groups: int = 32, output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
                  attention_head_dim: int | None = None, downsample_type: str | None = "conv"):
         super().__init__()
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
@@ -137,27 +136,30 @@ class AttnDownBlock2D(DownBlock2D):
 
     with_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_groups: int = 32, resnet_pre_norm: bool = True,
-                 attention_head_dim: int | None = 1, output_scale_factor: float = 1.0,
+                 resnet_act_fn: str = "swish", resnet_groups: int = 32, attention_head_dim: int | None = 1, output_scale_factor: float = 1.0,
                  downsample_padding: int = 1, downsample_type: str | None = "conv"):
-        super().__init__(in_channels, out_channels, temb_channels, dropout, num_layers, resnet_eps,
-                         resnet_time_scale_shift, resnet_act_fn, resnet_groups, resnet_pre_norm,
-                         output_scale_factor, downsample_type is not None, downsample_padding,
-                         attention_head_dim, downsample_type)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
+                         dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
+                         resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
+                         resnet_groups=resnet_groups, output_scale_factor=output_scale_factor,
+                         add_downsample=downsample_type is not None, downsample_padding=downsample_padding,
+                         attention_head_dim=attention_head_dim, downsample_type=downsample_type)
 
 
 class DownEncoderBlock2D(DownBlock2D):
     """VAE encoder block: ResNets without time embedding, then an optional downsampler; returns the tensor only."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
+    def __init__(self, *, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, resnet_pre_norm: bool = True, output_scale_factor: float = 1.0,
+                 resnet_groups: int = 32, output_scale_factor: float = 1.0,
                  add_downsample: bool = True, downsample_padding: int = 1, attention_head_dim: int | None = None):
-        super().__init__(in_channels, out_channels, None, dropout, num_layers, resnet_eps,
-                         resnet_time_scale_shift, resnet_act_fn, resnet_groups, resnet_pre_norm,
-                         output_scale_factor, add_downsample, downsample_padding, attention_head_dim)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, temb_channels=None, dropout=dropout,
+                         num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_downsample=add_downsample,
+                         downsample_padding=downsample_padding, attention_head_dim=attention_head_dim)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return super().forward(hidden_states, None)[0]
@@ -168,13 +170,15 @@ class AttnDownEncoderBlock2D(DownEncoderBlock2D):
 
     with_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
+    def __init__(self, *, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, resnet_pre_norm: bool = True, attention_head_dim: int | None = 1,
+                 resnet_groups: int = 32, attention_head_dim: int | None = 1,
                  output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1):
-        super().__init__(in_channels, out_channels, dropout, num_layers, resnet_eps, resnet_time_scale_shift,
-                         resnet_act_fn, resnet_groups, resnet_pre_norm, output_scale_factor, add_downsample,
-                         downsample_padding, attention_head_dim)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, dropout=dropout, num_layers=num_layers,
+                         resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_downsample=add_downsample,
+                         downsample_padding=downsample_padding, attention_head_dim=attention_head_dim)
 
 
 class CrossAttnDownBlock2D(DownBlock2D):
@@ -182,18 +186,20 @@ class CrossAttnDownBlock2D(DownBlock2D):
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
                  num_layers: int = 1, transformer_layers_per_block: int | list[int] = 1, resnet_eps: float = 1e-6,
                  resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 resnet_pre_norm: bool = True, num_attention_heads: int = 1, cross_attention_dim: int = 1280,
+                 num_attention_heads: int = 1, cross_attention_dim: int = 1280,
                  output_scale_factor: float = 1.0, downsample_padding: int = 1, add_downsample: bool = True,
                  dual_cross_attention: bool = False, use_linear_projection: bool = False,
                  only_cross_attention: bool = False, upcast_attention: bool = False,
                  attention_type: str = "default"):
         _check_attention_type(attention_type, dual_cross_attention)
-        super().__init__(in_channels, out_channels, temb_channels, dropout, num_layers, resnet_eps,
-                         resnet_time_scale_shift, resnet_act_fn, resnet_groups, resnet_pre_norm,
-                         output_scale_factor, add_downsample, downsample_padding)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
+                         dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
+                         resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
+                         resnet_groups=resnet_groups, output_scale_factor=output_scale_factor,
+                         add_downsample=add_downsample, downsample_padding=downsample_padding)
         self.num_attention_heads = num_attention_heads
         layers = _per_layer(transformer_layers_per_block, num_layers)
         self.attentions = nn.ModuleList([
@@ -227,10 +233,9 @@ class SkipDownBlock2D(nn.Module):
     has_cross_attention = False
     with_attention = False
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_pre_norm: bool = True,
-                 output_scale_factor: float = math.sqrt(2.0), add_downsample: bool = True,
+                 resnet_act_fn: str = "swish", output_scale_factor: float = math.sqrt(2.0), add_downsample: bool = True,
                  downsample_padding: int = 1, attention_head_dim: int | None = None):
         super().__init__()
         tail = (dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
@@ -274,13 +279,15 @@ class AttnSkipDownBlock2D(SkipDownBlock2D):
 
     with_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
-                 resnet_act_fn: str = "swish", resnet_pre_norm: bool = True, attention_head_dim: int | None = 1,
+                 resnet_act_fn: str = "swish", attention_head_dim: int | None = 1,
                  output_scale_factor: float = math.sqrt(2.0), add_downsample: bool = True):
-        super().__init__(in_channels, out_channels, temb_channels, dropout, num_layers, resnet_eps,
-                         resnet_time_scale_shift, resnet_act_fn, resnet_pre_norm, output_scale_factor,
-                         add_downsample, attention_head_dim=attention_head_dim)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
+                         dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
+                         resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
+                         output_scale_factor=output_scale_factor, add_downsample=add_downsample,
+                         attention_head_dim=attention_head_dim)
 
 
 # -- mid blocks -----------------------------------------------------------------------------------
@@ -288,10 +295,9 @@ class AttnSkipDownBlock2D(SkipDownBlock2D):
 class UNetMidBlock2D(nn.Module):
     """ResNet, then ``num_layers`` x (pixel self-attention, ResNet). ``temb_channels=None`` for the VAE."""
 
-    def __init__(self, in_channels: int, temb_channels: int | None, dropout: float = 0.0, num_layers: int = 1,
+    def __init__(self, *, in_channels: int, temb_channels: int | None, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int | None = 32, attn_groups: int | None = None, resnet_pre_norm: bool = True,
-                 add_attention: bool = True, attention_head_dim: int | None = 1, output_scale_factor: float = 1.0):
+                 resnet_groups: int | None = 32, attn_groups: int | None = None, add_attention: bool = True, attention_head_dim: int | None = 1, output_scale_factor: float = 1.0):
         super().__init__()
         groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
         if attn_groups is None:
@@ -319,11 +325,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, temb_channels: int, out_channels: int | None = None,
+    def __init__(self, *, in_channels: int, temb_channels: int, out_channels: int | None = None,
                  dropout: float = 0.0, num_layers: int = 1, transformer_layers_per_block: int | list[int] = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int | None = 32, resnet_groups_out: int | None = None, resnet_pre_norm: bool = True,
-                 num_attention_heads: int = 1, output_scale_factor: float = 1.0, cross_attention_dim: int = 1280,
+                 resnet_groups: int | None = 32, resnet_groups_out: int | None = None, num_attention_heads: int = 1, output_scale_factor: float = 1.0, cross_attention_dim: int = 1280,
                  dual_cross_attention: bool = False, use_linear_projection: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
         super().__init__()
@@ -371,10 +376,10 @@ class UpBlock2D(nn.Module):
     has_cross_attention = False
     with_attention = False
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
+    def __init__(self, *, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
                  resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, resnet_pre_norm: bool = True, output_scale_factor: float = 1.0,
+                 resnet_groups: int = 32, output_scale_factor: float = 1.0,
                  add_upsample: bool = True, attention_head_dim: int | None = None,
                  upsample_type: str | None = "conv"):
         super().__init__()
@@ -425,15 +430,17 @@ class AttnUpBlock2D(UpBlock2D):
 
     with_attention = True
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
+    def __init__(self, *, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
                  resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_groups: int = 32, resnet_pre_norm: bool = True, attention_head_dim: int | None = 1,
+                 resnet_groups: int = 32, attention_head_dim: int | None = 1,
                  output_scale_factor: float = 1.0, upsample_type: str | None = "conv"):
-        super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, resolution_idx, dropout,
-                         num_layers, resnet_eps, resnet_time_scale_shift, resnet_act_fn, resnet_groups,
-                         resnet_pre_norm, output_scale_factor, upsample_type is not None, attention_head_dim,
-                         upsample_type)
+        super().__init__(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
+                         temb_channels=temb_channels, resolution_idx=resolution_idx, dropout=dropout,
+                         num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_upsample=upsample_type is not None,
+                         attention_head_dim=attention_head_dim, upsample_type=upsample_type)
 
 
 class CrossAttnUpBlock2D(UpBlock2D):
@@ -441,18 +448,20 @@ class CrossAttnUpBlock2D(UpBlock2D):
 
     has_cross_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, prev_output_channel: int, temb_channels: int,
+    def __init__(self, *, in_channels: int, out_channels: int, prev_output_channel: int, temb_channels: int,
                  resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
                  transformer_layers_per_block: int | list[int] = 1, resnet_eps: float = 1e-6,
                  resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 resnet_pre_norm: bool = True, num_attention_heads: int = 1, cross_attention_dim: int = 1280,
+                 num_attention_heads: int = 1, cross_attention_dim: int = 1280,
                  output_scale_factor: float = 1.0, add_upsample: bool = True, dual_cross_attention: bool = False,
                  use_linear_projection: bool = False, only_cross_attention: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
         _check_attention_type(attention_type, dual_cross_attention)
-        super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, resolution_idx, dropout,
-                         num_layers, resnet_eps, resnet_time_scale_shift, resnet_act_fn, resnet_groups,
-                         resnet_pre_norm, output_scale_factor, add_upsample)
+        super().__init__(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
+                         temb_channels=temb_channels, resolution_idx=resolution_idx, dropout=dropout,
+                         num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_upsample=add_upsample)
         self.num_attention_heads = num_attention_heads
         layers = _per_layer(transformer_layers_per_block, num_layers)
         self.attentions = nn.ModuleList([
@@ -481,10 +490,10 @@ class UpDecoderBlock2D(nn.Module):
 
     with_attention = False
 
-    def __init__(self, in_channels: int, out_channels: int, resolution_idx: int | None = None,
+    def __init__(self, *, in_channels: int, out_channels: int, resolution_idx: int | None = None,
                  dropout: float = 0.0, num_layers: int = 1, resnet_eps: float = 1e-6,
                  resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 resnet_pre_norm: bool = True, output_scale_factor: float = 1.0, add_upsample: bool = True,
+                 output_scale_factor: float = 1.0, add_upsample: bool = True,
                  temb_channels: int | None = None, attention_head_dim: int | None = None):
         super().__init__()
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
@@ -515,14 +524,17 @@ class AttnUpDecoderBlock2D(UpDecoderBlock2D):
 
     with_attention = True
 
-    def __init__(self, in_channels: int, out_channels: int, resolution_idx: int | None = None,
+    def __init__(self, *, in_channels: int, out_channels: int, resolution_idx: int | None = None,
                  dropout: float = 0.0, num_layers: int = 1, resnet_eps: float = 1e-6,
                  resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 resnet_pre_norm: bool = True, attention_head_dim: int | None = 1, output_scale_factor: float = 1.0,
+                 attention_head_dim: int | None = 1, output_scale_factor: float = 1.0,
                  add_upsample: bool = True, temb_channels: int | None = None):
-        super().__init__(in_channels, out_channels, resolution_idx, dropout, num_layers, resnet_eps,
-                         resnet_time_scale_shift, resnet_act_fn, resnet_groups, resnet_pre_norm,
-                         output_scale_factor, add_upsample, temb_channels, attention_head_dim)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, resolution_idx=resolution_idx,
+                         dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
+                         resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
+                         resnet_groups=resnet_groups, output_scale_factor=output_scale_factor,
+                         add_upsample=add_upsample, temb_channels=temb_channels,
+                         attention_head_dim=attention_head_dim)
 
 
 class SkipUpBlock2D(nn.Module):
@@ -531,10 +543,10 @@ class SkipUpBlock2D(nn.Module):
     has_cross_attention = False
     with_attention = False
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
+    def __init__(self, *, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
                  resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_pre_norm: bool = True, output_scale_factor: float = math.sqrt(2.0),
+                 output_scale_factor: float = math.sqrt(2.0),
                  add_upsample: bool = True, upsample_padding: int = 1, attention_head_dim: int | None = None):
         super().__init__()
         self.resolution_idx = resolution_idx
@@ -582,14 +594,16 @@ class AttnSkipUpBlock2D(SkipUpBlock2D):
 
     with_attention = True
 
-    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
+    def __init__(self, *, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
                  resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
-                 resnet_pre_norm: bool = True, attention_head_dim: int | None = 1,
+                 attention_head_dim: int | None = 1,
                  output_scale_factor: float = math.sqrt(2.0), add_upsample: bool = True):
-        super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, resolution_idx, dropout,
-                         num_layers, resnet_eps, resnet_time_scale_shift, resnet_act_fn, resnet_pre_norm,
-                         output_scale_factor, add_upsample, attention_head_dim=attention_head_dim)
+        super().__init__(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
+                         temb_channels=temb_channels, resolution_idx=resolution_idx, dropout=dropout,
+                         num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, output_scale_factor=output_scale_factor,
+                         add_upsample=add_upsample, attention_head_dim=attention_head_dim)
 
 
 # -- factories ------------------------------------------------------------------------------------
@@ -657,7 +671,7 @@ def _block_name(name: str, table: dict) -> str:
     return name
 
 
-def get_down_block(down_block_type: str, num_layers: int, in_channels: int, out_channels: int,
+def get_down_block(down_block_type: str, *, num_layers: int, in_channels: int, out_channels: int,
                    temb_channels: int | None, add_downsample: bool, resnet_eps: float, resnet_act_fn: str,
                    transformer_layers_per_block: int | list[int] = 1, num_attention_heads: int | None = None,
                    resnet_groups: int | None = None, cross_attention_dim: int | None = None,
@@ -677,7 +691,7 @@ def get_down_block(down_block_type: str, num_layers: int, in_channels: int, out_
     return DOWN_BLOCKS[name](args)
 
 
-def get_up_block(up_block_type: str, num_layers: int, in_channels: int, out_channels: int,
+def get_up_block(up_block_type: str, *, num_layers: int, in_channels: int, out_channels: int,
                  prev_output_channel: int, temb_channels: int | None, add_upsample: bool, resnet_eps: float,
                  resnet_act_fn: str, resolution_idx: int | None = None,
                  transformer_layers_per_block: int | list[int] = 1, num_attention_heads: int | None = None,
@@ -698,7 +712,7 @@ def get_up_block(up_block_type: str, num_layers: int, in_channels: int, out_chan
     return UP_BLOCKS[name](args)
 
 
-def get_mid_block(mid_block_type: str | None, temb_channels: int, in_channels: int, resnet_eps: float,
+def get_mid_block(mid_block_type: str | None, *, temb_channels: int, in_channels: int, resnet_eps: float,
                   resnet_act_fn: str, resnet_groups: int, output_scale_factor: float = 1.0,
                   transformer_layers_per_block: int | list[int] = 1, num_attention_heads: int | None = None,
                   cross_attention_dim: int | None = None, dual_cross_attention: bool = False,

@@ -307,21 +307,6 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         self.maybe_free_model_hooks()
         return FluxPipelineOutput(images=images) if return_dict else (images,)
 
-    # -- the reference's static helpers, for code written against it ---------------------------
-
-    @staticmethod
-    def _pack_latents(latents, batch_size, num_channels_latents, height, width):
-        return pack_latents(latents.view(batch_size, num_channels_latents, height, width))
-
-    @staticmethod
-    def _unpack_latents(latents, height, width, vae_scale_factor):
-        return unpack_latents(latents, 2 * (int(height) // (vae_scale_factor * 2)),
-                              2 * (int(width) // (vae_scale_factor * 2)))
-
-    @staticmethod
-    def _prepare_latent_image_ids(batch_size, height, width, device, dtype):
-        return latent_image_ids(height, width, device, dtype)
-
 
 def _match_batch(text: str | list[str] | None, batch_size: int, name: str) -> list[str] | None:
     """A negative prompt for each of ``batch_size`` prompts (a single string serves all)."""

@@ -46,11 +46,7 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        self.betas = sm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = sm.rescale_zero_terminal_snr(self.betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(self.config)
         # alpha_bar "before" t=0: 1 (a clean final step) or alphas_cumprod[0]
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
@@ -91,7 +87,7 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
         alpha_prod_t, alpha_prod_prev = self._alpha(t), self._alpha(prev_t)
         prediction_type = self.config.prediction_type
         x0 = sm.x0_from_alpha(model_output, sample, alpha_prod_t, prediction_type)
-        eps = sm.eps_from_alpha(model_output, sample, x0, alpha_prod_t, prediction_type)
+        eps = sm.eps_from_alpha(model_output, sample, alpha_prod_t, prediction_type)
         x0 = sm.clip_denoised(x0, self.config)
         std_dev_t = eta * ddim_variance(alpha_prod_t, alpha_prod_prev) ** 0.5
         if use_clipped_model_output:

@@ -50,11 +50,7 @@ class DDPMScheduler(StepIndexMixin, SchedulerMixin):
         variance_types = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
         if variance_type not in variance_types:
             raise ValueError(f"variance_type must be one of {variance_types}, got {variance_type!r}")
-        self.betas = sm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = sm.rescale_zero_terminal_snr(self.betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(self.config)
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
         self.variance_type = variance_type

@@ -41,7 +41,6 @@ class EDMEulerScheduler(StepIndexMixin, SchedulerMixin):
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be zero or sigma_min, got {final_sigmas_type!r}")
         self.num_inference_steps = None
-        self.is_scale_input_called = False
         ramp = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
         self._use_sigmas(self._ramp_to_sigmas(ramp))
 
@@ -102,7 +101,6 @@ class EDMEulerScheduler(StepIndexMixin, SchedulerMixin):
         """c_in-scale the sample for the model."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        self.is_scale_input_called = True
         return self.precondition_inputs(sample, self.sigmas[self._step_index])
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,

@@ -25,7 +25,7 @@ def dpm2_schedule(scheduler: SigmaSchedulerBase, n: int, num_train_timesteps: in
 def midpoint_timesteps(sigmas_mid: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Fractional training timesteps of the midpoint sigmas."""
     log_sigmas = torch.from_numpy(np.log(sm.train_sigmas(alphas_cumprod)))
-    return sm.sigma_to_t_float32(sigmas_mid, log_sigmas)
+    return sm.sigma_to_t(sigmas_mid, log_sigmas)
 
 
 def interleave(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

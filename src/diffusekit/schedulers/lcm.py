@@ -62,11 +62,7 @@ class LCMScheduler(StepIndexMixin, SchedulerMixin):
         timestep_scaling: float = 10.0,
         rescale_betas_zero_snr: bool = False,
     ):
-        self.betas = sm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = sm.rescale_zero_terminal_snr(self.betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(self.config)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None

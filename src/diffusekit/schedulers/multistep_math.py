@@ -11,20 +11,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .schedule_math import shift_sigmas, sigma_ramp, sigma_to_t, threshold_sample
+from .schedule_math import (
+    alpha_sigma,
+    noise_from_output,
+    shift_sigmas,
+    sigma_ramp,
+    sigma_to_t,
+    threshold_sample,
+    x0_from_output,
+)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
 # -- noise levels --------------------------------------------------------------------------------
-
-def alpha_sigma(sigma: torch.Tensor, flow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, sigma_t) of a noise level: x_t = alpha_t x_0 + sigma_t eps."""
-    if flow:
-        return 1 - sigma, sigma
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha, sigma * alpha
-
 
 def half_log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """lambda_t = log(alpha_t) - log(sigma_t)."""
@@ -50,28 +50,14 @@ def check_prediction_type(prediction_type: str, allowed=PREDICTION_TYPES) -> Non
 
 def predict_data(model_output, sample, sigma, prediction_type: str, flow: bool = False) -> torch.Tensor:
     """The model's estimate of x_0, from any parameterisation."""
-    alpha_t, sigma_t = alpha_sigma(sigma, flow)
-    if prediction_type == "epsilon":
-        return (sample - sigma_t * model_output) / alpha_t
-    if prediction_type == "sample":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alpha_t * sample - sigma_t * model_output
     if prediction_type == "flow_prediction":
         return sample - sigma * model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return x0_from_output(model_output, sample, *alpha_sigma(sigma, flow), prediction_type)
 
 
 def predict_noise(model_output, sample, sigma, prediction_type: str, flow: bool = False) -> torch.Tensor:
     """The model's estimate of eps, from epsilon, sample or v prediction."""
-    alpha_t, sigma_t = alpha_sigma(sigma, flow)
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "sample":
-        return (sample - alpha_t * model_output) / sigma_t
-    if prediction_type == "v_prediction":
-        return alpha_t * model_output + sigma_t * sample
-    raise ValueError(f"prediction_type {prediction_type!r} cannot give a noise prediction; use epsilon, sample or v_prediction")
+    return noise_from_output(model_output, sample, *alpha_sigma(sigma, flow), prediction_type)
 
 
 def threshold_data(x0: torch.Tensor, config) -> torch.Tensor:

@@ -40,9 +40,7 @@ class PNDMScheduler(StepIndexMixin, SchedulerMixin):
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction for PNDM, got {prediction_type!r}")
-        self.betas = sm.make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(self.config)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.pndm_order = 4

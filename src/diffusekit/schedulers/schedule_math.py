@@ -73,6 +73,22 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def training_tables(config, finite_last_sigma: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(betas, alphas, alphas_cumprod)`` of a config (``beta_schedule``, ``trained_betas``,
+    ``rescale_betas_zero_snr``). ``finite_last_sigma``: with zero-SNR rescaling, the last
+    alphas_cumprod becomes 2**-24 instead of 0 so that the sigma views stay finite."""
+    betas = make_betas(config.beta_schedule, config.num_train_timesteps, config.beta_start, config.beta_end,
+                       config.get("trained_betas"))
+    zero_snr = config.get("rescale_betas_zero_snr", False)
+    if zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    if zero_snr and finite_last_sigma:
+        alphas_cumprod[-1] = 2**-24
+    return betas, alphas, alphas_cumprod
+
+
 # -- sigmas ----------------------------------------------------------------------------------------
 
 def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray | torch.Tensor:
@@ -125,15 +141,20 @@ def sigma_kind(config) -> str | None:
     return chosen[0] if chosen else None
 
 
-def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """The fractional training timestep of each sigma, by linear interpolation in log-sigma."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+def sigma_to_t(sigma, log_sigmas):
+    """The fractional training timestep of each sigma, by linear interpolation in log-sigma.
+
+    numpy in, numpy out; torch tensors are computed in their own dtype (the reference computes its
+    DPM2 midpoint timesteps in float32 torch, its other timesteps in numpy)."""
+    if not isinstance(sigma, torch.Tensor):
+        sigma = np.asarray(sigma)
+        return sigma_to_t(torch.from_numpy(sigma), torch.from_numpy(np.asarray(log_sigmas))).numpy().reshape(sigma.shape)
+    log_sigma = sigma.clamp(min=1e-10).log()
+    dists = log_sigma[None] - log_sigmas.reshape(-1, *[1] * log_sigma.ndim)
+    low_idx = (dists >= 0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
+    return (1 - w) * low_idx + w * (low_idx + 1)
 
 
 # -- inference timesteps -------------------------------------------------------------------------
@@ -234,14 +255,12 @@ def ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
 
 
 def to_denoised(model_output: torch.Tensor, sample: torch.Tensor, sigma, prediction_type: str) -> torch.Tensor:
-    """The clean-sample estimate x0 from a model output on the variance-exploding scale."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-    if prediction_type in ("sample", "original_sample"):
-        return model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+    """The clean-sample estimate x0 from a model output on the variance-exploding scale
+    (``sample`` = x0 + sigma * noise)."""
+    if prediction_type == "v_prediction":  # v is defined on the unit-variance sample alpha_t * x
+        alpha_t, sigma_t = alpha_sigma(sigma)
+        return x0_from_output(model_output, sample * alpha_t, alpha_t, sigma_t, prediction_type)
+    return x0_from_output(model_output, sample, 1.0, sigma, prediction_type)
 
 
 def to_d(sample: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
@@ -278,27 +297,49 @@ def stretch_to_terminal(t, terminal: float):
     return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
-# -- discrete-time (alpha) view ---------------------------------------------------------------------
+# -- model output conversion (x_t = alpha_t x0 + sigma_t noise) -------------------------------------
 
-def x0_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod, prediction_type: str) -> torch.Tensor:
-    """Clean-sample estimate x0 from a model output, with alpha_prod = alphas_cumprod[t]."""
+def alpha_sigma(sigma, flow: bool = False):
+    """(alpha_t, sigma_t) of a noise level ``sigma`` (variance-exploding view, or flow matching's)."""
+    if flow:
+        return 1 - sigma, sigma
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def x0_from_output(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, sigma_t,
+                   prediction_type: str) -> torch.Tensor:
+    """The clean-sample estimate x0 from an epsilon, sample or v prediction at ``sample`` = x_t."""
     if prediction_type == "epsilon":
-        return (sample - (1 - alpha_prod) ** 0.5 * model_output) / alpha_prod**0.5
-    if prediction_type == "sample":
+        return (sample - sigma_t * model_output) / alpha_t
+    if prediction_type in ("sample", "original_sample"):
         return model_output
     if prediction_type == "v_prediction":
-        return alpha_prod**0.5 * sample - (1 - alpha_prod) ** 0.5 * model_output
+        return alpha_t * sample - sigma_t * model_output
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, sample or v_prediction")
 
 
-def eps_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, x0: torch.Tensor, alpha_prod,
-                   prediction_type: str) -> torch.Tensor:
-    """Noise estimate matching ``x0_from_alpha`` (for epsilon models, the output itself)."""
+def noise_from_output(model_output: torch.Tensor, sample: torch.Tensor, alpha_t, sigma_t,
+                      prediction_type: str) -> torch.Tensor:
+    """The noise estimate from an epsilon, sample or v prediction at ``sample`` = x_t."""
     if prediction_type == "epsilon":
         return model_output
+    if prediction_type == "sample":
+        return (sample - alpha_t * model_output) / sigma_t
     if prediction_type == "v_prediction":
-        return alpha_prod**0.5 * model_output + (1 - alpha_prod) ** 0.5 * sample
-    return (sample - alpha_prod**0.5 * x0) / (1 - alpha_prod) ** 0.5
+        return alpha_t * model_output + sigma_t * sample
+    raise ValueError(f"prediction_type {prediction_type!r} cannot give a noise prediction; use epsilon, sample "
+                     "or v_prediction")
+
+
+def x0_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod, prediction_type: str) -> torch.Tensor:
+    """Clean-sample estimate x0 from a model output, with alpha_prod = alphas_cumprod[t]."""
+    return x0_from_output(model_output, sample, alpha_prod**0.5, (1 - alpha_prod) ** 0.5, prediction_type)
+
+
+def eps_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod, prediction_type: str) -> torch.Tensor:
+    """Noise estimate with alpha_prod = alphas_cumprod[t] (for epsilon models, the output itself)."""
+    return noise_from_output(model_output, sample, alpha_prod**0.5, (1 - alpha_prod) ** 0.5, prediction_type)
 
 
 def clip_denoised(x0: torch.Tensor, config) -> torch.Tensor:
@@ -318,17 +359,6 @@ def log_midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def repeat_inner(values: torch.Tensor) -> torch.Tensor:
     """``[v0, v1, v1, ..., vn, vn, vn]``: the per-call layout of a two-call-per-step solver."""
     return torch.cat([values[:1], values[1:].repeat_interleave(2), values[-1:]])
-
-
-def sigma_to_t_float32(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
-    """``sigma_to_t`` evaluated in float32 torch arithmetic (the reference's DPM2 midpoint timesteps
-    are computed this way; the rounding differs from the float64 numpy version)."""
-    log_sigma = sigma.clamp(min=1e-10).log()
-    dists = log_sigma[None] - log_sigmas[:, None]
-    low_idx = (dists >= 0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
-    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
-    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return (1 - w) * low_idx + w * (low_idx + 1)
 
 
 # -- linear multistep ----------------------------------------------------------------------------

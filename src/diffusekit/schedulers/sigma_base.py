@@ -27,24 +27,14 @@ class SigmaSchedulerBase(StepIndexMixin, SchedulerMixin):
     #: whether ``step`` refuses integer timesteps (likely loop indices) as the reference's Euler does
     rejects_integer_timesteps = False
 
-    def _init_tables(self, zero_snr_floor: bool = False) -> None:
+    def _init_tables(self) -> None:
         cfg = self.config
         if cfg.prediction_type not in self.prediction_types:
             raise ValueError(f"prediction_type must be one of {self.prediction_types} for {type(self).__name__}, "
                              f"got {cfg.prediction_type!r}")
         sm.sigma_kind(cfg)  # rejects more than one sigma ramp
-        betas = sm.make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end,
-                              cfg.get("trained_betas"))
-        zero_snr = cfg.get("rescale_betas_zero_snr", False)
-        if zero_snr:
-            betas = sm.rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # keeps the last sigma finite
+        self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(cfg, finite_last_sigma=True)
         self.num_inference_steps = None
-        self.is_scale_input_called = False
         self._reset_index()
 
     def _spaced_timesteps(self, n: int, num_train_timesteps: int | None = None) -> np.ndarray:
@@ -80,7 +70,6 @@ class SigmaSchedulerBase(StepIndexMixin, SchedulerMixin):
         """Scale the sample to unit variance for the model: x / sqrt(sigma^2 + 1)."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        self.is_scale_input_called = True
         return sample / (self._input_sigma() ** 2 + 1) ** 0.5
 
     def _start_step(self, timestep) -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .multistep_math import alpha_sigma, flow_sigmas, half_log_snr, ramp_schedule, solver_timesteps
-from .schedule_math import broadcast_to, make_betas, rescale_zero_terminal_snr, sigma_kind, train_sigmas
+from .multistep_math import flow_sigmas, half_log_snr, ramp_schedule, solver_timesteps
+from .schedule_math import alpha_sigma, broadcast_to, sigma_kind, train_sigmas, training_tables
 from .names import KARRAS_DIFFUSION_SCHEDULERS
 from .scheduling_utils import SchedulerMixin
 from .stepping import StepIndexMixin
@@ -24,15 +24,7 @@ class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
         cfg = self.config
         sigma_kind(cfg)  # rejects more than one of use_{karras,exponential,beta}_sigmas
         check_solver_order(cfg.solver_order)
-        betas = make_betas(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.trained_betas)
-        zero_snr = cfg.get("rescale_betas_zero_snr", False)
-        if zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # keep the last sigma finite
+        self.betas, self.alphas, self.alphas_cumprod = training_tables(cfg, finite_last_sigma=True)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = half_log_snr(self.alpha_t, self.sigma_t)
