@@ -26,7 +26,9 @@ def test_generate_writes_pngs_with_parameters_and_never_overwrites(model_folder,
     first = capsys.readouterr().out.split()
     assert len(first) == 2 and all(p.endswith(".png") for p in first)
     params = read_png_parameters(first[0])
-    assert params["seed"] == 5 and params["steps"] == 2 and params["scheduler"] == "euler_a"
+    assert params["seed"] == 5 and params["steps"] == 2 and params["scheduler"]["name"] == "euler_a"
+    assert params["scheduler"]["class"] == "EulerAncestralDiscreteScheduler"
+    assert [p.rsplit("/", 1)[-1] for p in first] == ["5-0.png", "5-1.png"]
     assert Image.open(first[0]).size == (8, 8)
     assert main(args) == 0
     second = capsys.readouterr().out.split()
@@ -34,9 +36,9 @@ def test_generate_writes_pngs_with_parameters_and_never_overwrites(model_folder,
     assert len(list(tmp_path.glob("*.png"))) == 4
 
 
-def test_generate_rejects_options_the_pipeline_does_not_take(model_folder, tmp_path):
-    with pytest.raises(SystemExit, match="prompt"):
-        main(["generate", str(model_folder), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path)])
+def test_generate_rejects_options_the_pipeline_does_not_take(model_folder, tmp_path, capsys):
+    assert main(["generate", str(model_folder), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: DDPMPipeline does not take prompt\n"
 
 
 def test_info_prints_components_and_png_parameters(model_folder, tmp_path, capsys):
