@@ -200,7 +200,11 @@ def _silence_stdout() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the parsed command; errors become one line on stderr (``--debug``: re-raised)."""
+    """Run the parsed command; errors become one line on stderr (``--debug``: re-raised).
+
+    A caller that already uses torch gets its thread count back afterwards."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
     try:
         status = args.func(args)
         sys.stdout.flush()
@@ -224,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {type(err).__name__}: {err} (a bug? run again with --debug for the traceback)",
               file=sys.stderr)
         return BUG_STATUS
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

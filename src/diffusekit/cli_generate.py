@@ -97,6 +97,8 @@ def check_options(args: argparse.Namespace) -> None:
     for option, path in (("--image", args.image), ("--mask", args.mask)):
         if path is not None:
             _check_image_file(option, path)
+    if args.model not in (None, EMBEDDED_MODEL):
+        check_local(args.model)
     for option, paths in (("--lora", [_parse_lora(spec)[0] for spec in args.lora or []]),
                           ("--embedding", args.embedding or [])):
         for path in paths:
@@ -347,12 +349,17 @@ def call_arguments(pipe, args: argparse.Namespace, labels: list[int] | None, gen
 
 # -- the command -----------------------------------------------------------------------------------
 
-def _resolved(pipe, args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The values the call used, pipeline defaults filled in."""
+def resolved_values(pipe, args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The values the call will use, pipeline defaults filled in; CommandError when image-to-image
+    would be left with no denoising step."""
     defaults = _defaults(pipe)
     value = lambda name: kwargs.get(name, defaults.get(name))  # noqa: E731
-    return {"steps": value("num_inference_steps"), "guidance": value("guidance_scale"),
-            "strength": value("strength") if args.image is not None else None}
+    resolved = {"steps": value("num_inference_steps"), "guidance": value("guidance_scale"),
+                "strength": value("strength") if args.image is not None else None}
+    if resolved["strength"] is not None and resolved["steps"] and int(resolved["steps"] * resolved["strength"]) < 1:
+        raise CommandError(f"--steps {resolved['steps']} with --strength {resolved['strength']} leaves no denoising "
+                           "step (steps x strength must be at least 1)")
+    return resolved
 
 
 def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count: int) -> dict[str, Any]:
@@ -361,7 +368,8 @@ def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count:
     record = {
         "diffusekit_version": __version__, "model": model_record(args.model), "pipeline": type(pipe).__name__,
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "batch": count,
-        "scheduler": {"name": args.scheduler, "class": type(pipe.scheduler).__name__,
+        "scheduler": {"name": args.scheduler or (getattr(args, "scheduler_record", None) or {}).get("name"),
+                      "class": type(pipe.scheduler).__name__,
                       "config": json.loads(pipe.scheduler.to_json_string())},
         "image": file_record(args.image) if args.image else None,
         "mask": file_record(args.mask) if args.mask else None,
@@ -415,8 +423,9 @@ def command_generate(args: argparse.Namespace) -> int:
     count = len(labels) if labels else args.batch or 1
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]  # image i: seed + i
     kwargs = call_arguments(pipe, args, labels, generators[0] if count == 1 else generators)
+    resolved = resolved_values(pipe, args, kwargs)
     output = pipe(**kwargs)
-    record = {**_base_record(pipe, args, loaded, seed, count), **_resolved(pipe, args, kwargs)}
+    record = {**_base_record(pipe, args, loaded, seed, count), **resolved}
     out = make_out(args.out)
     if hasattr(output, "audios"):
         from .pipelines.dance_diffusion import write_wav

@@ -52,7 +52,7 @@ def a1111_text(record: dict[str, Any]) -> str:
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     scheduler = record.get("scheduler") or {}
-    sampler = A1111_SAMPLERS.get(scheduler.get("name") or "", scheduler.get("class"))
+    sampler = A1111_SAMPLERS.get(scheduler.get("name") or _plain_name(scheduler.get("class")), scheduler.get("class"))
     size = f"{record['width']}x{record['height']}" if record.get("width") else None
     model = record.get("model")
     fields = [("Steps", record.get("steps")), ("Sampler", sampler), ("CFG scale", record.get("guidance")),
@@ -61,6 +61,14 @@ def a1111_text(record: dict[str, Any]) -> str:
               ("Version", f"diffusekit {record.get('diffusekit_version')}")]
     lines.append(", ".join(f"{key}: {value}" for key, value in fields if value is not None))
     return "\n".join(lines)
+
+
+def _plain_name(class_name: str | None) -> str:
+    """The sampler name of a scheduler class used with its plain settings (``DDIMScheduler`` -> ``ddim``)."""
+    from .schedulers.names import SAMPLER_NAMES
+
+    return next((name for name, entry in SAMPLER_NAMES.items()
+                 if entry.class_name == class_name and not entry.overrides), "")
 
 
 def save_png(image, path: Path, record: dict[str, Any]) -> Path:

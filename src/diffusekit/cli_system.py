@@ -18,12 +18,12 @@ def _usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads counted once), from /sys topology;
-    half the logical CPUs (at least 1) where the topology cannot be read."""
+def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores this process may run on (hyper-threads counted once), from the ``sys_cpu``
+    topology; half the logical CPUs (at least 1) where the topology cannot be read."""
     cpus, cores = _usable_cpus(), set()
     for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        topology = sys_cpu / f"cpu{cpu}" / "topology"
         try:
             cores.add(((topology / "physical_package_id").read_text().strip(),
                        (topology / "core_id").read_text().strip()))
