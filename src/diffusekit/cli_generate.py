@@ -78,6 +78,16 @@ def _check_image_file(option: str, path: str) -> None:
 
 def check_options(args: argparse.Namespace) -> None:
     """Every check that needs no model, so mistakes fail before anything loads."""
+    _check_numbers(args)
+    _check_files(args)
+    if args.scheduler is not None:
+        from .schedulers.names import SAMPLER_NAMES, normalize_name
+
+        if normalize_name(args.scheduler) not in SAMPLER_NAMES:
+            raise CommandError(f"--scheduler {args.scheduler}: unknown name; `diffusekit schedulers` lists them")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
     if args.steps is not None and args.steps < 1:
         raise CommandError(f"--steps must be at least 1, got {args.steps}")
     if args.batch is not None and args.batch < 1:
@@ -92,6 +102,9 @@ def check_options(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CommandError(f"--{name} must be at least 1, got {value}")
+
+
+def _check_files(args: argparse.Namespace) -> None:
     if args.mask is not None and args.image is None:
         raise CommandError("--mask needs --image (the picture to inpaint)")
     for option, path in (("--image", args.image), ("--mask", args.mask)):
@@ -107,17 +120,18 @@ def check_options(args: argparse.Namespace) -> None:
             except FileNotFoundError as err:
                 raise CommandError(f"{option} {err}") from None
     check_out(args.out)
-    if args.scheduler is not None:
-        from .schedulers.names import SAMPLER_NAMES, normalize_name
-
-        if normalize_name(args.scheduler) not in SAMPLER_NAMES:
-            raise CommandError(f"--scheduler {args.scheduler}: unknown name; `diffusekit schedulers` lists them")
 
 
 def _warn_if_changed(option: str, entry: dict) -> None:
     path = Path(entry["path"])
     if path.is_file() and sha256_of(path) != entry.get("sha256"):
         print(f"warning: {option} {path} changed since the image was made (sha256 differs)", file=sys.stderr)
+
+
+def _replayed_files(option: str, entries: list[dict] | None) -> list[dict]:
+    for entry in entries or []:
+        _warn_if_changed(option, entry)
+    return entries or []
 
 
 def apply_record(args: argparse.Namespace, source: str) -> None:
@@ -135,13 +149,9 @@ def apply_record(args: argparse.Namespace, source: str) -> None:
             _warn_if_changed(option, record[name])
             setattr(args, name, record[name]["path"])
     if args.lora is None:
-        for entry in record.get("loras") or []:
-            _warn_if_changed("--lora", entry)
-        args.lora = [f"{entry['path']}:{entry['scale']}" for entry in record.get("loras") or []]
+        args.lora = [f"{e['path']}:{e['scale']}" for e in _replayed_files("--lora", record.get("loras"))]
     if args.embedding is None:
-        for entry in record.get("embeddings") or []:
-            _warn_if_changed("--embedding", entry)
-        args.embedding = [entry["path"] for entry in record.get("embeddings") or []]
+        args.embedding = [e["path"] for e in _replayed_files("--embedding", record.get("embeddings"))]
     if args.scheduler is None:
         args.scheduler_record = record.get("scheduler")
     if args.batch is None and args.class_label is None:  # the same call, keeping only that image
@@ -365,7 +375,7 @@ def resolved_values(pipe, args: argparse.Namespace, kwargs: dict[str, Any]) -> d
 def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count: int) -> dict[str, Any]:
     from . import __version__
 
-    record = {
+    return {
         "diffusekit_version": __version__, "model": model_record(args.model), "pipeline": type(pipe).__name__,
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "batch": count,
         "scheduler": {"name": args.scheduler or (getattr(args, "scheduler_record", None) or {}).get("name"),
@@ -375,7 +385,6 @@ def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count:
         "mask": file_record(args.mask) if args.mask else None,
         "dtype": str(pipe.dtype).removeprefix("torch."), "device": str(pipe.device), **loaded,
     }
-    return record
 
 
 def _write_images(images, out: Path, record: dict, labels, names, keep, grid: bool) -> list[Path]:
