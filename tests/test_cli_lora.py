@@ -1,6 +1,8 @@
 """``diffusekit generate --lora PATH[:SCALE] --embedding PATH`` on a tiny Stable Diffusion folder:
 the same images as the Python API with the same adapters, scales and seed."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -100,17 +102,21 @@ def test_embedding_and_lora_match_the_python_api(sd_folder, files, tmp_path, cap
     assert np.array_equal(both, _api(sd_folder, [(files["kohya"], 0.8)], files["embedding"], prompt=prompt))
 
 
-def test_unknown_lora_keys_give_an_error_naming_them(sd_folder, files, tmp_path):
+def test_unknown_lora_keys_give_an_error_naming_them(sd_folder, files, tmp_path, capsys):
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder)
     state = peft_layout(lora_tensors(pipe, seed=4))
     state["unet.no_such_block.to_q.lora_A.weight"] = torch.zeros(2, 8)
     state["unet.no_such_block.to_q.lora_B.weight"] = torch.zeros(8, 2)
     save_file(state, str(tmp_path / "bad.safetensors"))
     common = ["generate", str(sd_folder), "--prompt", PROMPT, "--steps", "1", "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match=r"--lora .*bad\.safetensors.*unet\.no_such_block\.to_q\.lora_A\.weight"):
-        main([*common, "--lora", f"{tmp_path / 'bad.safetensors'}:0.5"])
-    with pytest.raises(SystemExit, match=r"--lora .*missing\.safetensors"):
-        main([*common, "--lora", str(tmp_path / "missing.safetensors")])
-    with pytest.raises(SystemExit, match=r"--embedding .*peft_style\.safetensors.*textual inversion"):
-        main([*common, "--embedding", str(files["peft"])])
+
+    def error(*options: str) -> str:
+        assert main([*common, *options]) == 2
+        return capsys.readouterr().err
+
+    assert re.fullmatch(r"error: --lora .*bad\.safetensors:0\.5: .*unet\.no_such_block\.to_q\.lora_A\.weight.*\n",
+                        error("--lora", f"{tmp_path / 'bad.safetensors'}:0.5"), re.S)
+    missing = tmp_path / "missing.safetensors"
+    assert error("--lora", str(missing)) == f"error: --lora {missing}: no such file or folder\n"
+    assert re.match(r"error: --embedding .*peft_style\.safetensors.*textual inversion", error("--embedding", str(files["peft"])))
     assert not (tmp_path / "out").exists()  # nothing generated

@@ -1,5 +1,6 @@
 """The Hub code path, against a cache folder the test fills (never the network)."""
 
+import re
 import shutil
 
 import pytest
@@ -42,3 +43,37 @@ def test_revision_selects_the_snapshot(tmp_path):
 def test_unknown_repo_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="nobody/nothing"):
         TinyModel.from_pretrained("nobody/nothing", cache_dir=tmp_path)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any call into huggingface_hub's downloads fails the test."""
+    import huggingface_hub
+
+    def called(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args}")
+
+    for name in ("snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, called)
+
+
+@pytest.mark.parametrize("name", ["./nope", "nope/", "../x", "~/surely-not-here", "/abs/nope", "C:\\x",
+                                  "x.safetensors", "model.ckpt", "emb.pt", "a/b/c", "not a repo"])
+def test_missing_local_paths_fail_without_the_hub(name, no_hub):
+    from diffusekit.hub import resolve_first_file, resolve_folder
+
+    message = f"^{re.escape(name)}: no such file or folder$"
+    with pytest.raises(FileNotFoundError, match=message):
+        resolve_folder(name)
+    with pytest.raises(FileNotFoundError, match=message):
+        resolve_file(name, "model_index.json")
+    with pytest.raises(FileNotFoundError, match=message):
+        resolve_first_file(name, ["pytorch_lora_weights.safetensors"], "LoRA")
+    with pytest.raises(FileNotFoundError, match=message):
+        TinyModel.from_pretrained(name)
+
+
+@pytest.mark.parametrize("name", ["org/name", "gpt2", "harmonai/maestro-150k", "org/name.v2"])
+def test_repo_ids_still_go_to_the_hub(name, no_hub):
+    with pytest.raises(OSError, match="AssertionError: the Hub was asked for"):
+        resolve_file(name, "config.json")

@@ -1,219 +1,67 @@
-"""The ``diffusekit`` command line: generate, info, schedulers, demo, train."""
+"""The ``diffusekit`` command line: generate, info, schedulers, demo, convert, train.
+
+User errors (bad options, missing files, unreadable inputs) print one ``error: ...`` line and exit
+with status 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-#: PNG text-chunk key under which generation parameters are stored (as JSON).
-PNG_PARAMETERS_KEY = "diffusekit"
+from .cli_metadata import PNG_PARAMETERS_KEY, CommandError, read_png_parameters, save_png
 
+__all__ = ["PNG_PARAMETERS_KEY", "build_parser", "main", "read_png_parameters", "save_png"]
 
-# -- output files --------------------------------------------------------------------------------
-
-def free_path(folder: Path, stem: str, suffix: str) -> Path:
-    """``folder/stem.suffix``, or ``stem-1``, ``stem-2``... when taken: never overwrite a file."""
-    path = folder / f"{stem}{suffix}"
-    n = 1
-    while path.exists():
-        path = folder / f"{stem}-{n}{suffix}"
-        n += 1
-    return path
+#: Exceptions that mean the user asked for something that cannot work (status 2, no traceback).
+USER_ERRORS = (ValueError, OSError, ImportError)
+USAGE_STATUS, BUG_STATUS, INTERRUPTED_STATUS, BROKEN_PIPE_STATUS = 2, 1, 130, 141
 
 
-def save_png(image, path: Path, parameters: dict[str, Any]) -> Path:
-    """Save a PIL image with the generation parameters in a PNG text chunk."""
-    from PIL.PngImagePlugin import PngInfo
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` for options that have a real default (not None or False)."""
 
-    info = PngInfo()
-    info.add_text(PNG_PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+# -- info, schedulers, demo, convert, train --------------------------------------------------------
+
+def _print_png_parameters(target: Path) -> int:
+    parameters = read_png_parameters(target)
+    if not parameters:
+        print(f"{target}: no generation parameters stored", file=sys.stderr)
+        return 1
     for key, value in parameters.items():
-        if value is not None:
-            info.add_text(key, str(value))
-    image.save(path, pnginfo=info)
-    return path
-
-
-def read_png_parameters(path: Path) -> dict[str, Any]:
-    """The generation parameters stored by :func:`save_png` (empty if none)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        text = dict(getattr(image, "text", {}) or {})
-    if PNG_PARAMETERS_KEY in text:
-        return json.loads(text[PNG_PARAMETERS_KEY])
-    return text
-
-
-# -- generate ------------------------------------------------------------------------------------
-
-def _parse_lora(spec: str) -> tuple[str, float]:
-    """``path.safetensors:0.8`` -> (path, 0.8); the scale defaults to 1."""
-    path, sep, scale = spec.rpartition(":")
-    try:
-        return (path, float(scale)) if sep else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
-
-
-def _choose_pipeline(pipe, args):
-    """Pick the task from the inputs: a mask means inpainting, an image means image-to-image."""
-    import diffusekit
-
-    if args.image is None:
-        return pipe
-    name = "StableDiffusionInpaintPipeline" if args.mask else "StableDiffusionImg2ImgPipeline"
-    task_cls = getattr(diffusekit, name)
-    if isinstance(pipe, task_cls):
-        return pipe
-    params = inspect.signature(task_cls.__init__).parameters
-    components = {k: v for k, v in pipe.components.items() if k in params}
-    return task_cls(**components)
-
-
-def _call_arguments(pipe, args, generator) -> dict[str, Any]:
-    """Map the command's options onto what this pipeline's ``__call__`` accepts."""
-    from PIL import Image
-
-    accepted = inspect.signature(pipe.__call__).parameters
-    wanted: dict[str, Any] = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "height": args.height,
-        "width": args.width,
-        "strength": args.strength,
-        "generator": generator,
-        "class_labels": [args.class_label] * args.batch if args.class_label is not None else None,
-    }
-    size = (args.width, args.height) if args.width and args.height else None
-    if args.image is not None:
-        wanted["image"] = Image.open(args.image).convert("RGB")
-    if args.mask is not None:
-        wanted["mask_image"] = Image.open(args.mask).convert("L")
-    if size and "height" not in accepted:  # image-to-image: the size is the input image's, resized
-        for key in ("image", "mask_image"):
-            if key in wanted:
-                wanted[key] = wanted[key].resize(size, Image.Resampling.LANCZOS)
-        wanted["height"] = wanted["width"] = None
-    if "batch_size" in accepted:
-        wanted["batch_size"] = args.batch
-    elif "num_images_per_prompt" in accepted:
-        wanted["num_images_per_prompt"] = args.batch
-    unused = [k for k, v in wanted.items() if v is not None and k not in accepted and k != "generator"]
-    if unused:
-        raise SystemExit(f"error: {type(pipe).__name__} does not take {', '.join(unused)}")
-    return {k: v for k, v in wanted.items() if v is not None and k in accepted}
-
-
-def load_pipeline(model: str | None, args):
-    """The pipeline for ``model`` (a folder or Hub id), or the embedded digits model when None."""
-    import torch
-
-    import diffusekit
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if model is None:
-        from .embedded import load_embedded_pipeline
-
-        pipe = load_embedded_pipeline()
-    else:
-        pipe = diffusekit.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    if args.scheduler:
-        from .schedulers.names import scheduler_from_name
-
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-    names, scales = [], []
-    for spec in args.lora or []:
-        path, scale = _parse_lora(spec)
-        name = stem = Path(path).stem.replace(".", "_") or "lora"  # adapter names cannot hold "."
-        copies = 0
-        while name in names:  # files of the same name
-            copies += 1
-            name = f"{stem}_{copies}"
-        try:
-            pipe.load_lora_weights(path, adapter_name=name)
-        except (OSError, ValueError) as err:  # WeightsError is a ValueError: it names the file and keys
-            raise SystemExit(f"error: --lora {spec}: {err}") from None
-        names.append(name)
-        scales.append(scale)
-    if names:
-        pipe.set_adapters(names, scales)  # all of them, each with its scale
-    for path in args.embedding or []:
-        try:
-            pipe.load_textual_inversion(path)
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"error: --embedding {path}: {err}") from None
-    return pipe.to(args.device)
-
-
-def command_generate(args) -> int:
-    import torch
-
-    pipe = _choose_pipeline(load_pipeline(args.model, args), args)
-    pipe.set_progress_bar_config(desc="sampling", leave=False)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    kwargs = _call_arguments(pipe, args, generator)
-    output = pipe(**kwargs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    parameters = {
-        "model": args.model or "diffusekit:digits",
-        "pipeline": type(pipe).__name__,
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "steps": args.steps,
-        "scheduler": args.scheduler or type(pipe.scheduler).__name__,
-        "guidance": args.guidance,
-        "class_label": args.class_label,
-    }
-    written = []
-    if hasattr(output, "audios"):
-        from .pipelines.dance_diffusion import write_wav
-
-        rate = pipe.unet.config.sample_rate
-        for i, audio in enumerate(output.audios):
-            written.append(write_wav(free_path(out, f"audio-{args.seed}-{i}", ".wav"), audio, rate))
-    else:
-        for i, image in enumerate(output.images):
-            parameters["size"] = f"{image.width}x{image.height}"
-            written.append(save_png(image, free_path(out, f"image-{args.seed}-{i}", ".png"), parameters))
-        if args.grid and len(output.images) > 1:
-            from PIL import Image
-
-            from .pipelines.image_grid import make_image_grid
-
-            images = list(output.images)
-            cols = math.ceil(math.sqrt(len(images)))
-            rows = math.ceil(len(images) / cols)
-            images += [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))  # black cells
-            written.append(save_png(make_image_grid(images, rows, cols), free_path(out, f"grid-{args.seed}", ".png"),
-                                    parameters))
-    for path in written:
-        print(path)
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     return 0
 
 
-# -- info, schedulers, demo ----------------------------------------------------------------------
+def _print_component_configs(target: str, name: str) -> None:
+    from .configuration import read_json
+    from .hub import resolve_file
 
-def command_info(args) -> int:
+    for config_name in ("config.json", "scheduler_config.json"):
+        try:
+            config = read_json(resolve_file(target, config_name, subfolder=name))
+        except OSError:
+            continue
+        for key, value in sorted(config.items()):
+            if not key.startswith("_"):
+                print(f"      {key}: {json.dumps(value)}")
+
+
+def command_info(args: argparse.Namespace) -> int:
     target = Path(args.target)
-    if target.suffix.lower() == ".png" and target.is_file():
-        parameters = read_png_parameters(target)
-        if not parameters:
-            print(f"{target}: no generation parameters stored")
-            return 1
-        for key, value in parameters.items():
-            print(f"{key}: {value}")
-        return 0
+    if target.is_file():
+        return _print_png_parameters(target)
     from .configuration import read_json
     from .hub import resolve_file
 
@@ -226,20 +74,12 @@ def command_info(args) -> int:
             print(f"  {name} = {entry}")
             continue
         print(f"  {name}: {entry[0]}.{entry[1]}" if entry[0] else f"  {name}: (none)")
-        if entry[0] is None:
-            continue
-        for config_name in ("config.json", "scheduler_config.json"):
-            try:
-                config = read_json(resolve_file(args.target, config_name, subfolder=name))
-            except (FileNotFoundError, OSError):
-                continue
-            for key, value in sorted(config.items()):
-                if not key.startswith("_"):
-                    print(f"      {key}: {json.dumps(value)}")
+        if entry[0] is not None:
+            _print_component_configs(args.target, name)
     return 0
 
 
-def command_schedulers(args) -> int:
+def command_schedulers(args: argparse.Namespace) -> int:
     from .schedulers.names import SAMPLER_NAMES
 
     width = max(len(name) for name in SAMPLER_NAMES)
@@ -248,95 +88,153 @@ def command_schedulers(args) -> int:
     return 0
 
 
-def command_demo(args) -> int:
-    from .embedded import generate_demo_grid
+def command_demo(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .cli_generate import EMBEDDED_MODEL, check_out
+    from .cli_system import set_threads
+    from .configuration import read_json
+    from .embedded import DEMO_GUIDANCE_SCALE, DEMO_STEPS, embedded_model_path, generate_demo_grid
 
+    check_out(args.out)
+    set_threads(args.threads)
     start = time.perf_counter()
     path = generate_demo_grid(Path(args.out), seed=args.seed)
+    from PIL import Image
+
+    scheduler = read_json(embedded_model_path() / "scheduler" / "scheduler_config.json")
+    record = {"diffusekit_version": __version__, "model": EMBEDDED_MODEL, "pipeline": "ClassConditionalPipeline",
+              "seed": args.seed, "steps": DEMO_STEPS, "guidance": DEMO_GUIDANCE_SCALE,
+              "class_labels": [d for d in range(10) for _ in range(8)], "grid": {"rows": 10, "cols": 8},
+              "scheduler": {"name": None, "class": scheduler["_class_name"], "config": scheduler}}
+    with Image.open(path) as grid:
+        grid.load()
+    save_png(grid, path, record)
     print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
-def command_convert(args) -> int:
+def command_convert(args: argparse.Namespace) -> int:
     from .loaders.single_file import convert
 
     target = Path(args.output)
     if target.exists():
-        raise SystemExit(f"error: {target} exists; choose a new path (nothing is overwritten)")
+        raise CommandError(f"{target} exists; choose a new path (nothing is overwritten)")
     path = convert(args.input, target, half=args.half, config=args.config, prediction_type=args.prediction_type,
                    extract_ema=False if args.no_ema else None)
     print(path)
     return 0
 
 
-def command_train(args) -> int:
+def command_train(args: argparse.Namespace) -> int:
+    from .cli_system import set_threads
     from .training import run_train_command
 
+    set_threads(args.threads)
     run_train_command(args)
     return 0
 
 
 # -- parser ----------------------------------------------------------------------------------------
 
+def _version() -> str:
+    from . import __version__
+
+    return f"diffusekit {__version__}"
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """``--debug`` and ``--threads``, taken before or after the command (SUPPRESS keeps the first)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="show the full traceback of an error")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS if suppress else None,
+                        help="torch CPU threads (default: physical cores, at most 8, less the ones busy)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusekit", description="Run and train diffusion models.")
+    parser = argparse.ArgumentParser(prog="diffusekit", description="Run and train diffusion models.",
+                                     formatter_class=HelpFormatter, parents=[_common_options(False)])
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [_common_options(True)]
 
-    gen = sub.add_parser("generate", help="generate images or audio with a pipeline")
-    gen.add_argument("model", nargs="?", help="pipeline folder or Hub id (default: the embedded digits model)")
-    gen.add_argument("--prompt")
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--image", help="input image: image-to-image (or inpainting with --mask)")
-    gen.add_argument("--mask", help="mask image for inpainting (white = repaint)")
-    gen.add_argument("--strength", type=float)
-    gen.add_argument("--guidance", type=float)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--scheduler", help="a sampler name, see `diffusekit schedulers`")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch", type=int, default=1)
-    gen.add_argument("--class-label", type=int, help="class to generate (class-conditional models)")
-    gen.add_argument("--lora", action="append", metavar="PATH[:SCALE]")
-    gen.add_argument("--embedding", action="append", metavar="PATH")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    gen.add_argument("--grid", action="store_true", help="also write a grid of all images")
-    gen.add_argument("--out", default="out")
-    gen.set_defaults(func=command_generate)
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        sub_parser = sub.add_parser(name, help=help, description=help, parents=common, formatter_class=HelpFormatter)
+        sub_parser.set_defaults(func=func)
+        return sub_parser
 
-    info = sub.add_parser("info", help="print a pipeline's components and configs, or a PNG's parameters")
+    from .cli_generate import add_generate_arguments, command_generate
+
+    add_generate_arguments(command("generate", "generate images or audio with a pipeline", command_generate))
+
+    info = command("info", "print a pipeline's components and configs, or a PNG's parameters", command_info)
     info.add_argument("target", help="pipeline folder, Hub id or generated PNG")
-    info.set_defaults(func=command_info)
 
-    sched = sub.add_parser("schedulers", help="list the sampler names that --scheduler takes")
-    sched.set_defaults(func=command_schedulers)
+    command("schedulers", "list the sampler names that --scheduler takes", command_schedulers)
 
-    demo = sub.add_parser("demo", help="write a grid of digits from the embedded model")
-    demo.add_argument("--out", default="demo-output")
+    demo = command("demo", "write a grid of digits from the embedded model", command_demo)
+    demo.add_argument("--out", default="demo-output", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=command_demo)
 
-    conv = sub.add_parser("convert", help="single-file checkpoint <-> pipeline folder (SD 1.x/2.x)")
+    conv = command("convert", "single-file checkpoint <-> pipeline folder (SD 1.x/2.x)", command_convert)
     conv.add_argument("input", help="a .safetensors/.ckpt file, or a pipeline folder")
     conv.add_argument("output", help="a folder (from a file), or a .safetensors/.ckpt file (from a folder)")
     conv.add_argument("--half", action="store_true", help="store float16 weights")
     conv.add_argument("--config", help="a pipeline folder whose configs and tokenizer to use")
     conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     conv.add_argument("--no-ema", action="store_true", help="ignore EMA weights in the file")
-    conv.set_defaults(func=command_convert)
 
-    train = sub.add_parser("train", help="train a UNet2DModel pipeline")
     from .training.config import add_train_arguments  # argparse only: no torch at parse time
 
-    add_train_arguments(train)
-    train.set_defaults(func=command_train)
+    add_train_arguments(command("train", "train a UNet2DModel pipeline", command_train))
     return parser
 
 
+# -- running ---------------------------------------------------------------------------------------
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``diffusekit info x.png | head -1``): no error at interpreter exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one line on stderr (``--debug``: re-raised).
+
+    A caller that already uses torch gets its thread count back afterwards."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        status = args.func(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_STATUS
+    except Exception as err:  # a bug: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {type(err).__name__}: {err} (a bug? run again with --debug for the traceback)",
+              file=sys.stderr)
+        return BUG_STATUS
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,14 @@ Hub repos go through huggingface_hub and its cache, so ``revision``, ``cache_dir
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable
+
+#: File endings that mark a name as a local path, never a Hub repo id.
+LOCAL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".png", ".jpg", ".jpeg", ".webp", ".json",
+                  ".yaml", ".yml", ".txt", ".gguf", ".onnx")
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
 
@@ -36,6 +42,26 @@ def _not_found(name: str, what: str, err: Exception) -> OSError:
     )
 
 
+def looks_local(name: str | os.PathLike) -> bool:
+    """Whether ``name`` can only be a local path: it starts with ``/ . ~`` (or a drive), ends like a
+    file (``.safetensors``, ``.png``...), holds a backslash or more than one ``/``, or is no valid repo id."""
+    text = os.fspath(name)
+    if isinstance(name, os.PathLike) or text.startswith(("/", ".", "~")) or "\\" in text:
+        return True
+    if re.match(r"^[A-Za-z]:", text) or text.lower().endswith(LOCAL_SUFFIXES) or text.count("/") > 1:
+        return True
+    return not _REPO_ID.match(text) or "--" in text or ".." in text or text.endswith(".")
+
+
+def check_local(name: str | os.PathLike) -> Path:
+    """``name`` as a path (``~`` expanded); FileNotFoundError at once when it looks local and does not
+    exist, so a mistyped path fails here instead of after a round trip to the Hub."""
+    path = Path(name).expanduser()
+    if not path.exists() and looks_local(name):
+        raise FileNotFoundError(f"{os.fspath(name)}: no such file or folder")
+    return path
+
+
 def resolve_folder(
     name_or_path: str | os.PathLike,
     subfolder: str | None = None,
@@ -43,7 +69,7 @@ def resolve_folder(
     **hub_kwargs,
 ) -> Path:
     """A local folder for ``name_or_path``: the folder itself, or a Hub snapshot of the given files."""
-    local = Path(name_or_path)
+    local = check_local(name_or_path)
     if local.is_dir():
         folder = local / subfolder if subfolder else local
         if not folder.is_dir():
@@ -66,7 +92,7 @@ def resolve_folder(
 
 def resolve_file(name_or_path: str | os.PathLike, filename: str, subfolder: str | None = None, **hub_kwargs) -> Path:
     """The local path of one file in a folder or Hub repo."""
-    local = Path(name_or_path)
+    local = check_local(name_or_path)
     if local.is_dir():
         path = local / subfolder / filename if subfolder else local / filename
         if not path.is_file():
@@ -86,6 +112,7 @@ def resolve_first_file(name_or_path: str | os.PathLike, filenames: Iterable[str]
     """The first of ``filenames`` that a local folder or Hub repo ``name_or_path`` holds;
     FileNotFoundError naming ``what`` and the names when it holds none."""
     names = list(filenames)
+    check_local(name_or_path)
     for name in names:
         try:
             return resolve_file(name_or_path, name, **hub_kwargs)

@@ -134,3 +134,24 @@ def test_sklearn_digits_are_scaled_and_resized():
     dataset = load_dataset("sklearn-digits", 16)
     assert dataset.images.shape == (1797, 1, 16, 16) and dataset.num_classes == 10
     assert dataset.images.min() >= -1 and dataset.images.max() <= 1
+
+
+def test_resumed_settings_fill_unset_options_and_conflicts_are_named(tmp_path):
+    parser = add_train_arguments(argparse.ArgumentParser())
+    saved = TrainConfig(resolution=8, lr=3e-3, block_out_channels=(8, 16), class_conditional=True, seed=4).to_json()
+    args = parser.parse_args(["--data", "sklearn-digits", "--steps", "9", "--out", str(tmp_path), "--save-every", "3"])
+    config = config_from_args(args, saved)
+    assert (config.resolution, config.lr, config.block_out_channels) == (8, 3e-3, (8, 16))
+    assert config.class_conditional and config.seed == 4
+    assert (config.steps, config.save_every, config.out) == (9, 3, tmp_path)  # these may change on resume
+    same = parser.parse_args(["--data", "sklearn-digits", "--steps", "9", "--out", str(tmp_path), "--lr", "0.003",
+                              "--block-out-channels", "8,16"])
+    assert config_from_args(same, saved).lr == 3e-3
+    clash = parser.parse_args(["--data", "other", "--steps", "9", "--out", str(tmp_path), "--seed", "5",
+                               "--block-out-channels", "8,32"])
+    with pytest.raises(ValueError) as error:
+        config_from_args(clash, saved)
+    assert str(error.value) == (
+        "--resume: options conflict with the run being resumed: --data other (the resumed run has sklearn-digits); "
+        "--seed 5 (the resumed run has 4); --block-out-channels 8,32 (the resumed run has 8,16). "
+        "Leave them out to keep the run's values, or start a new run")

@@ -68,11 +68,16 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
 }
 
 
+def normalize_name(name: str) -> str:
+    """``"DPM++ 2M Karras"`` -> ``"dpmpp_2m_karras"``: the key a sampler name is looked up by."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_").replace("++", "pp")
+
+
 def scheduler_from_name(name: str, config: dict):
     """Build the scheduler a sampler ``name`` stands for from an existing scheduler ``config``."""
     import diffusekit
 
-    key = name.strip().lower().replace("-", "_").replace(" ", "_").replace("++", "pp")
+    key = normalize_name(name)
     if key not in SAMPLER_NAMES:
         raise ValueError(f"unknown scheduler name {name!r}; valid names: {', '.join(sorted(SAMPLER_NAMES))}")
     entry = SAMPLER_NAMES[key]

@@ -20,9 +20,12 @@ def __getattr__(name: str):
 
 def run_train_command(args: argparse.Namespace) -> Path:
     """Run ``diffusekit train`` from parsed arguments; print and return the output folder."""
+    from .checkpoint import prepare_output, resumed_settings
     from .loop import train
 
-    out = train(config_from_args(args))
+    config = config_from_args(args, resumed_settings(args.resume) if args.resume is not None else None)
+    prepare_output(config.out, config.resume, overwrite=getattr(args, "overwrite", False))
+    out = train(config)
     if os.environ.get("RANK", "0") == "0":  # one line, also under accelerate launch
         print(f"saved pipeline to {out}")
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..configuration import read_json
+from .config import CLASS_LABELS_FILE
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
@@ -40,6 +42,37 @@ def find_checkpoint(path: str | Path) -> Path:
     if not found:
         raise FileNotFoundError(f"--resume {path}: neither a checkpoint ({STATE_FILE}) nor a folder with {CHECKPOINTS}/")
     return found[-1].parent
+
+
+def resumed_settings(resume: str | Path) -> dict:
+    """The TrainConfig settings (JSON form) saved with the checkpoint that ``resume`` names."""
+    return read_json(find_checkpoint(resume) / STATE_FILE).get("config", {})
+
+
+def prepare_output(out: str | Path, resume: str | Path | None = None, overwrite: bool = False) -> None:
+    """Refuse a non-empty ``out`` unless the run resumes from inside it or ``overwrite`` is set;
+    with ``overwrite``, remove what an earlier run wrote there (its model, checkpoints, samples, log
+    and class names; other files stay)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if resume is not None and Path(resume).resolve().is_relative_to(out.resolve()):
+        return  # continuing the run in its own folder
+    if not overwrite:
+        raise ValueError(f"--out {out}: the folder exists and is not empty; pass --overwrite to replace "
+                         "the run in it, or choose a new folder")
+    from .loop import LOG_FILE, SAMPLES
+
+    for name in ("model_index.json", "unet", "scheduler", CHECKPOINTS, SAMPLES, LOG_FILE, CLASS_LABELS_FILE):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 # -- optimizer --------------------------------------------------------------------------------------

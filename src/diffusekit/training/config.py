@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: The class names of a class-conditional run, saved in its output folder (read by ``diffusekit generate``).
+CLASS_LABELS_FILE = "class_labels.json"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -89,27 +91,36 @@ class TrainConfig:
         return data
 
 
+#: Settings a resumed run may change (the rest must match the run being resumed).
+RESUMABLE_CHANGES = ("steps", "out", "resume", "save_every", "sample_every", "progress")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``diffusekit train`` options to ``parser``."""
+    """Add the ``diffusekit train`` options to ``parser``. Options left out stay None: they take
+    :class:`TrainConfig`'s defaults, or the values of the run that ``--resume`` continues."""
     d = TrainConfig()
-    parser.add_argument("--data", required=True, help="an image folder (subfolders = classes) or 'sklearn-digits'")
-    parser.add_argument("--resolution", type=int, default=d.resolution, help="square image side (default %(default)s)")
-    parser.add_argument("--steps", type=int, required=True, help="optimizer steps to train for")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (a loadable pipeline)")
-    parser.add_argument("--class-conditional", action="store_true",
-                        help="condition on class labels, with a null class for classifier-free guidance")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="per process (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    parser.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d.prediction_type)
-    parser.add_argument("--ema-decay", type=float, default=d.ema_decay, help="default %(default)s")
-    parser.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period in steps")
-    parser.add_argument("--sample-every", type=int, default=d.sample_every, help="sample-grid period in steps")
-    parser.add_argument("--resume", type=Path, default=None, help="checkpoint (or output) folder to resume from")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--block-out-channels", type=_channel_list, default=d.block_out_channels,
-                        help="UNet channels per level, e.g. 32,64,64 (default)")
-    parser.add_argument("--layers-per-block", type=int, default=d.layers_per_block, help="default %(default)s")
+    option = parser.add_argument
+    option("--data", required=True, help="an image folder (subfolders = classes) or 'sklearn-digits'")
+    option("--resolution", type=int, help=f"square image side (default: {d.resolution})")
+    option("--steps", type=int, required=True, help="optimizer steps to train for")
+    option("--out", type=Path, required=True, help="output folder (a loadable pipeline)")
+    option("--overwrite", action="store_true", help="replace the model, log, checkpoints and samples in a "
+                                                     "non-empty --out (refused otherwise)")
+    option("--class-conditional", action="store_true", default=None,
+           help="condition on class labels, with a null class for classifier-free guidance")
+    option("--batch-size", type=int, help=f"per process (default: {d.batch_size})")
+    option("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
+    option("--prediction-type", choices=PREDICTION_TYPES, help=f"default: {d.prediction_type}")
+    option("--ema-decay", type=float, help=f"default: {d.ema_decay}")
+    option("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {d.grad_accum})")
+    option("--save-every", type=int, help=f"checkpoint period in steps (default: {d.save_every})")
+    option("--sample-every", type=int, help=f"sample-grid period in steps (default: {d.sample_every})")
+    option("--resume", type=Path, help="checkpoint (or output) folder to resume from; unset options take "
+                                       "that run's values, conflicting ones are refused")
+    option("--seed", type=int, help=f"default: {d.seed}")
+    option("--block-out-channels", type=_channel_list,
+           help=f"UNet channels per level (default: {','.join(map(str, d.block_out_channels))})")
+    option("--layers-per-block", type=int, help=f"default: {d.layers_per_block}")
     return parser
 
 
@@ -123,7 +134,41 @@ def _channel_list(text: str) -> tuple[int, ...]:
     return channels
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed ``diffusekit train`` arguments."""
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig settings given on the command line (options left out are None)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def config_from_args(args: argparse.Namespace, resumed: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig of parsed ``diffusekit train`` arguments; with ``resumed`` (the settings saved
+    with the checkpoint being resumed) unset options take its values, and given ones must agree."""
+    given = given_settings(args)
+    if resumed is None:
+        return TrainConfig(**given)
+    check_resume_conflicts(given, resumed)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(RESUMABLE_CHANGES) - {"data", "labels"}
+    inherited = {k: _from_json(k, resumed[k]) for k in names if k in resumed and k not in given}
+    return TrainConfig(**{**inherited, **given})
+
+
+def _from_json(name: str, value: Any) -> Any:
+    return tuple(value) if name == "block_out_channels" and isinstance(value, list) else value
+
+
+def check_resume_conflicts(given: dict[str, Any], resumed: dict[str, Any]) -> None:
+    """ValueError naming every given option that differs from the run being resumed, with both values."""
+    conflicts = []
+    for name, value in given.items():
+        if name in RESUMABLE_CHANGES or name not in resumed:
+            continue
+        saved = _from_json(name, resumed[name])
+        if (str(value) if isinstance(value, Path) else value) != saved:
+            conflicts.append(f"--{name.replace('_', '-')} {_shown(value)} (the resumed run has {_shown(saved)})")
+    if conflicts:
+        raise ValueError("--resume: options conflict with the run being resumed: " + "; ".join(conflicts)
+                         + ". Leave them out to keep the run's values, or start a new run")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)

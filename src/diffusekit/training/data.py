@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .config import CLASS_LABELS_FILE
 
 SKLEARN_DIGITS = "sklearn-digits"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -28,6 +31,14 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return 0 if self.labels is None else len(self.class_names or []) or int(self.labels.max()) + 1
+
+
+def save_class_names(out: str | os.PathLike, dataset: ImageDataset) -> Path:
+    """Write ``out/class_labels.json``: the class name of each label (label i -> entry i)."""
+    names = dataset.class_names or [str(i) for i in range(dataset.num_classes)]
+    path = Path(out) / CLASS_LABELS_FILE
+    path.write_text(json.dumps(names, indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:

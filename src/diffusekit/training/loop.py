@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .checkpoint import (checkpoint_dir, find_checkpoint, load_checkpoint, load_process_rng, save_checkpoint,
                          save_process_rng)
 from .config import TrainConfig
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset, save_class_names
 from .ema import EMAWeights
 
 LOG_FILE = "train_log.jsonl"
@@ -262,6 +262,8 @@ def train(config: TrainConfig) -> Path:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if num_classes:
+            save_class_names(out, dataset)
     log = open(out / LOG_FILE, "a", encoding="utf-8") if accelerator.is_main_process else None
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not (config.progress and accelerator.is_main_process))
     model.train()

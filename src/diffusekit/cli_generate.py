@@ -1,0 +1,477 @@
+"""``diffusekit generate``: options checked before any loading, the run recorded in every PNG it writes,
+and ``--from IMAGE.png`` to redo an image from that record."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli_metadata import CommandError, file_record, read_png_parameters, save_png, sha256_of
+from .cli_system import check_device, progress_bar_options, set_threads
+from .hub import check_local
+from .training.config import CLASS_LABELS_FILE
+
+#: How the embedded model is named on the command line and in records.
+EMBEDDED_MODEL = "diffusekit:digits"
+#: Record keys that ``--from`` copies onto options the command line leaves unset.
+REPLAYED_OPTIONS = ("model", "prompt", "negative_prompt", "steps", "guidance", "strength", "height", "width",
+                    "seed", "dtype")
+
+
+# -- output files --------------------------------------------------------------------------------
+
+def free_path(folder: Path, stem: str, suffix: str) -> Path:
+    """``folder/stem.suffix``, or ``stem-1``, ``stem-2``... when taken: never overwrite a file."""
+    path = folder / f"{stem}{suffix}"
+    n = 1
+    while path.exists():
+        path = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    return path
+
+
+def check_out(out: str) -> Path:
+    """The ``--out`` folder, checked (not created): CommandError when it is a file or cannot be written."""
+    folder = Path(out)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder and not folder.is_dir():
+        raise CommandError(f"--out {out}: exists and is not a folder")
+    if not existing.is_dir():
+        raise CommandError(f"--out {out}: cannot create the folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"--out {out}: {existing} is not writable")
+    return folder
+
+
+def make_out(out: str) -> Path:
+    """Create the ``--out`` folder; CommandError naming it when that fails."""
+    folder = check_out(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
+    return folder
+
+
+# -- options -------------------------------------------------------------------------------------
+
+def _check_image_file(option: str, path: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CommandError(f"{option} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise CommandError(f"{option} {path}: not a readable image ({err})") from None
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so mistakes fail before anything loads."""
+    _check_numbers(args)
+    _check_files(args)
+    if args.scheduler is not None:
+        from .schedulers.names import SAMPLER_NAMES, normalize_name
+
+        if normalize_name(args.scheduler) not in SAMPLER_NAMES:
+            raise CommandError(f"--scheduler {args.scheduler}: unknown name; `diffusekit schedulers` lists them")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.steps is not None and args.steps < 1:
+        raise CommandError(f"--steps must be at least 1, got {args.steps}")
+    if args.batch is not None and args.batch < 1:
+        raise CommandError(f"--batch must be at least 1, got {args.batch}")
+    for name in ("guidance", "strength"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"--{name} must be a finite number, got {value}")
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+        raise CommandError(f"--strength must lie in [0, 1], got {args.strength}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name} must be at least 1, got {value}")
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    if args.mask is not None and args.image is None:
+        raise CommandError("--mask needs --image (the picture to inpaint)")
+    for option, path in (("--image", args.image), ("--mask", args.mask)):
+        if path is not None:
+            _check_image_file(option, path)
+    if args.model not in (None, EMBEDDED_MODEL):
+        check_local(args.model)
+    for option, paths in (("--lora", [_parse_lora(spec)[0] for spec in args.lora or []]),
+                          ("--embedding", args.embedding or [])):
+        for path in paths:
+            try:
+                check_local(path)
+            except FileNotFoundError as err:
+                raise CommandError(f"{option} {err}") from None
+    check_out(args.out)
+
+
+def _warn_if_changed(option: str, entry: dict) -> None:
+    path = Path(entry["path"])
+    if path.is_file() and sha256_of(path) != entry.get("sha256"):
+        print(f"warning: {option} {path} changed since the image was made (sha256 differs)", file=sys.stderr)
+
+
+def _replayed_files(option: str, entries: list[dict] | None) -> list[dict]:
+    for entry in entries or []:
+        _warn_if_changed(option, entry)
+    return entries or []
+
+
+def apply_record(args: argparse.Namespace, source: str) -> None:
+    """Fill the options left unset from the record in ``source`` (``--from``): the same image again."""
+    record = read_png_parameters(source)
+    if "diffusekit_version" not in record:
+        raise CommandError(f"--from {source}: no diffusekit generation parameters stored in it")
+    if "grid" in record:
+        raise CommandError(f"--from {source}: a grid of several images; pass one of the images")
+    for name in REPLAYED_OPTIONS:
+        if getattr(args, name) is None:
+            setattr(args, name, record.get(name))
+    for option, name in (("--image", "image"), ("--mask", "mask")):
+        if getattr(args, name) is None and record.get(name):
+            _warn_if_changed(option, record[name])
+            setattr(args, name, record[name]["path"])
+    if args.lora is None:
+        args.lora = [f"{e['path']}:{e['scale']}" for e in _replayed_files("--lora", record.get("loras"))]
+    if args.embedding is None:
+        args.embedding = [e["path"] for e in _replayed_files("--embedding", record.get("embeddings"))]
+    if args.scheduler is None:
+        args.scheduler_record = record.get("scheduler")
+    if args.batch is None and args.class_label is None:  # the same call, keeping only that image
+        args.batch, args.class_labels, args.only_index = record["batch"], record.get("class_labels"), record["index"]
+
+
+# -- the pipeline ----------------------------------------------------------------------------------
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    """``path.safetensors:0.8`` -> (path, 0.8); the scale defaults to 1."""
+    path, sep, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if sep else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def _load_loras(pipe, specs: list[str]) -> list[dict]:
+    """Load every ``--lora PATH[:SCALE]``, all active with their scales; their records."""
+    if specs and not hasattr(pipe, "load_lora_weights"):
+        raise CommandError(f"--lora: {type(pipe).__name__} does not take LoRAs")
+    names, scales, records = [], [], []
+    for spec in specs:
+        path, scale = _parse_lora(spec)
+        name = stem = Path(path).stem.replace(".", "_") or "lora"  # adapter names cannot hold "."
+        copies = 0
+        while name in names:  # files of the same name
+            copies += 1
+            name = f"{stem}_{copies}"
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (OSError, ValueError) as err:  # WeightsError is a ValueError: it names the file and keys
+            raise CommandError(f"--lora {spec}: {err}") from None
+        names.append(name)
+        scales.append(scale)
+        records.append(file_record(path, scale=scale) if Path(path).is_file() else {"path": path, "scale": scale})
+    if names:
+        pipe.set_adapters(names, scales)
+    return records
+
+
+def _load_embeddings(pipe, paths: list[str]) -> list[dict]:
+    if paths and not hasattr(pipe, "load_textual_inversion"):
+        raise CommandError(f"--embedding: {type(pipe).__name__} does not take textual inversion embeddings")
+    records = []
+    for path in paths:
+        try:
+            pipe.load_textual_inversion(path)
+        except (OSError, ValueError) as err:
+            raise CommandError(f"--embedding {path}: {err}") from None
+        records.append(file_record(path) if Path(path).is_file() else {"path": path})
+    return records
+
+
+def _scheduler(pipe, args: argparse.Namespace):
+    """The scheduler ``--scheduler`` names, the one a ``--from`` record holds, or the pipeline's own."""
+    import diffusekit
+
+    if args.scheduler:
+        from .schedulers.names import scheduler_from_name
+
+        return scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    recorded = getattr(args, "scheduler_record", None)
+    if recorded:
+        return getattr(diffusekit, recorded["class"]).from_config(recorded["config"])
+    return pipe.scheduler
+
+
+def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]]:
+    """The pipeline (scheduler, LoRAs, embeddings applied) on ``device``, and the record of what was loaded."""
+    import torch
+
+    import diffusekit
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.model in (None, EMBEDDED_MODEL):
+        from .embedded import load_embedded_pipeline
+
+        pipe = load_embedded_pipeline()
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = diffusekit.DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+    pipe.scheduler = _scheduler(pipe, args)
+    loaded = {"loras": _load_loras(pipe, args.lora or []), "embeddings": _load_embeddings(pipe, args.embedding or [])}
+    return _choose_task(pipe, args).to(device), loaded
+
+
+def _choose_task(pipe, args: argparse.Namespace):
+    """Pick the task from the inputs: a mask means inpainting, an image means image-to-image."""
+    import diffusekit
+
+    if args.image is None:
+        return pipe
+    name = "StableDiffusionInpaintPipeline" if args.mask else "StableDiffusionImg2ImgPipeline"
+    task_cls = getattr(diffusekit, name)
+    if isinstance(pipe, task_cls):
+        return pipe
+    params = inspect.signature(task_cls.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in params}
+    return task_cls(**components)
+
+
+def model_record(model: str | None) -> str:
+    """The model as recorded: the embedded name, an absolute folder, or the Hub id as given."""
+    if model in (None, EMBEDDED_MODEL):
+        return EMBEDDED_MODEL
+    return str(Path(model).resolve()) if Path(model).expanduser().is_dir() else model
+
+
+def class_names(model: str | None) -> list[str] | None:
+    """The class names saved with a local class-conditional model (``class_labels.json``), if any."""
+    if model in (None, EMBEDDED_MODEL):
+        from .embedded import embedded_model_path
+
+        folder = embedded_model_path()
+    else:
+        folder = Path(model).expanduser()
+    path = folder / CLASS_LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CommandError(f"{path}: cannot read the class names ({err})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CommandError(f"{path}: expected a JSON list of class names")
+    return names
+
+
+def class_labels(pipe, args: argparse.Namespace) -> list[int] | None:
+    """The label of each image: ``--class-label`` (a number or a class name) ``--batch`` times, else
+    every class ``--batch`` times; None for pipelines without classes."""
+    if "class_labels" not in inspect.signature(pipe.__call__).parameters:
+        if args.class_label is not None:
+            raise CommandError(f"--class-label: {type(pipe).__name__} is not class-conditional")
+        return None
+    if getattr(args, "class_labels", None):
+        return list(args.class_labels)
+    count = pipe.unet.config.num_class_embeds - 1
+    batch = args.batch or 1
+    if args.class_label is None:
+        return [label for label in range(count) for _ in range(batch)]
+    names = class_names(args.model) or []
+    if args.class_label in names:
+        label = names.index(args.class_label)
+    else:
+        try:
+            label = int(args.class_label)
+        except ValueError:
+            known = f"; classes: {', '.join(names)}" if names else ""
+            raise CommandError(f"--class-label {args.class_label}: not a class number or name{known}") from None
+    if not 0 <= label < count:
+        raise CommandError(f"--class-label {args.class_label}: the model has classes 0 to {count - 1}")
+    return [label] * batch
+
+
+def _defaults(pipe) -> dict[str, Any]:
+    return {name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _check_fixed_size(pipe, args: argparse.Namespace) -> None:
+    """Pipelines without height/width make the model's size only: other sizes are refused."""
+    size = getattr(pipe.unet.config, "sample_size", None)
+    sizes = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    given = (args.height or sizes[0], args.width or sizes[1])
+    if given != sizes:
+        raise CommandError(f"--height/--width: {type(pipe).__name__} makes {sizes[1]}x{sizes[0]} images only "
+                           f"(the model's size), got {given[1]}x{given[0]}")
+
+
+def call_arguments(pipe, args: argparse.Namespace, labels: list[int] | None, generators) -> dict[str, Any]:
+    """Map the options onto what this pipeline's ``__call__`` accepts; CommandError for the ones it does not."""
+    from PIL import Image
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    count = len(labels) if labels else args.batch or 1
+    wanted: dict[str, Any] = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance, "strength": args.strength, "class_labels": labels,
+        "height": args.height, "width": args.width,
+    }
+    if args.image is not None:
+        wanted["image"] = Image.open(args.image).convert("RGB")
+    if args.mask is not None:
+        wanted["mask_image"] = Image.open(args.mask).convert("L")
+    if "height" not in accepted:
+        if args.image is None:
+            _check_fixed_size(pipe, args)
+        elif args.height and args.width:  # image-to-image: the size is the input image's, resized
+            for key in ("image", "mask_image"):
+                if key in wanted:
+                    wanted[key] = wanted[key].resize((args.width, args.height), Image.Resampling.LANCZOS)
+        wanted["height"] = wanted["width"] = None
+    if "batch_size" in accepted and labels is None:
+        wanted["batch_size"] = count
+    elif "num_images_per_prompt" in accepted:
+        wanted["num_images_per_prompt"] = count
+    unused = [k for k, v in wanted.items() if v is not None and k not in accepted]
+    if unused:
+        raise CommandError(f"{type(pipe).__name__} does not take {', '.join(unused)}")
+    return {"generator": generators, **{k: v for k, v in wanted.items() if v is not None}}
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def resolved_values(pipe, args: argparse.Namespace, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The values the call will use, pipeline defaults filled in; CommandError when image-to-image
+    would be left with no denoising step."""
+    defaults = _defaults(pipe)
+    value = lambda name: kwargs.get(name, defaults.get(name))  # noqa: E731
+    resolved = {"steps": value("num_inference_steps"), "guidance": value("guidance_scale"),
+                "strength": value("strength") if args.image is not None else None}
+    if resolved["strength"] is not None and resolved["steps"] and int(resolved["steps"] * resolved["strength"]) < 1:
+        raise CommandError(f"--steps {resolved['steps']} with --strength {resolved['strength']} leaves no denoising "
+                           "step (steps x strength must be at least 1)")
+    return resolved
+
+
+def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count: int) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "diffusekit_version": __version__, "model": model_record(args.model), "pipeline": type(pipe).__name__,
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "batch": count,
+        "scheduler": {"name": args.scheduler or (getattr(args, "scheduler_record", None) or {}).get("name"),
+                      "class": type(pipe.scheduler).__name__,
+                      "config": json.loads(pipe.scheduler.to_json_string())},
+        "image": file_record(args.image) if args.image else None,
+        "mask": file_record(args.mask) if args.mask else None,
+        "dtype": str(pipe.dtype).removeprefix("torch."), "device": str(pipe.device), **loaded,
+    }
+
+
+def _write_images(images, out: Path, record: dict, labels, names, keep, grid: bool) -> list[Path]:
+    written = []
+    for index, image in enumerate(images):
+        if keep is not None and index != keep:
+            continue
+        label = labels[index] if labels else None
+        entry = dict(record, index=index, image_seed=record["seed"] + index, width=image.width, height=image.height,
+                     class_label=label, class_labels=labels,
+                     class_name=names[label] if names and label is not None and label < len(names) else None)
+        written.append(save_png(image, free_path(out, f"{record['seed']}-{index}", ".png"), entry))
+    if grid and len(images) > 1 and keep is None:
+        written.append(_write_grid(images, out, record, labels))
+    return written
+
+
+def _write_grid(images, out: Path, record: dict, labels) -> Path:
+    from PIL import Image
+
+    from .pipelines.image_grid import make_image_grid
+
+    images = list(images)
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    images += [Image.new(images[0].mode, images[0].size)] * (rows * cols - len(images))  # black cells
+    entry = dict(record, grid={"rows": rows, "cols": cols}, class_labels=labels,
+                 image_seeds=[record["seed"] + i for i in range(record["batch"])])
+    return save_png(make_image_grid(images, rows, cols), free_path(out, f"{record['seed']}-grid", ".png"), entry)
+
+
+def command_generate(args: argparse.Namespace) -> int:
+    """Run ``diffusekit generate``; print each file written."""
+    if args.from_image:
+        apply_record(args, args.from_image)
+    check_options(args)
+    set_threads(args.threads)
+    device = check_device(args.device)
+    import torch
+
+    pipe, loaded = load_pipeline(args, device)
+    pipe.set_progress_bar_config(**progress_bar_options("sampling"))
+    labels = class_labels(pipe, args)
+    seed = args.seed if args.seed is not None and args.seed >= 0 else secrets.randbelow(2**32)
+    count = len(labels) if labels else args.batch or 1
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]  # image i: seed + i
+    kwargs = call_arguments(pipe, args, labels, generators[0] if count == 1 else generators)
+    resolved = resolved_values(pipe, args, kwargs)
+    output = pipe(**kwargs)
+    record = {**_base_record(pipe, args, loaded, seed, count), **resolved}
+    out = make_out(args.out)
+    if hasattr(output, "audios"):
+        from .pipelines.dance_diffusion import write_wav
+
+        rate = pipe.unet.config.sample_rate
+        written = [write_wav(free_path(out, f"{seed}-{i}", ".wav"), audio, rate) for i, audio in enumerate(output.audios)]
+    else:
+        written = _write_images(output.images, out, record, labels, class_names(args.model) if labels else None,
+                                getattr(args, "only_index", None), args.grid)
+    for path in written:
+        print(path)
+    return 0
+
+
+def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    """The ``diffusekit generate`` options; unset ones stay None (pipeline defaults, or ``--from``'s record)."""
+    gen.add_argument("model", nargs="?",
+                     help=f"pipeline folder or Hub id (default: the embedded digits model, {EMBEDDED_MODEL})")
+    gen.add_argument("--from", dest="from_image", metavar="IMAGE.png",
+                     help="redo an image from the parameters stored in it; options given here override them")
+    gen.add_argument("--prompt")
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--image", help="input image: image-to-image (or inpainting with --mask)")
+    gen.add_argument("--mask", help="mask image for inpainting (white = repaint)")
+    gen.add_argument("--strength", type=float, help="image-to-image strength in [0, 1] (default: the pipeline's)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    gen.add_argument("--height", type=int, help="default: the model's size")
+    gen.add_argument("--width", type=int, help="default: the model's size")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    gen.add_argument("--scheduler", help="a sampler name, see `diffusekit schedulers` (default: the model's)")
+    gen.add_argument("--seed", type=int, help="image i uses seed + i (default, or negative: a random seed, recorded)")
+    gen.add_argument("--batch", type=int, help="images (class-conditional: per class) (default: 1)")
+    gen.add_argument("--class-label", help="class number or name (default: one image per class)")
+    gen.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="a LoRA file, scale 1 if not given")
+    gen.add_argument("--embedding", action="append", metavar="PATH", help="a textual inversion embedding")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
+    gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the model's")
+    gen.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    gen.add_argument("--out", default="out", help="output folder; files are named SEED-INDEX.png")
+    gen.set_defaults(func=command_generate)
