@@ -258,7 +258,7 @@ def _component_class(name: str, entry: Any, index_path: Path) -> type | None:
     returned; nothing named by the file is imported.
     """
     where = f"{index_path} (component {name!r})"
-    if isinstance(entry, list) and entry == [None, None]:
+    if entry == [None, None]:
         return None
     if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
         raise ValueError(f"{where}: expected [library, class] (or [null, null] for none), found {entry!r}")
@@ -272,7 +272,7 @@ def _component_class(name: str, entry: Any, index_path: Path) -> type | None:
         return component_cls
     component_cls = _diffusekit_class(class_name, where)
     allowed = (*_OUR_LIBRARIES, getattr(component_cls, "model_index_library", None))
-    if library not in allowed or not hasattr(component_cls, "from_pretrained"):
+    if library not in allowed or not (isinstance(component_cls, type) and hasattr(component_cls, "from_pretrained")):
         raise ValueError(f"{where}: library {library!r} has no loadable class {class_name!r}"
                          f" (known libraries: {', '.join(str(name) for name in allowed if name)}, transformers)")
     return component_cls
