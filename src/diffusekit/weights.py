@@ -46,8 +46,6 @@ _TORCH_DTYPES = {
         ("U64", "uint64"),
     ) if hasattr(torch, attr)
 }
-
-
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
@@ -458,6 +456,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], f: IO[bytes], metadata: 
     for key in order:
         tensor = tensors[key]
         nbytes = tensor.numel() * tensor.element_size()
+        if tensor.dtype not in _SAFETENSORS_NAMES:
+            raise WeightsError(f"cannot save tensor {key!r}: safetensors has no dtype {tensor.dtype}")
         header[key] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

@@ -2,8 +2,8 @@
 
 The folder holds ``model_index.json``, naming the pipeline class and each component as
 ``[library, class]``, and one subfolder per component. "transformers" components are loaded with
-transformers; any other library name ("diffusers", or the reference's module names such as
-"stable_diffusion" or "deprecated") means the diffusekit class of that name.
+transformers; the other known library names ("diffusers", "diffusekit", or the reference's module
+names such as "stable_diffusion" or "deprecated") mean the diffusekit class of that name.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 MODEL_INDEX = "model_index.json"
 #: Files a component folder may need besides weights (configs, tokenizer vocabularies).
 _SMALL_FILES = ("*.json", "*.txt", "*.model")
-#: Library names a model_index.json entry may give for a diffusekit class (besides "transformers"
-#: and the reference module a class names as its ``model_index_library``).
-_OUR_LIBRARIES = ("diffusers", "diffusekit")
+#: Library names a model_index.json entry may give for a diffusekit class: ours, the reference's,
+#: and the reference modules that it records for the components it keeps there (the safety
+#: checker, LDMBert, the Karras VE scheduler). "transformers" names a transformers class.
+_LIBRARIES = ("diffusers", "diffusekit", "stable_diffusion", "latent_diffusion", "deprecated")
 
 
 @dataclass
@@ -271,10 +272,9 @@ def _component_class(name: str, entry: Any, index_path: Path) -> type | None:
             raise ValueError(f"{where}: transformers has no loadable class {class_name!r}")
         return component_cls
     component_cls = _diffusekit_class(class_name, where)
-    allowed = (*_OUR_LIBRARIES, getattr(component_cls, "model_index_library", None))
-    if library not in allowed or not (isinstance(component_cls, type) and hasattr(component_cls, "from_pretrained")):
+    if library not in _LIBRARIES or not (isinstance(component_cls, type) and hasattr(component_cls, "from_pretrained")):
         raise ValueError(f"{where}: library {library!r} has no loadable class {class_name!r}"
-                         f" (known libraries: {', '.join(str(name) for name in allowed if name)}, transformers)")
+                         f" (known libraries: {', '.join(_LIBRARIES)}, transformers)")
     return component_cls
 
 
