@@ -154,7 +154,7 @@ def test_killed_save_leaves_the_previous_model(tmp_path, previous, options, stop
 
 
 def test_pipeline_save_writes_model_index_atomically(tmp_path):
-    from diffusekit import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusekit import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
@@ -164,6 +164,15 @@ def test_pipeline_save_writes_model_index_atomically(tmp_path):
     pipe.save_pretrained(tmp_path)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
     assert json.loads((tmp_path / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
+    # copy_weights reaches the components: rewriting the file in place does not reach the model
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, copy_weights=True)
+    path = tmp_path / "unet" / SINGLE
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:
+        f.seek(8 + header_len)
+        f.write(bytes(path.stat().st_size - 8 - header_len))
+    for key, value in unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[key], value), key
 
 
 COPY_MODE = textwrap.dedent("""
