@@ -13,8 +13,10 @@ import inspect
 import json
 import logging
 import os
+import stat
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,10 @@ logger = logging.getLogger(__name__)
 REFERENCE_VERSION = "0.42.1"
 #: Config key listing the arguments that took their default value (never saved to disk).
 DEFAULTED_KEY = "_use_default_values"
+#: The largest JSON file the library reads (configs, model_index.json, shard indexes).
+MAX_JSON_BYTES = 16 * 1024 * 1024
+#: Name ending of the temporary files that :func:`atomic_write` renames into place.
+TEMP_SUFFIX = ".diffusekit-tmp"
 
 
 class ConfigError(ValueError):
@@ -62,20 +68,78 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """Read a JSON object from ``path``; errors name the file."""
-    path = Path(path)
+def open_regular(path: str | os.PathLike, error: type[ValueError] = ConfigError,
+                 max_bytes: int | None = None) -> IO[bytes]:
+    """Open ``path`` (symlinks followed) for unbuffered binary reading if it is a regular file.
+
+    FIFOs, devices and folders raise ``error`` without blocking, as
+    does a file larger than ``max_bytes``.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file (a FIFO, device or folder); refusing to read it"
+    elif max_bytes is not None and info.st_size > max_bytes:
+        problem = f"is {info.st_size} bytes, over the {max_bytes}-byte limit for such files"
+    if problem:
+        os.close(fd)
+        raise error(f"{path} {problem}")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON object from the regular file ``path`` (at most ``MAX_JSON_BYTES``); errors name the file."""
+    path = Path(path)
+    with open_regular(path, max_bytes=MAX_JSON_BYTES) as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ConfigError(f"{path} grew past the {MAX_JSON_BYTES}-byte limit while being read")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
+        data = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` all or nothing: ``write(file)`` fills a temporary file in the same folder,
+    which is flushed to disk and then renamed over ``path``. A killed write leaves at most a
+    ``*.diffusekit-tmp`` file, which :func:`remove_temp_files` clears."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
+    return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open folders)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete what killed :func:`atomic_write` calls left in ``folder``."""
+    for leftover in folder.glob(f".*{TEMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
 
 
 def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
@@ -198,9 +262,9 @@ class ConfigMixin:
         if folder.is_file():
             raise FileExistsError(f"{folder} is a file, expected a folder")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.config_name
-        path.write_text(self.to_json_string(), encoding="utf-8")
-        return path
+        remove_temp_files(folder)
+        text = self.to_json_string().encode("utf-8")
+        return atomic_write(folder / self.config_name, lambda f: f.write(text))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"

@@ -71,9 +71,15 @@ class ModelMixin(nn.Module, ConfigMixin):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        copy_weights: bool | None = None,
         **kwargs: Any,
     ):
-        """Load a model from a folder or Hub repo holding ``config.json`` and its weights."""
+        """Load a model from a folder or Hub repo holding ``config.json`` and its weights.
+
+        Weights are memory-mapped: truncating or rewriting the file while the model is in use
+        crashes the process (SIGBUS). ``copy_weights=True`` (default: the environment variable
+        ``DIFFUSEKIT_COPY_WEIGHTS=1``) reads them into private memory instead.
+        """
         kwargs.pop("low_cpu_mem_usage", None)  # always on here
         token = kwargs.pop("token", None)
         patterns = ["*.json", f"*.{variant}.*" if variant else "diffusion_pytorch_model*"]
@@ -81,14 +87,23 @@ class ModelMixin(nn.Module, ConfigMixin):
             pretrained_model_name_or_path, subfolder=subfolder, allow_patterns=patterns,
             revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
         )
-        config = read_json(folder / cls.config_name)
+        config_path = folder / cls.config_name
+        config = read_json(config_path)
+        cls._check_class_name(config, config_path)
         config.update(kwargs)
         weights_path = find_weights(folder, variant=variant, use_safetensors=use_safetensors)
-        state = load_weights(weights_path)
+        state = load_weights(weights_path, copy=copy_weights)
         with torch.device("meta"), skip_init():
             model = cls.from_config(config)
         model.load_checked_state_dict(state, source=weights_path, dtype=torch_dtype)
         return model.eval()
+
+    @classmethod
+    def _check_class_name(cls, config: dict, path: Path) -> None:
+        """A config written for another model class is refused (a missing ``_class_name`` is fine)."""
+        name = config.get("_class_name")
+        if name is not None and name != cls.__name__:
+            raise ValueError(f"{path} is the config of {name!r}, not of {cls.__name__!r}; load it with {name}")
 
     def load_checked_state_dict(
         self, state: dict[str, torch.Tensor], source: Any = "state dict", dtype: torch.dtype | None = None
@@ -99,17 +114,21 @@ class ModelMixin(nn.Module, ConfigMixin):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong_shapes = [
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            f"shape mismatch for key {k} in {source}: expected {tuple(v.shape)}, got {tuple(state[k].shape)}"
             for k, v in expected.items()
             if k in state and state[k].shape != v.shape
+        ]
+        wrong_kinds = [
+            f"dtype mismatch for key {k} in {source}: expected {v.dtype}, got {state[k].dtype}"
+            for k, v in expected.items()
+            if k in state and state[k].is_floating_point() != v.is_floating_point()
         ]
         problems = []
         if missing:
             problems.append(f"missing keys {_clip(missing)}")
         if unexpected:
             problems.append(f"unexpected keys {_clip(unexpected)}")
-        if wrong_shapes:
-            problems.append(f"shape mismatches {_clip(wrong_shapes)}")
+        problems += wrong_shapes[:20] + wrong_kinds[:20]
         if problems:
             raise WeightsError(f"{source} does not fit {type(self).__name__}: " + "; ".join(problems))
         if dtype is not None:

@@ -2,8 +2,8 @@
 
 The folder holds ``model_index.json``, naming the pipeline class and each component as
 ``[library, class]``, and one subfolder per component. "transformers" components are loaded with
-transformers; any other library name ("diffusers", or the reference's module names such as
-"stable_diffusion" or "deprecated") means the diffusekit class of that name.
+transformers; the other known library names ("diffusers", "diffusekit", or the reference's module
+names such as "stable_diffusion" or "deprecated") mean the diffusekit class of that name.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 MODEL_INDEX = "model_index.json"
 #: Files a component folder may need besides weights (configs, tokenizer vocabularies).
 _SMALL_FILES = ("*.json", "*.txt", "*.model")
+#: Library names a model_index.json entry may give for a diffusekit class: ours, the reference's,
+#: and the reference modules that it records for the components it keeps there (the safety
+#: checker, LDMBert, the Karras VE scheduler). "transformers" names a transformers class.
+_LIBRARIES = ("diffusers", "diffusekit", "stable_diffusion", "latent_diffusion", "deprecated")
 
 
 @dataclass
@@ -56,12 +60,12 @@ def _library_of(component: Any) -> list[str | None]:
 
 
 def _diffusekit_class(name: str, where: str) -> type:
+    """The class that diffusekit exports under ``name`` (nothing else it happens to hold)."""
     import diffusekit
 
-    try:
-        return getattr(diffusekit, name)
-    except AttributeError:
-        raise ValueError(f"{where}: unknown class {name!r} (diffusekit has no class of that name)") from None
+    if name not in diffusekit.__all__:
+        raise ValueError(f"{where}: unknown class {name!r} (diffusekit has no class of that name)")
+    return getattr(diffusekit, name)
 
 
 class DiffusionPipeline(ConfigMixin):
@@ -159,7 +163,7 @@ class DiffusionPipeline(ConfigMixin):
             if "variant" in params and variant is not None:
                 options["variant"] = variant
             save(target, **options)
-        self.save_config(folder)
+        self.save_config(folder)  # written atomically, after the components
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -173,27 +177,24 @@ class DiffusionPipeline(ConfigMixin):
         options such as ``requires_safety_checker``.
         """
         hub = split_hub_kwargs(kwargs)
-        torch_dtype = kwargs.pop("torch_dtype", None)
-        variant = kwargs.pop("variant", None)
-        use_safetensors = kwargs.pop("use_safetensors", None)
+        options = {key: kwargs.pop(key, None) for key in ("torch_dtype", "variant", "use_safetensors", "copy_weights")}
         kwargs.pop("low_cpu_mem_usage", None)
 
         index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
         index = read_json(index_path)
         pipeline_cls = cls._pipeline_class(index, index_path)
-        folder = cls._fetch_folder(pretrained_model_name_or_path, index, use_safetensors, hub)
+        folder = cls._fetch_folder(pretrained_model_name_or_path, index, options["use_safetensors"], hub)
 
         params = inspect.signature(pipeline_cls.__init__).parameters
         arguments: dict[str, Any] = {}
         for name, param in params.items():
             if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
+            is_component = param.default is inspect.Parameter.empty or name in pipeline_cls._optional_components
             if name in kwargs:
                 arguments[name] = kwargs.pop(name)
-            elif name in index and isinstance(index[name], list):
-                arguments[name] = _load_component(
-                    name, index[name], folder, index_path, torch_dtype, variant, use_safetensors
-                )
+            elif name in index and (is_component or isinstance(index[name], list)):
+                arguments[name] = _load_component(name, index[name], folder, index_path, **options)
             elif name in index:
                 arguments[name] = index[name]
             elif param.default is inspect.Parameter.empty and name not in pipeline_cls._optional_components:
@@ -251,31 +252,51 @@ def _needs_weights(entry: list) -> bool:
     return not (name.endswith("Scheduler") or "Tokenizer" in name or "Processor" in name or "Extractor" in name)
 
 
-def _load_component(name: str, entry: list, folder: Path, index_path: Path, torch_dtype, variant, use_safetensors):
-    library, class_name = (list(entry) + [None, None])[:2]
-    if library is None or class_name is None:
-        return None
+def _component_class(name: str, entry: Any, index_path: Path) -> type | None:
+    """The class a model_index.json entry ``[library, class]`` names, None for ``[null, null]``.
+
+    Only classes diffusekit exports (or, for "transformers", classes transformers exports) are
+    returned; nothing named by the file is imported.
+    """
     where = f"{index_path} (component {name!r})"
-    path = folder / name
+    if entry == [None, None]:
+        return None
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+        raise ValueError(f"{where}: expected [library, class] (or [null, null] for none), found {entry!r}")
+    library, class_name = entry
     if library == "transformers":
         import transformers
 
-        component_cls = getattr(transformers, class_name, None)
-        if component_cls is None:
-            raise ValueError(f"{where}: transformers has no class {class_name!r}")
+        component_cls = getattr(transformers, class_name, None) if class_name in transformers.__all__ else None
+        if not (isinstance(component_cls, type) and hasattr(component_cls, "from_pretrained")):
+            raise ValueError(f"{where}: transformers has no loadable class {class_name!r}")
+        return component_cls
+    component_cls = _diffusekit_class(class_name, where)
+    if library not in _LIBRARIES or not (isinstance(component_cls, type) and hasattr(component_cls, "from_pretrained")):
+        raise ValueError(f"{where}: library {library!r} has no loadable class {class_name!r}"
+                         f" (known libraries: {', '.join(_LIBRARIES)}, transformers)")
+    return component_cls
+
+
+def _load_component(name: str, entry: Any, folder: Path, index_path: Path, torch_dtype, variant, use_safetensors,
+                    copy_weights):
+    component_cls = _component_class(name, entry, index_path)
+    if component_cls is None:
+        return None
+    path = folder / name
+    if entry[0] == "transformers":
         from .transformers_loading import load_transformers_component
 
         return load_transformers_component(component_cls, path, torch_dtype)
-    component_cls = _diffusekit_class(class_name, where)
     from ..models.modeling import ModelMixin
 
-    if isinstance(component_cls, type) and issubclass(component_cls, ModelMixin):
+    if issubclass(component_cls, ModelMixin):
+        options = dict(torch_dtype=torch_dtype, use_safetensors=use_safetensors, copy_weights=copy_weights)
         try:
-            return component_cls.from_pretrained(path, torch_dtype=torch_dtype, variant=variant,
-                                                 use_safetensors=use_safetensors)
+            return component_cls.from_pretrained(path, variant=variant, **options)
         except FileNotFoundError:
             if variant is None:
                 raise
             logger.warning("%s has no %s variant; loading the default weights", path, variant)
-            return component_cls.from_pretrained(path, torch_dtype=torch_dtype, use_safetensors=use_safetensors)
+            return component_cls.from_pretrained(path, **options)
     return component_cls.from_pretrained(path)
