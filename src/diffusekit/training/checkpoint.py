@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..configuration import read_json
-from .config import CLASS_LABELS_FILE
+from .config import CLASS_LABELS_FILE, LOG_FILE, SAMPLES
 
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS = "checkpoints"
@@ -65,7 +65,6 @@ def prepare_output(out: str | Path, resume: str | Path | None = None, overwrite:
     if not overwrite:
         raise ValueError(f"--out {out}: the folder exists and is not empty; pass --overwrite to replace "
                          "the run in it, or choose a new folder")
-    from .loop import LOG_FILE, SAMPLES
 
     for name in ("model_index.json", "unet", "scheduler", CHECKPOINTS, SAMPLES, LOG_FILE, CLASS_LABELS_FILE):
         path = out / name

@@ -10,6 +10,9 @@ from typing import Any
 
 #: The class names of a class-conditional run, saved in its output folder (read by ``diffusekit generate``).
 CLASS_LABELS_FILE = "class_labels.json"
+#: Files a training run writes into its output folder besides the model.
+LOG_FILE = "train_log.jsonl"
+SAMPLES = "samples"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 

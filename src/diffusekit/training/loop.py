@@ -16,12 +16,9 @@ import torch.nn.functional as F
 
 from .checkpoint import (checkpoint_dir, find_checkpoint, load_checkpoint, load_process_rng, save_checkpoint,
                          save_process_rng)
-from .config import TrainConfig
+from .config import LOG_FILE, SAMPLES, TrainConfig
 from .data import ImageDataset, load_dataset, save_class_names
 from .ema import EMAWeights
-
-LOG_FILE = "train_log.jsonl"
-SAMPLES = "samples"
 
 
 # -- model, schedulers, targets ---------------------------------------------------------------------
