@@ -55,7 +55,10 @@ def test_image_to_image_errors_and_strength(parts):
     steps = []
     _run(pipe, image=image, strength=0.5, num_inference_steps=4,
          callback_on_step_end=lambda p, i, t, kw: steps.append(int(t)) or {})
-    assert steps == [int(t) for t in pipe.scheduler.timesteps[2:]]
+    schedule = pipe.scheduler.for_call()  # a call leaves pipe.scheduler as it was: see the schedule it ran
+    schedule.set_timesteps(4)
+    assert steps == [int(t) for t in schedule.timesteps[2:]]
+    assert pipe.scheduler.num_inference_steps is None
 
 
 def test_safety_checker_arguments(parts, caplog):

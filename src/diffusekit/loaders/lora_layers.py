@@ -14,7 +14,8 @@ How: :func:`add_adapter` switches an existing layer's class to a subclass that m
 * ``alpha / rank`` comes from the file (kohya ``.alpha`` keys or peft metadata; alpha = rank when absent);
 * the adapter weight is set by ``set_adapters``;
 * the call scale is ``cross_attention_kwargs={"scale": s}`` for the call being made
-  (:func:`install_scale_hook`, :func:`lora_call_scale`).
+  (:func:`install_scale_hook`, :func:`lora_call_scale`). It lives in a context variable, not on the
+  layers, so calls made at the same time in other threads each see their own scale.
 
 Fusing writes ``W + scale * up @ down`` as a *new* tensor and keeps the original, so unfusing restores
 it bit for bit. :func:`remove_lora` switches the class back.
@@ -24,7 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,11 @@ from torch import nn
 
 #: Keyword arguments of a model's forward that may carry ``{"scale": s}`` for the LoRA layers.
 SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
+#: The call scale of LoRA layers, by ``id(layer)``, in the running call (1.0 for layers not in it).
+_CALL_SCALES: ContextVar[Mapping[int, float]] = ContextVar("diffusekit_lora_call_scales",
+                                                           default=MappingProxyType({}))
+#: Tokens of the scales that :func:`install_scale_hook`'s pre-hooks set, innermost last (None: no scale).
+_HOOK_TOKENS: ContextVar[tuple[Token | None, ...]] = ContextVar("diffusekit_lora_hook_tokens", default=())
 
 
 @dataclass
@@ -51,13 +60,12 @@ class LoraLayer:
     lora_adapters: dict[str, Adapter]
     lora_weights: dict[str, float]
     lora_active: tuple[str, ...]
-    lora_call_scale: float
     lora_fused: dict[str, float]
     lora_original: tuple[torch.Tensor, torch.Tensor | None] | None
 
     def _init_lora(self) -> None:
         self.lora_adapters, self.lora_weights, self.lora_fused = {}, {}, {}
-        self.lora_active, self.lora_call_scale, self.lora_original = (), 1.0, None
+        self.lora_active, self.lora_original = (), None
         self.lora_enabled = True
 
     def lora_scale(self, name: str) -> float:
@@ -78,7 +86,8 @@ class LoraLayer:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = super().forward(x, *args, **kwargs)
-        if not self.lora_enabled or self.lora_call_scale == 0:
+        call_scale = _CALL_SCALES.get().get(id(self), 1.0)
+        if not self.lora_enabled or call_scale == 0:
             return out
         for name in self.lora_active:
             if name in self.lora_fused or name not in self.lora_adapters:
@@ -86,7 +95,7 @@ class LoraLayer:
             adapter = self.lora_adapters[name]
             x_cast = x.to(adapter.down.dtype)
             branch = self._lora_branch(x_cast, adapter)
-            out = out + (branch * (self.lora_scale(name) * self.lora_call_scale)).to(out.dtype)
+            out = out + (branch * (self.lora_scale(name) * call_scale)).to(out.dtype)
         return out
 
     def _apply(self, fn, recurse: bool = True):
@@ -204,8 +213,7 @@ def remove_lora(module: nn.Module) -> None:
     """Switch a LoRA layer back to its original class; its current weights stay."""
     if not isinstance(module, LoraLayer):
         return
-    for attr in ("lora_adapters", "lora_weights", "lora_active", "lora_call_scale", "lora_fused", "lora_original",
-                 "lora_enabled"):
+    for attr in ("lora_adapters", "lora_weights", "lora_active", "lora_fused", "lora_original", "lora_enabled"):
         module.__dict__.pop(attr, None)
     module.__class__ = module._lora_base_class
 
@@ -214,17 +222,21 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def _set_call_scale(model: nn.Module, scale: float) -> Token:
+    """Scale every LoRA layer of ``model`` by ``scale`` in this context; returns the token to undo it."""
+    scales = {id(layer): float(scale) for layer in lora_layers(model)}
+    return _CALL_SCALES.set({**_CALL_SCALES.get(), **scales})
+
+
 @contextlib.contextmanager
 def lora_call_scale(model: nn.Module | None, scale: float | None):
-    """Within the block, every LoRA layer of ``model`` applies its adapters times ``scale``."""
-    layers = lora_layers(model) if model is not None and scale is not None else []
-    for layer in layers:
-        layer.lora_call_scale = float(scale)
+    """Within the block (in this thread only), every LoRA layer of ``model`` applies its adapters times ``scale``."""
+    token = _set_call_scale(model, scale) if model is not None and scale is not None else None
     try:
         yield
     finally:
-        for layer in layers:
-            layer.lora_call_scale = 1.0
+        if token is not None:
+            _CALL_SCALES.reset(token)
 
 
 def _scale_from_call(model: nn.Module, args: tuple, kwargs: dict) -> float | None:
@@ -248,14 +260,14 @@ def install_scale_hook(model: nn.Module) -> None:
 
     def before(module, args, kwargs):
         scale = _scale_from_call(module, args, kwargs)
-        if scale is not None:
-            module._lora_scaled = lora_layers(module)
-            for layer in module._lora_scaled:
-                layer.lora_call_scale = scale
+        token = None if scale is None else _set_call_scale(module, scale)
+        _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), token))
 
     def after(module, args, kwargs, output):
-        for layer in module.__dict__.pop("_lora_scaled", ()):
-            layer.lora_call_scale = 1.0
+        *outer, token = _HOOK_TOKENS.get() or (None,)
+        _HOOK_TOKENS.set(tuple(outer))
+        if token is not None:
+            _CALL_SCALES.reset(token)
 
     model._lora_scale_hooks = (
         model.register_forward_pre_hook(before, with_kwargs=True),

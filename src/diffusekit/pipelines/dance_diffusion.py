@@ -56,10 +56,11 @@ class DanceDiffusionPipeline(DiffusionPipeline):
 
         dtype = self.unet.dtype
         audio = initial_noise((batch_size, self.unet.config.in_channels, length), generator, self.device, dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=audio.device)
-        self.scheduler.timesteps = self.scheduler.timesteps.to(dtype)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            audio = self.scheduler.step(self.unet(audio, t).sample, t, audio).prev_sample
+        scheduler = self.scheduler.for_call()
+        scheduler.set_timesteps(num_inference_steps, device=audio.device)
+        scheduler.timesteps = scheduler.timesteps.to(dtype)
+        for t in self.progress_bar(scheduler.timesteps):
+            audio = scheduler.step(self.unet(audio, t).sample, t, audio).prev_sample
         audios = audio.clamp(-1, 1).float().cpu().numpy()[:, :, : int(wanted)]
         return AudioPipelineOutput(audios=audios) if return_dict else (audios,)
 

@@ -29,9 +29,10 @@ class DDPMPipeline(DiffusionPipeline):
     ):
         check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps)
         image = initial_noise(image_shape(self.unet, batch_size), generator, self.device, self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        scheduler = self.scheduler.for_call()
+        scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(scheduler.timesteps):
             noise_pred = self.unet(image, t).sample
-            image = self.scheduler.step(noise_pred, t, image, generator=generator).prev_sample
+            image = scheduler.step(noise_pred, t, image, generator=generator).prev_sample
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

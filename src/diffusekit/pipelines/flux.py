@@ -8,6 +8,7 @@ import torch
 
 from ..utils import Generator, randn_tensor
 from .call_checks import check_call_arguments
+from .call_state import pipeline_call
 from .flux_common import (
     FluxBase,
     default_sigmas,
@@ -39,6 +40,7 @@ class FluxPipeline(FluxBase):
         return pack_latents(noise), image_ids
 
     @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -85,13 +87,14 @@ class FluxPipeline(FluxBase):
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs, max_sequence_length, output_type)
-        self._start_call(guidance_scale, joint_attention_kwargs)
+        state = self._begin_call(guidance_scale, joint_attention_kwargs, callback_on_step_end,
+                                 callback_on_step_end_tensor_inputs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
 
         # 1. text: T5 token embeddings, CLIP pooled embedding (and the negative ones for true CFG)
         prompt_embeds, pooled_prompt_embeds, text_ids, negative = self.call_prompt_embeds(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, batch_size, device,
+            state, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, batch_size, device,
             num_images_per_prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
             negative_pooled_prompt_embeds, max_sequence_length)
 
@@ -99,31 +102,30 @@ class FluxPipeline(FluxBase):
         latents, image_ids = self.prepare_latents(
             batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4, height, width,
             prompt_embeds.dtype, device, generator, latents)
-        mu = scheduler_shift(self.scheduler, latents.shape[1])
+        scheduler = state.scheduler
+        mu = scheduler_shift(scheduler, latents.shape[1])
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=default_sigmas(self.scheduler, num_inference_steps,
-                                                                              sigmas), mu=mu)
-        self._num_timesteps = len(timesteps)
-        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
-        guidance = self.guidance_vector(latents.shape[0], device)
+            scheduler, num_inference_steps, device, sigmas=default_sigmas(scheduler, num_inference_steps, sigmas), mu=mu)
+        state.num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, scheduler)
+        guidance = self.guidance_vector(guidance_scale, latents.shape[0], device)
 
         # 3. denoising loop: Euler steps along the predicted velocity
-        self.scheduler.set_begin_index(0)
+        scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if state.interrupt:
                     continue
-                self._current_timestep = t
-                velocity = self.guided_velocity(latents, t, guidance, prompt_embeds, pooled_prompt_embeds, text_ids,
-                                                image_ids, negative, true_cfg_scale)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    state = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t,
-                                               dict(latents=latents, prompt_embeds=prompt_embeds))
-                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                if progress_due(i, timesteps, warmup, self.scheduler):
+                state.current_timestep = t
+                velocity = self.guided_velocity(state, latents, t, guidance, prompt_embeds, pooled_prompt_embeds,
+                                                text_ids, image_ids, negative, true_cfg_scale)
+                latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+                if state.callback is not None:
+                    tensors = self.step_callback(state, i, t, dict(latents=latents, prompt_embeds=prompt_embeds))
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                if progress_due(i, timesteps, warmup, scheduler):
                     progress.update()
-        self._current_timestep = None
+        state.current_timestep = None
 
         # 4. decode
         images = self.latents_to_output(latents, height, width, output_type)

@@ -18,6 +18,7 @@ from PIL import Image
 from ..loaders.lora import LoraLoaderMixin
 from ..utils import BaseOutput
 from .call_checks import check_image_size, check_prompt_text
+from .call_state import CallState, CallStateProperties, begin_call
 from .image_processing import postprocess_images
 from .memory import MemoryMixin
 from .pipeline_utils import DiffusionPipeline
@@ -99,7 +100,7 @@ def _repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch
     return embeds.repeat_interleave(num_images_per_prompt, dim=0)
 
 
-class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
+class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
     """Components and shared steps of the FLUX.1 pipelines (no ``__call__``).
 
     Components: ``scheduler`` (FlowMatchEulerDiscreteScheduler), ``vae`` (AutoencoderKL, 16 latent
@@ -124,21 +125,14 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         self.latent_channels = vae.config.latent_channels if vae is not None else 16
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
 
-    # -- state of the current call --------------------------------------------------------------
-
-    def _start_call(self, guidance_scale: float, joint_attention_kwargs: dict[str, Any] | None) -> None:
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs
-        self._current_timestep = None
-        self._interrupt = False
-
-    guidance_scale = property(lambda self: self._guidance_scale)
-    joint_attention_kwargs = property(lambda self: self._joint_attention_kwargs)
-    num_timesteps = property(lambda self: self._num_timesteps)
-    current_timestep = property(lambda self: self._current_timestep)
-    interrupt = property(lambda self: self._interrupt, doc="Set ``pipe._interrupt = True`` in a callback to stop.")
-
     # -- checks ---------------------------------------------------------------------------------
+
+    def _begin_call(self, guidance_scale: float, joint_attention_kwargs: dict[str, Any] | None, callback,
+                    callback_names: Sequence[str]) -> CallState:
+        """The call's state, with its own copy of the scheduler."""
+        return begin_call(self, CallState(scheduler=self.scheduler.for_call(), guidance_scale=guidance_scale,
+                                          joint_attention_kwargs=joint_attention_kwargs, callback=callback,
+                                          callback_names=list(callback_names or ())))
 
     def check_inputs(self, prompt, prompt_2, height: int, width: int, negative_prompt=None, negative_prompt_2=None,
                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
@@ -220,16 +214,16 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         return prompt_embeds, pooled_prompt_embeds, text_ids
 
-    def call_prompt_embeds(self, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale: float,
+    def call_prompt_embeds(self, state: CallState, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale: float,
                            batch_size: int, device, num_images_per_prompt: int, prompt_embeds, pooled_prompt_embeds,
                            negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length: int):
         """``(prompt_embeds, pooled_prompt_embeds, text_ids, negative)`` for a call: :meth:`encode_prompt`
-        (LoRA scale from ``joint_attention_kwargs``), and ``negative``, the same triple for the negative
+        (the call's LoRA scale from ``joint_attention_kwargs``), and ``negative``, the same triple for the negative
         prompt when true CFG is on (``true_cfg_scale`` > 1 with a negative prompt or negative
         embeddings), else None."""
         has_negative = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
-        lora_scale = (self._joint_attention_kwargs or {}).get("scale")
+        lora_scale = state.lora_scale
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
             max_sequence_length, lora_scale)
@@ -264,34 +258,36 @@ class FluxBase(MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
         multiple = self.vae_scale_factor * 2
         return 2 * (int(height) // multiple), 2 * (int(width) // multiple)
 
-    def guidance_vector(self, batch: int, device) -> torch.Tensor | None:
+    def guidance_vector(self, guidance_scale: float, batch: int, device) -> torch.Tensor | None:
         """The distilled guidance scale per sample, for transformers with ``guidance_embeds``; else None."""
         if not self.transformer.config.guidance_embeds:
             return None
-        return torch.full([1], self._guidance_scale, device=device, dtype=torch.float32).expand(batch)
+        return torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
 
-    def predict_velocity(self, latents: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor | None,
-                         prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor,
-                         image_ids: torch.Tensor) -> torch.Tensor:
-        """One transformer call; ``timestep`` is on the scheduler's 0-1000 scale."""
+    def predict_velocity(self, state: CallState, latents: torch.Tensor, timestep: torch.Tensor,
+                         guidance: torch.Tensor | None, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                         text_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """One transformer call with the call's ``joint_attention_kwargs`` and ``denoiser_kwargs``;
+        ``timestep`` is on the scheduler's 0-1000 scale."""
         return self.transformer(
             hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
             pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-            img_ids=image_ids, joint_attention_kwargs=self._joint_attention_kwargs, return_dict=False,
+            img_ids=image_ids, joint_attention_kwargs=state.joint_attention_kwargs, return_dict=False,
+            **state.denoiser_kwargs,
         )[0]
 
-    def guided_velocity(self, latents: torch.Tensor, t: torch.Tensor, guidance: torch.Tensor | None,
-                        prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor,
-                        image_ids: torch.Tensor, negative: tuple | None = None,
+    def guided_velocity(self, state: CallState, latents: torch.Tensor, t: torch.Tensor,
+                        guidance: torch.Tensor | None, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                        text_ids: torch.Tensor, image_ids: torch.Tensor, negative: tuple | None = None,
                         true_cfg_scale: float = 1.0) -> torch.Tensor:
         """The velocity at schedule timestep ``t``; with ``negative`` ``(embeds, pooled, text ids)``,
         true classifier-free guidance ``neg + true_cfg_scale * (cond - neg)`` (a second transformer call)."""
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        velocity = self.predict_velocity(latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds, text_ids,
-                                         image_ids)
+        velocity = self.predict_velocity(state, latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
+                                         text_ids, image_ids)
         if negative is None:
             return velocity
-        uncond = self.predict_velocity(latents, timestep, guidance, *negative, image_ids)
+        uncond = self.predict_velocity(state, latents, timestep, guidance, *negative, image_ids)
         return uncond + true_cfg_scale * (velocity - uncond)
 
     def latents_to_output(self, latents: torch.Tensor, height: int, width: int, output_type: str):

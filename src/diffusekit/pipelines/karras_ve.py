@@ -37,17 +37,18 @@ class KarrasVePipeline(DiffusionPipeline):
     ):
         check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps)
         shape = image_shape(self.unet, batch_size)
-        sample = initial_noise(shape, generator, self.device, self.unet.dtype, scale=self.scheduler.init_noise_sigma)
-        self.scheduler.set_timesteps(num_inference_steps)
-        schedule = self.scheduler.schedule
-        for t in self.progress_bar(self.scheduler.timesteps):
+        scheduler = self.scheduler.for_call()
+        sample = initial_noise(shape, generator, self.device, self.unet.dtype, scale=scheduler.init_noise_sigma)
+        scheduler.set_timesteps(num_inference_steps)
+        schedule = scheduler.schedule
+        for t in self.progress_bar(scheduler.timesteps):
             sigma = schedule[t]
             sigma_prev = schedule[t - 1] if t > 0 else 0
-            sample_hat, sigma_hat = self.scheduler.add_noise_to_input(sample, sigma, generator=generator)
-            step = self.scheduler.step(self._denoiser_output(sample_hat, sigma_hat), sigma_hat, sigma_prev, sample_hat)
+            sample_hat, sigma_hat = scheduler.add_noise_to_input(sample, sigma, generator=generator)
+            step = scheduler.step(self._denoiser_output(sample_hat, sigma_hat), sigma_hat, sigma_prev, sample_hat)
             if sigma_prev != 0:
                 correction = self._denoiser_output(step.prev_sample, sigma_prev)
-                step = self.scheduler.step_correct(correction, sigma_hat, sigma_prev, sample_hat,
+                step = scheduler.step_correct(correction, sigma_hat, sigma_prev, sample_hat,
                                                    step.prev_sample, step.derivative)
             sample = step.prev_sample
         images = postprocess_images(sample, output_type)

@@ -48,12 +48,13 @@ class LDMPipeline(DiffusionPipeline):
         return_dict: bool = True,
     ):
         check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps, eta=eta)
+        scheduler = self.scheduler.for_call()
         latents = initial_noise(image_shape(self.unet, batch_size), generator, self.device, self.unet.dtype,
-                                scale=self.scheduler.init_noise_sigma)
-        self.scheduler.set_timesteps(num_inference_steps)
-        options = step_options(self.scheduler, eta, generator)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            noise_pred = self.unet(self.scheduler.scale_model_input(latents, t), t).sample
-            latents = self.scheduler.step(noise_pred, t, latents, **options).prev_sample
+                                scale=scheduler.init_noise_sigma)
+        scheduler.set_timesteps(num_inference_steps)
+        options = step_options(scheduler, eta, generator)
+        for t in self.progress_bar(scheduler.timesteps):
+            noise_pred = self.unet(scheduler.scale_model_input(latents, t), t).sample
+            latents = scheduler.step(noise_pred, t, latents, **options).prev_sample
         images = postprocess_images(decode_vq_latents(self.vqvae, latents), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -10,6 +10,7 @@ from .image_processing import postprocess_images
 from .ldm import decode_vq_latents, step_options
 from .noise import initial_noise
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from .prompt_encoding import tokenize
 
 
 class LDMTextToImagePipeline(DiffusionPipeline):
@@ -27,8 +28,7 @@ class LDMTextToImagePipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """LDM-BERT embeddings (batch, tokens, d_model) of the prompts, padded to full length."""
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.bert.config.max_position_embeddings,
-                                truncation=True, return_tensors="pt")
+        tokens = tokenize(self.tokenizer, prompts, self.bert.config.max_position_embeddings, warn=False)
         return self.bert(tokens.input_ids.to(self.device))[0]
 
     @torch.no_grad()
@@ -62,18 +62,19 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         if guided:
             context = torch.cat([self.encode_prompt([""] * batch_size), context])
         shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
+        scheduler = self.scheduler.for_call()
         latents = initial_noise(shape, generator, self.device, context.dtype, latents,
-                                scale=self.scheduler.init_noise_sigma)
+                                scale=scheduler.init_noise_sigma)
 
-        self.scheduler.set_timesteps(num_inference_steps)
-        options = step_options(self.scheduler, eta, generator)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        scheduler.set_timesteps(num_inference_steps)
+        options = step_options(scheduler, eta, generator)
+        for t in self.progress_bar(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = scheduler.scale_model_input(model_input, t)
             noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
             if guided:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, **options).prev_sample
+            latents = scheduler.step(noise_pred, t, latents, **options).prev_sample
         images = postprocess_images(decode_vq_latents(self.vqvae, latents), output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,13 +135,12 @@ class DiffusionPipeline(ConfigMixin):
             return tqdm(iterable, **config)
         return tqdm(total=total, **config)
 
-    def step_callback(self, callback: Callable | None, names: Sequence[str], step: int, t,
-                      tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Call ``callback(pipe, step, t, {name: tensor})`` (``callback_on_step_end``) with the ``names``
-        asked for; returns ``tensors`` updated with what the callback returned."""
-        if callback is None:
+    def step_callback(self, state, step: int, t, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Call the call ``state``'s ``callback(pipe, step, t, {name: tensor})`` (``callback_on_step_end``)
+        with the ``callback_names`` it asked for; returns ``tensors`` updated with what it returned."""
+        if state.callback is None:
             return tensors
-        returned = callback(self, step, t, {name: tensors[name] for name in names}) or {}
+        returned = state.callback(self, step, t, {name: tensors[name] for name in state.callback_names}) or {}
         return {**tensors, **{k: v for k, v in returned.items() if k in tensors}}
 
     # -- saving ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from typing import Sequence
 
 import torch
@@ -21,6 +22,9 @@ from .call_checks import check_prompt_text
 logger = logging.getLogger(__name__)
 
 PROMPT_WEIGHTINGS = (None, "a1111")
+#: Fast (Rust) tokenizers keep their padding and truncation settings on the shared object, so calls
+#: from several threads with different settings would mix them up: tokenizer calls hold this lock.
+TOKENIZER_LOCK = threading.RLock()
 
 
 def prompt_batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
@@ -83,10 +87,10 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: b
     ``encoder_name``).
     """
     max_length = max_length or tokenizer.model_max_length
-    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    if warn:
-        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] >= inputs.input_ids.shape[-1] and not torch.equal(full, inputs.input_ids):
+    with TOKENIZER_LOCK:
+        inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids if warn else None
+        if warn and full.shape[-1] >= inputs.input_ids.shape[-1] and not torch.equal(full, inputs.input_ids):
             removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])
             logger.warning(
                 "The following part of your input was truncated because %s can only handle sequences up to "
@@ -242,7 +246,8 @@ def weighted_token_windows(tokenizer, text: str) -> list[tuple[list[int], list[f
     ids: list[int] = []
     weights: list[float] = []
     for run_text, weight in parse_prompt_attention(text):
-        run_ids = tokenizer(run_text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        with TOKENIZER_LOCK:
+            run_ids = tokenizer(run_text, add_special_tokens=False, truncation=False, verbose=False).input_ids
         ids += run_ids
         weights += [weight] * len(run_ids)
     windows = []

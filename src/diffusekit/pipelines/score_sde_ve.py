@@ -34,18 +34,19 @@ class ScoreSdeVePipeline(DiffusionPipeline):
     ):
         check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps)
         shape = image_shape(self.unet, batch_size)
-        sample = initial_noise(shape, generator, self.device, self.unet.dtype, scale=self.scheduler.init_noise_sigma)
-        self.scheduler.set_timesteps(num_inference_steps)
-        self.scheduler.set_sigmas(num_inference_steps)
+        scheduler = self.scheduler.for_call()
+        sample = initial_noise(shape, generator, self.device, self.unet.dtype, scale=scheduler.init_noise_sigma)
+        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_sigmas(num_inference_steps)
         ones = torch.ones(batch_size, device=self.device)
         sample_mean = sample
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            sigma = self.scheduler.sigmas[i] * ones
-            for _ in range(self.scheduler.config.correct_steps):
+        for i, t in enumerate(self.progress_bar(scheduler.timesteps)):
+            sigma = scheduler.sigmas[i] * ones
+            for _ in range(scheduler.config.correct_steps):
                 score = self.unet(sample, sigma).sample
-                sample = self.scheduler.step_correct(score, sample, generator=generator).prev_sample
+                sample = scheduler.step_correct(score, sample, generator=generator).prev_sample
             score = self.unet(sample, sigma).sample
-            step = self.scheduler.step_pred(score, t, sample, generator=generator)
+            step = scheduler.step_pred(score, t, sample, generator=generator)
             sample, sample_mean = step.prev_sample, step.prev_sample_mean
         images = postprocess_images(sample_mean, output_type, from_minus_one=False)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -43,14 +43,15 @@ class ScoreSdeVpPipeline(DiffusionPipeline):
     ):
         check_call_arguments(batch_size=batch_size, num_inference_steps=num_inference_steps)
         sample = initial_noise(image_shape(self.unet, batch_size), generator, self.device, self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        label_scale = self.scheduler.config.num_train_timesteps - 1
+        scheduler = self.scheduler.for_call()
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        label_scale = scheduler.config.num_train_timesteps - 1
         ones = torch.ones(batch_size, device=self.device, dtype=sample.dtype)
         sample_mean = sample
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for t in self.progress_bar(scheduler.timesteps):
             t_batch = t * ones
             noise_pred = self.unet(sample, t_batch * label_scale).sample
-            sample, sample_mean = self.scheduler.step_pred(noise_pred, sample, t_batch, generator=generator)
+            sample, sample_mean = scheduler.step_pred(noise_pred, sample, t_batch, generator=generator)
         if output_type == "latent":
             images = sample_mean
         else:

@@ -8,6 +8,7 @@ import torch
 
 from ..utils import Generator
 from .call_checks import check_call_arguments
+from .call_state import pipeline_call
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_common import StableDiffusionBase, StableDiffusionPipelineOutput
 from .timesteps import progress_due, retrieve_timesteps, step_kwargs, warmup_steps
@@ -25,6 +26,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
     """
 
     @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -67,42 +69,41 @@ class StableDiffusionPipeline(StableDiffusionBase):
         check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              num_images_per_prompt=num_images_per_prompt, guidance_rescale=guidance_rescale, eta=eta)
         height, width = self.default_height_width(height, width)
-        callback_names = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
-                                          output_type, guidance_scale, guidance_rescale, clip_skip,
-                                          cross_attention_kwargs)
+        state = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                 output_type, guidance_scale, guidance_rescale, clip_skip,
+                                 cross_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
         prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            state, prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_weighting)
 
         # 2. schedule and starting noise
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
-                                                            timesteps, sigmas)
+        scheduler = state.scheduler
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
         latents = self.prepare_latents(batch_size, self.unet.config.in_channels, height, width,
-                                       prompt_embeds.dtype, device, generator, latents)
-        extra_step = step_kwargs(self.scheduler, generator, eta)
-        timestep_cond = self.timestep_cond(batch_size, device, latents.dtype)
+                                       prompt_embeds.dtype, device, generator, latents, scheduler)
+        extra_step = step_kwargs(scheduler, generator, eta)
+        timestep_cond = self.timestep_cond(guidance_scale, batch_size, device, latents.dtype)
 
         # 3. denoising loop
-        self._num_timesteps = len(timesteps)
-        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
+        state.num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, scheduler)
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if state.interrupt:
                     continue
-                noise_pred = self.predict_noise(latents, t, prompt_embeds, timestep_cond,
-                                                guidance_rescale=self.guidance_rescale)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    state = self.step_callback(callback_on_step_end, callback_names, i, t, dict(
+                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                if state.callback is not None:
+                    tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
-                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                    negative_prompt_embeds = state["negative_prompt_embeds"]
-                if progress_due(i, timesteps, warmup, self.scheduler):
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                    negative_prompt_embeds = tensors["negative_prompt_embeds"]
+                if progress_due(i, timesteps, warmup, scheduler):
                     progress.update()
 
         # 4. decode, safety check, convert

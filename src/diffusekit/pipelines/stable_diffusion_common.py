@@ -21,6 +21,7 @@ from ..loaders.textual_inversion import TextualInversionLoaderMixin
 from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .call_checks import check_image_size
+from .call_state import CallState, CallStateProperties, begin_call, current_call
 from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
 from .image_processing import numpy_to_pil, postprocess_images
 from .memory import MemoryMixin
@@ -57,7 +58,7 @@ def _fix_legacy_scheduler_config(scheduler) -> None:
         scheduler.register_to_config(clip_sample=False)
 
 
-class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, TextualInversionLoaderMixin,
+class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, LoraLoaderMixin, TextualInversionLoaderMixin,
                           FromSingleFileMixin):
     """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
 
@@ -87,26 +88,15 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         self.vae_scale_factor = vae_scale_factor(vae)
 
-    # -- state of the current call (callbacks may read or change it) --------------------------------
-
-    def _start_call(self, guidance_scale: float, guidance_rescale: float = 0.0, clip_skip: int | None = None,
-                    cross_attention_kwargs: dict | None = None) -> None:
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-
-    guidance_scale = property(lambda self: self._guidance_scale)
-    guidance_rescale = property(lambda self: self._guidance_rescale)
-    clip_skip = property(lambda self: self._clip_skip)
-    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
-    num_timesteps = property(lambda self: self._num_timesteps)
-    interrupt = property(lambda self: self._interrupt, doc="Set ``pipe._interrupt = True`` in a callback to stop.")
+    # -- the running call's state, for step callbacks (see call_state.py) ------------------------
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return uses_guidance(self._guidance_scale, self.unet)
+        return self.guided(current_call(self))
+
+    def guided(self, state: CallState) -> bool:
+        """Whether the call runs the unconditional branch (see :func:`uses_guidance`)."""
+        return uses_guidance(state.guidance_scale, self.unet)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -140,13 +130,15 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
                     negative_prompt_embeds, callback, callback_inputs: Sequence[str] | None,
                     prompt_weighting: str | None, output_type: str, guidance_scale: float,
                     guidance_rescale: float = 0.0, clip_skip: int | None = None,
-                    cross_attention_kwargs: dict | None = None) -> list[str]:
-        """Check the shared arguments and start the call's state; returns the step callback's tensor names."""
+                    cross_attention_kwargs: dict | None = None) -> CallState:
+        """Check the shared arguments; the call's state, with its own copy of the scheduler."""
         callback_names = self.callback_names(callback, callback_inputs)
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           callback_names, prompt_weighting, output_type)
-        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
-        return callback_names
+        return begin_call(self, CallState(
+            scheduler=self.scheduler.for_call(), guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip, cross_attention_kwargs=cross_attention_kwargs, callback=callback,
+            callback_names=callback_names))
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -155,12 +147,11 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
                       negative_prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None,
                       clip_skip: int | None = None, prompt_weighting: str | None = None):
         """``(prompt_embeds, negative_prompt_embeds)``; see :func:`prompt_encoding.encode_prompt`.
-        ``lora_scale`` (default: ``cross_attention_kwargs["scale"]`` of the call) scales the text
-        encoder's LoRA adapters; textual-inversion tokens are expanded (``maybe_convert_prompt``)."""
+        ``lora_scale`` scales the text encoder's LoRA adapters; textual-inversion tokens are
+        expanded (``maybe_convert_prompt``)."""
         dtype = self.unet.dtype if self.unet is not None else None
-        if lora_scale is None:
-            lora_scale = (getattr(self, "_cross_attention_kwargs", None) or {}).get("scale")
-        prompt, negative_prompt = self.maybe_convert_prompt(prompt), self.maybe_convert_prompt(negative_prompt)
+        with prompt_encoding.TOKENIZER_LOCK:
+            prompt, negative_prompt = self.maybe_convert_prompt(prompt), self.maybe_convert_prompt(negative_prompt)
         with self.lora_text_encoder_scale(lora_scale):
             return prompt_encoding.encode_prompt(
                 self.text_encoder, self.tokenizer, prompt, device, num_images_per_prompt,
@@ -168,53 +159,59 @@ class StableDiffusionBase(DiffusionPipeline, MemoryMixin, LoraLoaderMixin, Textu
                 clip_skip=clip_skip, prompt_weighting=prompt_weighting, dtype=dtype,
             )
 
-    def unet_prompt_embeds(self, prompt, device, num_images_per_prompt: int, negative_prompt, prompt_embeds,
-                           negative_prompt_embeds, clip_skip: int | None, prompt_weighting: str | None):
-        """:meth:`encode_prompt` for the denoising loop: ``(UNet text embeddings, negative embeddings)``;
-        with guidance the UNet's batch holds the negative half first."""
+    def unet_prompt_embeds(self, state: CallState, prompt, device, num_images_per_prompt: int, negative_prompt,
+                           prompt_embeds, negative_prompt_embeds, prompt_weighting: str | None):
+        """:meth:`encode_prompt` for the denoising loop (the call's guidance, LoRA scale and
+        ``clip_skip``): ``(UNet text embeddings, negative embeddings)``; with guidance the UNet's
+        batch holds the negative half first."""
+        guided = self.guided(state)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
-            prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip, prompt_weighting=prompt_weighting,
+            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            lora_scale=state.lora_scale, clip_skip=state.clip_skip, prompt_weighting=prompt_weighting,
         )
-        if self.do_classifier_free_guidance:
+        if guided:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         return prompt_embeds, negative_prompt_embeds
 
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
-                        dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None):
-        """Starting noise (or ``latents``) for a ``height`` x ``width`` image, times the scheduler's
-        ``init_noise_sigma``."""
+                        dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None,
+                        scheduler=None):
+        """Starting noise (or ``latents``) for a ``height`` x ``width`` image, times the
+        ``init_noise_sigma`` of ``scheduler`` (default: the pipeline's)."""
         shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor,
                  int(width) // self.vae_scale_factor)
-        return initial_noise(shape, generator, device, dtype, latents, scale=self.scheduler.init_noise_sigma)
+        scale = (scheduler or self.scheduler).init_noise_sigma
+        return initial_noise(shape, generator, device, dtype, latents, scale=scale)
 
-    def timestep_cond(self, batch_size: int, device, dtype: torch.dtype) -> torch.Tensor | None:
+    def timestep_cond(self, guidance_scale: float, batch_size: int, device, dtype: torch.dtype) -> torch.Tensor | None:
         """The guidance-scale embedding of guidance-distilled UNets (``time_cond_proj_dim``), else None."""
         dim = getattr(self.unet.config, "time_cond_proj_dim", None)
         if dim is None:
             return None
-        return guidance_scale_embedding(self._guidance_scale, batch_size, dim).to(device=device, dtype=dtype)
+        return guidance_scale_embedding(guidance_scale, batch_size, dim).to(device=device, dtype=dtype)
 
-    def predict_noise(self, latents: torch.Tensor, t, prompt_embeds: torch.Tensor,
-                      timestep_cond: torch.Tensor | None = None, extra_channels: torch.Tensor | None = None,
-                      guidance_rescale: float = 0.0) -> torch.Tensor:
-        """One guided UNet prediction.
+    def predict_noise(self, state: CallState, latents: torch.Tensor, t, prompt_embeds: torch.Tensor,
+                      timestep_cond: torch.Tensor | None = None,
+                      extra_channels: torch.Tensor | None = None) -> torch.Tensor:
+        """One guided UNet prediction for the call ``state``.
 
         With guidance the latents are doubled (``prompt_embeds`` then holds the negative half first),
-        scaled by the scheduler, optionally concatenated with ``extra_channels`` along the channels
-        (inpainting masks, depth maps; already doubled), and the halves combined by
-        :func:`~diffusekit.pipelines.guidance.apply_guidance`.
+        scaled by the call's scheduler, optionally concatenated with ``extra_channels`` along the
+        channels (inpainting masks, depth maps; already doubled), and the halves combined by
+        :func:`~diffusekit.pipelines.guidance.apply_guidance` (with the call's ``guidance_rescale``).
+        The UNet also gets the call's ``cross_attention_kwargs`` and ``denoiser_kwargs``.
         """
-        guided = self.do_classifier_free_guidance
+        guided = self.guided(state)
         model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        model_input = state.scheduler.scale_model_input(model_input, t)
         if extra_channels is not None:
             model_input = torch.cat([model_input, extra_channels], dim=1)
         options = {k: v for k, v in (("timestep_cond", timestep_cond),
-                                     ("cross_attention_kwargs", self._cross_attention_kwargs)) if v is not None}
-        noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False, **options)[0]
+                                     ("cross_attention_kwargs", state.cross_attention_kwargs)) if v is not None}
+        noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False,
+                               **options, **state.denoiser_kwargs)[0]
         if guided:
-            noise_pred = apply_guidance(noise_pred, self._guidance_scale, guidance_rescale)
+            noise_pred = apply_guidance(noise_pred, state.guidance_scale, state.guidance_rescale)
         return noise_pred
 
     def run_safety_checker(self, image: torch.Tensor, device, dtype: torch.dtype):

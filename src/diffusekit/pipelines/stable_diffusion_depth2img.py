@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..utils import Generator
 from .call_checks import check_call_arguments
+from .call_state import pipeline_call
 from .image_processing import convert_pil, image_size, postprocess_images
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from .prompt_encoding import prompt_batch_size
@@ -71,6 +72,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         return torch.cat([depth_map] * 2) if do_classifier_free_guidance else depth_map
 
     @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -105,39 +107,40 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
                              num_images_per_prompt=num_images_per_prompt, eta=eta)
         if image is None:
             raise ValueError("image is required")
-        callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
-                                          output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        state = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                 output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
         prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            state, prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_weighting)
 
         # 2. depth condition, the image noised to the first kept timestep
         depth_mask = self.prepare_depth_map(image, depth_map, batch_size * num_images_per_prompt,
-                                            self.do_classifier_free_guidance, prompt_embeds.dtype, device)
+                                            self.guided(state), prompt_embeds.dtype, device)
+        scheduler = state.scheduler
         latents, timesteps, num_inference_steps = self.noised_image_latents(
-            image, strength, num_inference_steps, batch_size, num_images_per_prompt, prompt_embeds.dtype, device,
-            generator)
-        extra_step = step_kwargs(self.scheduler, generator, eta)
+            scheduler, image, strength, num_inference_steps, batch_size, num_images_per_prompt, prompt_embeds.dtype,
+            device, generator)
+        extra_step = step_kwargs(scheduler, generator, eta)
 
         # 3. denoising loop
-        self._num_timesteps = len(timesteps)
-        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
+        state.num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, scheduler)
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                noise_pred = self.predict_noise(latents, t, prompt_embeds, extra_channels=depth_mask)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    state = self.step_callback(callback_on_step_end, callback_names, i, t, dict(
+                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, extra_channels=depth_mask)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                if state.callback is not None:
+                    tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                         depth_mask=depth_mask))
-                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                    negative_prompt_embeds, depth_mask = state["negative_prompt_embeds"], state["depth_mask"]
-                if progress_due(i, timesteps, warmup, self.scheduler):
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                    negative_prompt_embeds, depth_mask = tensors["negative_prompt_embeds"], tensors["depth_mask"]
+                if progress_due(i, timesteps, warmup, scheduler):
                     progress.update()
 
         # 4. decode and convert (no safety checker)

@@ -8,6 +8,7 @@ import torch
 
 from ..utils import Generator, randn_tensor
 from .call_checks import check_call_arguments
+from .call_state import pipeline_call
 from .image_processing import preprocess_images
 from .noise import check_generators
 from .prompt_encoding import prompt_batch_size
@@ -21,9 +22,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     (SDEdit, Meng et al., 2021). Components as :class:`StableDiffusionPipeline`."""
 
     def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int,
-                        num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator = None):
+                        num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator = None,
+                        scheduler=None):
         """Encode ``image`` (or take it as latents when it has the latent channel count), repeat it to
-        the batch, and noise it to ``timestep``; random draws in the reference's order."""
+        the batch, and noise it to ``timestep`` with ``scheduler`` (default: the pipeline's); random
+        draws in the reference's order."""
         image = image.to(device=device, dtype=dtype)
         batch_size = batch_size * num_images_per_prompt
         if image.shape[1] == self.vae.config.latent_channels:
@@ -35,23 +38,24 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             init_latents = encode_images(self.vae, image, generator)
         init_latents = _repeat_to(init_latents, batch_size, "image")
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
-        return self.scheduler.add_noise(init_latents, noise, timestep)
+        return (scheduler or self.scheduler).add_noise(init_latents, noise, timestep)
 
-    def noised_image_latents(self, image, strength: float, num_inference_steps: int, batch_size: int,
+    def noised_image_latents(self, scheduler, image, strength: float, num_inference_steps: int, batch_size: int,
                              num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator,
                              timesteps: list[int] | None = None, sigmas: list[float] | None = None):
-        """``(latents, timesteps, steps left)``: the schedule's tail for ``strength`` and ``image``
-        (preprocessed, encoded, repeated to the batch) noised to its first timestep."""
+        """``(latents, timesteps, steps left)``: ``scheduler``'s schedule tail for ``strength`` and
+        ``image`` (preprocessed, encoded, repeated to the batch) noised to its first timestep."""
         image = preprocess_images(image, multiple=self.vae_scale_factor,
                                   latent_channels=self.vae.config.latent_channels)
-        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
-        timesteps, num_inference_steps = timesteps_for_strength(self.scheduler, num_inference_steps, strength)
+        _, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = timesteps_for_strength(scheduler, num_inference_steps, strength)
         latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt)
         latents = self.prepare_latents(image, latent_timestep, batch_size, num_images_per_prompt, dtype, device,
-                                       generator)
+                                       generator, scheduler)
         return latents, timesteps, num_inference_steps
 
     @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -86,39 +90,40 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
                              num_images_per_prompt=num_images_per_prompt, eta=eta)
         if image is None:
             raise ValueError("image is required")
-        callback_names = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
-                                          output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        state = self._begin_call(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                 output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
         prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            state, prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_weighting)
 
         # 2. the image, the tail of the schedule, and the image noised to its first timestep
+        scheduler = state.scheduler
         latents, timesteps, num_inference_steps = self.noised_image_latents(
-            image, strength, num_inference_steps, batch_size, num_images_per_prompt, prompt_embeds.dtype, device,
-            generator, timesteps, sigmas)
-        extra_step = step_kwargs(self.scheduler, generator, eta)
-        timestep_cond = self.timestep_cond(batch_size * num_images_per_prompt, device, latents.dtype)
+            scheduler, image, strength, num_inference_steps, batch_size, num_images_per_prompt, prompt_embeds.dtype,
+            device, generator, timesteps, sigmas)
+        extra_step = step_kwargs(scheduler, generator, eta)
+        timestep_cond = self.timestep_cond(guidance_scale, batch_size * num_images_per_prompt, device, latents.dtype)
 
         # 3. denoising loop
-        self._num_timesteps = len(timesteps)
-        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
+        state.num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, scheduler)
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if state.interrupt:
                     continue
-                noise_pred = self.predict_noise(latents, t, prompt_embeds, timestep_cond)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    state = self.step_callback(callback_on_step_end, callback_names, i, t, dict(
+                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                if state.callback is not None:
+                    tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
-                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                    negative_prompt_embeds = state["negative_prompt_embeds"]
-                if progress_due(i, timesteps, warmup, self.scheduler):
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                    negative_prompt_embeds = tensors["negative_prompt_embeds"]
+                if progress_due(i, timesteps, warmup, scheduler):
                     progress.update()
 
         # 4. decode, safety check, convert

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..utils import Generator, randn_tensor
 from .call_checks import check_call_arguments
+from .call_state import pipeline_call
 from .image_processing import (
     image_size, mask_crop_region, mask_size, overlay_inpainted, preprocess_images, preprocess_mask,
 )
@@ -48,12 +49,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
                         dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None,
                         image: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                        is_strength_max: bool = True, return_image_latents: bool = False):
+                        is_strength_max: bool = True, return_image_latents: bool = False, scheduler=None):
         """``(latents, noise, image latents or None)``.
 
         At full strength the latents are pure noise (times ``init_noise_sigma``); below it, the
         image's latents noised to ``timestep``. Given ``latents`` are taken as the noise.
+        ``scheduler``: the call's scheduler (default: the pipeline's).
         """
+        scheduler = scheduler or self.scheduler
         shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor,
                  int(width) // self.vae_scale_factor)
         check_generators(generator, batch_size)
@@ -64,14 +67,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         if latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if is_strength_max:
-                latents = noise * self.scheduler.init_noise_sigma
+                latents = noise * scheduler.init_noise_sigma
             else:
-                latents = self.scheduler.add_noise(image_latents, noise, timestep)
+                latents = scheduler.add_noise(image_latents, noise, timestep)
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
             noise = latents.to(device)
-            latents = noise * self.scheduler.init_noise_sigma
+            latents = noise * scheduler.init_noise_sigma
         return latents, noise, image_latents
 
     def prepare_mask_latents(self, mask: torch.Tensor, masked_image: torch.Tensor, batch_size: int, height: int,
@@ -106,6 +109,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                 raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
 
     @torch.no_grad()
+    @pipeline_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -153,21 +157,22 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              num_images_per_prompt=num_images_per_prompt, eta=eta)
         height, width = self.default_height_width(height, width)
-        callback_names = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                                          callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
-                                          output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
+        state = self._begin_call(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                 callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_weighting,
+                                 output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         self.check_inpaint_inputs(image, mask_image, strength, padding_mask_crop, output_type)
         batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
         prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
-            prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip,
+            state, prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_weighting)
 
         # 2. the tail of the schedule that `strength` keeps
-        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
-        timesteps, num_inference_steps = timesteps_for_strength(self.scheduler, num_inference_steps, strength)
+        scheduler = state.scheduler
+        _, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
+        timesteps, num_inference_steps = timesteps_for_strength(scheduler, num_inference_steps, strength)
         if num_inference_steps < 1:
             raise ValueError(f"strength={strength} leaves {num_inference_steps} of the denoising steps; "
                              "raise strength or num_inference_steps")
@@ -186,12 +191,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         latents, noise, image_latents = self.prepare_latents(
             batch_size, self._latent_channels(), height, width, prompt_embeds.dtype, device, generator, latents,
             init_image, latent_timestep, is_strength_max=strength == 1.0, return_image_latents=blend,
+            scheduler=scheduler,
         )
         mask_condition = preprocess_mask(mask_image, height, width, self.vae_scale_factor, resize_mode, crops_coords)
         masked_image = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
         mask, masked_image_latents = self.prepare_mask_latents(
             mask_condition, masked_image, batch_size, height, width, prompt_embeds.dtype, device, generator,
-            self.do_classifier_free_guidance,
+            self.guided(state),
         )
         if num_channels_unet == 9:
             total = self._latent_channels() + mask.shape[1] + masked_image_latents.shape[1]
@@ -200,33 +206,33 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                                  f"latents give {total}; check the unet config and mask_image")
         elif not blend:
             raise ValueError(f"the unet must take 4 or 9 input channels, not {num_channels_unet}")
-        extra_step = step_kwargs(self.scheduler, generator, eta)
-        timestep_cond = self.timestep_cond(batch_size, device, latents.dtype)
+        extra_step = step_kwargs(scheduler, generator, eta)
+        timestep_cond = self.timestep_cond(guidance_scale, batch_size, device, latents.dtype)
 
         # 4. denoising loop
-        self._num_timesteps = len(timesteps)
-        warmup = warmup_steps(timesteps, num_inference_steps, self.scheduler)
+        state.num_timesteps = len(timesteps)
+        warmup = warmup_steps(timesteps, num_inference_steps, scheduler)
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
-                if self.interrupt:
+                if state.interrupt:
                     continue
                 extra = None if blend else torch.cat([mask, masked_image_latents], dim=1)
-                noise_pred = self.predict_noise(latents, t, prompt_embeds, timestep_cond, extra_channels=extra)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond, extra_channels=extra)
+                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
                 if blend:  # outside the mask: the image's latents at the next step's noise level
                     keep = image_latents
                     if i < len(timesteps) - 1:
-                        keep = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-                    repaint = mask.chunk(2)[0] if self.do_classifier_free_guidance else mask
+                        keep = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+                    repaint = mask.chunk(2)[0] if self.guided(state) else mask
                     latents = (1 - repaint) * keep + repaint * latents
-                if callback_on_step_end is not None:
-                    state = self.step_callback(callback_on_step_end, callback_names, i, t, dict(
+                if state.callback is not None:
+                    tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                         mask=mask, masked_image_latents=masked_image_latents))
-                    latents, prompt_embeds = state["latents"], state["prompt_embeds"]
-                    negative_prompt_embeds, mask = state["negative_prompt_embeds"], state["mask"]
-                    masked_image_latents = state["masked_image_latents"]
-                if progress_due(i, timesteps, warmup, self.scheduler):
+                    latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]
+                    negative_prompt_embeds, mask = tensors["negative_prompt_embeds"], tensors["mask"]
+                    masked_image_latents = tensors["masked_image_latents"]
+                if progress_due(i, timesteps, warmup, scheduler):
                     progress.update()
 
         # 5. decode, safety check, convert; with a crop, paste the result back into the image

@@ -1,8 +1,9 @@
-"""What every scheduler shares: config files, ``compatibles``, the output type, and the argument
-checks of ``set_timesteps`` (made once here for every subclass)."""
+"""What every scheduler shares: config files, ``compatibles``, the output type, the argument
+checks of ``set_timesteps`` (made once here for every subclass), and per-call copies."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import numbers
@@ -114,6 +115,22 @@ class SchedulerMixin(ConfigMixin):
             except (AttributeError, ImportError):  # a reference scheduler diffusekit does not have
                 continue
         return classes
+
+    def for_call(self) -> "SchedulerMixin":
+        """A copy for one sampling loop: config and tables shared, the step state its own.
+
+        Schedulers replace (never modify in place) the tensors that ``set_timesteps`` and ``step``
+        change, so a shallow copy shares the tables read-only; lists and dicts (histories such as
+        ``model_outputs``) are copied, and nested schedulers (UniPC's ``solver_p``) copied the same way.
+        Pipelines run on such a copy, so calls in several threads never share a step index.
+        """
+        clone = copy.copy(self)
+        for name, value in vars(self).items():
+            if type(value) in (list, dict):
+                setattr(clone, name, type(value)(value))
+            elif isinstance(value, SchedulerMixin):
+                setattr(clone, name, value.for_call())
+        return clone
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -1,0 +1,116 @@
+"""What one pipeline call decides, kept apart from the pipeline so that calls can run side by side.
+
+A pipeline's ``__call__`` (decorated with :func:`pipeline_call`) builds a :class:`CallState` and
+registers it with :func:`begin_call`; its helpers get the state as an argument. The state is also
+visible, for the call's duration and in the calling thread only (a :class:`contextvars.ContextVar`),
+through the reference's read-only pipeline properties that step callbacks use
+(``pipe.guidance_scale``, ``pipe.num_timesteps``, ``pipe.interrupt``, ...; see :class:`CallField`).
+A callback that sets ``pipe._interrupt = True`` (or ``pipe._guidance_scale``) changes only its own call.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+#: The state of the calls running in this context, by ``id(pipeline)``.
+_CALLS: ContextVar[Mapping[int, "CallState | None"]] = ContextVar("diffusekit_calls", default=MappingProxyType({}))
+
+
+@dataclass
+class CallState:
+    """Everything one call decides. ``scheduler`` is the call's own copy of the pipeline's scheduler
+    (:meth:`~diffusekit.schedulers.scheduling_utils.SchedulerMixin.for_call`); ``denoiser_kwargs`` are
+    extra keyword arguments of the denoiser (added conditioning, a ControlNet's residuals), which a
+    pipeline may change at every step."""
+
+    scheduler: Any = None
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+    cross_attention_kwargs: dict[str, Any] | None = None
+    joint_attention_kwargs: dict[str, Any] | None = None
+    denoiser_kwargs: dict[str, Any] = field(default_factory=dict)
+    callback: Callable | None = None
+    callback_names: Sequence[str] = ()
+    num_timesteps: int | None = None
+    current_timestep: Any = None
+    interrupt: bool = False
+
+    @property
+    def lora_scale(self) -> float | None:
+        """The call's LoRA scale: ``scale`` in the cross- or joint-attention kwargs, else None."""
+        options = self.cross_attention_kwargs or self.joint_attention_kwargs or {}
+        return options.get("scale")
+
+
+def pipeline_call(method: Callable) -> Callable:
+    """Decorate a pipeline's ``__call__``: the state it registers with :func:`begin_call` is visible
+    to the pipeline's :class:`CallField` properties in this thread until the call returns."""
+
+    @functools.wraps(method)
+    def run(pipe, *args, **kwargs):
+        token = _CALLS.set({**_CALLS.get(), id(pipe): None})
+        try:
+            return method(pipe, *args, **kwargs)
+        finally:
+            _CALLS.reset(token)
+
+    return run
+
+
+def begin_call(pipe, state: CallState) -> CallState:
+    """Make ``state`` the state of ``pipe``'s running call (inside a :func:`pipeline_call`)."""
+    calls = _CALLS.get()
+    if id(pipe) not in calls:
+        raise RuntimeError(f"{type(pipe).__name__}: begin_call outside a call; decorate __call__ with pipeline_call")
+    _CALLS.set({**calls, id(pipe): state})
+    return state
+
+
+def current_call(pipe) -> CallState:
+    """The state of ``pipe``'s call running in this thread; AttributeError outside a call."""
+    state = _CALLS.get().get(id(pipe))
+    if state is None:
+        raise AttributeError(f"{type(pipe).__name__} has no call running in this thread; call-state properties "
+                             "(guidance_scale, num_timesteps, interrupt, ...) exist only during a call")
+    return state
+
+
+class CallField:
+    """A pipeline property reading field ``name`` of the running call's state (read-only unless
+    ``writable``: the reference's ``pipe._interrupt = True`` idiom)."""
+
+    def __init__(self, name: str, writable: bool = False) -> None:
+        self.name, self.writable = name, writable
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __get__(self, pipe, owner: type | None = None):
+        if pipe is None:
+            return self
+        return getattr(current_call(pipe), self.name)
+
+    def __set__(self, pipe, value) -> None:
+        if not self.writable:
+            raise AttributeError(f"{type(pipe).__name__}.{self.attribute} is read-only")
+        setattr(current_call(pipe), self.name, value)
+
+
+class CallStateProperties:
+    """The reference's call-state properties (and the private names its callbacks write)."""
+
+    guidance_scale = CallField("guidance_scale")
+    _guidance_scale = CallField("guidance_scale", writable=True)
+    guidance_rescale = CallField("guidance_rescale")
+    clip_skip = CallField("clip_skip")
+    cross_attention_kwargs = CallField("cross_attention_kwargs")
+    joint_attention_kwargs = CallField("joint_attention_kwargs")
+    num_timesteps = CallField("num_timesteps")
+    current_timestep = CallField("current_timestep")
+    interrupt = CallField("interrupt")
+    _interrupt = CallField("interrupt", writable=True)
