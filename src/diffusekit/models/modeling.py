@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..configuration import ConfigMixin, read_json
 from ..hub import resolve_folder
@@ -179,31 +180,29 @@ def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor],
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=current.requires_grad)
 
 
-#: torch layers whose ``reset_parameters`` only initialises tensors (skipped by :func:`skip_init`).
-_RESETTING_LAYERS = tuple(
-    getattr(nn, name) for name in ("Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding") if hasattr(nn, name)
-) + (nn.modules.conv._ConvNd,)
+#: The ``torch.nn.init`` functions that :func:`skip_init` turns into no-ops.
+_INIT_FUNCTIONS = frozenset(
+    getattr(torch.nn.init, name) for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")
+)
+
+
+class _SkipInitMode(TorchFunctionMode):
+    """Returns the tensor unchanged from every ``torch.nn.init`` function; everything else runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_FUNCTIONS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def skip_init():
-    """Make building a module whose weights are about to be assigned cheap: the ``torch.nn.init``
-    functions and the ``reset_parameters`` of torch's common layers become no-ops."""
-    targets = [(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    targets += [(layer, "reset_parameters") for layer in _RESETTING_LAYERS]
-    replacements = [(owner, name, _keep) for owner, name in targets]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
-    for owner, name, replacement in replacements:
-        setattr(owner, name, replacement)
-    try:
+    """Make building a module whose weights are about to be assigned cheap: in this thread only,
+    the ``torch.nn.init`` functions (which torch's layers call from ``reset_parameters``) do nothing.
+    A torch function mode, not a patch: other threads building modules meanwhile are unaffected."""
+    with _SkipInitMode():
         yield
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
-
-
-def _keep(tensor, *args, **kwargs):
-    return tensor
 
 
 def _clip(items: list[str], limit: int = 20) -> str:
