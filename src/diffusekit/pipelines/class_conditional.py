@@ -85,16 +85,18 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in 0..{self.num_classes - 1}, got {bad.tolist()}")
         return labels.to(self.device)
 
-    def _predict(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """The guided model output for ``sample`` at timestep ``t``."""
-        if guidance_scale == 1.0:
+    def _predict(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
+                 guidance_stop_timestep: float = 0.0) -> torch.Tensor:
+        """The guided model output for ``sample`` at timestep ``t`` (unguided below ``guidance_stop_timestep``)."""
+        if guidance_scale == 1.0 or float(t) < guidance_stop_timestep:
             return self.unet(sample, t, class_labels=labels).sample
         both = torch.cat([sample, sample])
         null = torch.full_like(labels, self.null_class)
         cond, uncond = self.unet(both, t, class_labels=torch.cat([labels, null])).sample.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    def _predict_other(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float):
+    def _predict_other(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
+                       guidance_stop_timestep: float):
         """The model output a scheduler on another parametrisation (EDM, flow matching, iPNDM) takes.
 
         The sample is rescaled to the model's variance-preserving input, the timestep with the same
@@ -111,7 +113,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # the noise level, kept inside the trained range (an epsilon model cannot say x0 at pure noise)
         sigma = float(np.clip(noise_scale / max(signal, 1e-30), *np.exp([log_sigmas.min(), log_sigmas.max()])))
         timestep = torch.tensor(float(sm.sigma_to_t(np.array([sigma]), log_sigmas)[0]), device=self.device)
-        prediction = self._predict(model_input, timestep, labels, guidance_scale)
+        prediction = self._predict(model_input, timestep, labels, guidance_scale, guidance_stop_timestep)
         alpha_prod = 1 / (1 + sigma**2)
         x0 = sm.x0_from_alpha(prediction, model_input, alpha_prod, prediction_type)
         noise = sm.eps_from_alpha(prediction, model_input, x0, alpha_prod, prediction_type)
@@ -130,11 +132,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
         num_inference_steps: int = 50,
         generator: Generator = None,
         eta: float = 0.0,
+        guidance_stop_timestep: float = 100.0,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """One image per entry of ``class_labels``. ``guidance_scale`` 1 turns guidance off, 0 is unconditional."""
+        """One image per entry of ``class_labels``. ``guidance_scale`` 1 turns guidance off, 0 is unconditional.
+
+        Guidance stops below ``guidance_stop_timestep`` (a training timestep; 0 guides every step): at
+        low noise the class is settled and guidance only amplifies pixel noise into speckle.
+        """
         labels = self._labels(class_labels)
         shape = image_shape(self.unet, labels.shape[0])
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -144,10 +151,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         other = type(self.scheduler).__name__ in _OTHER_PARAMETRISATIONS
         for t in self.progress_bar(self.scheduler.timesteps):
             if other:
-                prediction, extra = self._predict_other(image, t, labels, guidance_scale)
+                prediction, extra = self._predict_other(image, t, labels, guidance_scale, guidance_stop_timestep)
             else:
                 model_input = self.scheduler.scale_model_input(image, t)
-                prediction, extra = self._predict(model_input, t, labels, guidance_scale), {}
+                prediction = self._predict(model_input, t, labels, guidance_scale, guidance_stop_timestep)
+                extra = {}
             image = self.scheduler.step(prediction, t, image, **step_options, **extra).prev_sample
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
