@@ -2,11 +2,13 @@
 
     python benchmarks/digits_quality.py                       # the embedded model
     python benchmarks/digits_quality.py --model OUT --write-card
+    python benchmarks/digits_quality.py --schedulers --samples 100 --write-card   # every sampler name
 
 A small MLP trained on 70% of scikit-learn's 8x8 digits scores generated samples (16x16, average
 pooled to 8x8): how often the requested class is recognised and with what confidence, next to the
 same figures for the held-out real digits, and the Fréchet distance between generated and real
-digits on the MLP's hidden-layer features (with the real-vs-real distance as the floor).
+digits on the MLP's hidden-layer features (with the real-vs-real distance as the floor), and the
+share of speckled samples (high-frequency energy above every real digit's, see digits_cleanliness.py).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digits_cleanliness import real_digit_ceiling, sampler_steps, speckled  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "src" / "diffusekit" / "assets" / "digits"
-CARD_START, CARD_END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
 def train_classifier(seed: int = 0):
@@ -66,10 +70,13 @@ def to_8x8(images: np.ndarray) -> np.ndarray:
 
 
 def generate(model: Path, per_class: int, guidance_scale: float, steps: int, seed: int, batch: int = 250,
-             timestep_spacing: str | None = None):
+             timestep_spacing: str | None = None, scheduler: str | None = None):
     from diffusekit import DiffusionPipeline
+    from diffusekit.schedulers.names import scheduler_from_name
 
     pipeline = DiffusionPipeline.from_pretrained(model)
+    if scheduler is not None:
+        pipeline.scheduler = scheduler_from_name(scheduler, pipeline.scheduler.config)
     if timestep_spacing is not None:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                   timestep_spacing=timestep_spacing)
@@ -93,6 +100,7 @@ def score(classifier, x: np.ndarray, labels: np.ndarray) -> dict:
 
 def evaluate(model: Path, samples: int, guidance_scale: float, steps: int, seed: int,
              timestep_spacing: str | None = None) -> dict:
+    """Classifier scores, Fréchet distance and speckle share of ``samples`` digits from the shipped scheduler."""
     classifier, (x_train, _), (x_test, y_test) = train_classifier(seed)
     images, labels, seconds, spacing = generate(model, samples // 10, guidance_scale, steps, seed,
                                        timestep_spacing=timestep_spacing)
@@ -108,6 +116,7 @@ def evaluate(model: Path, samples: int, guidance_scale: float, steps: int, seed:
         "model": str(model), "samples": len(labels), "guidance_scale": guidance_scale, "steps": steps,
         "seed": seed, "sampling_seconds": seconds, "timestep_spacing": spacing, "threads": torch.get_num_threads(),
         "generated": score(classifier, x_generated, labels),
+        "speckled": float(speckled(images, real_digit_ceiling(images.shape[1])).mean()),
         "generated_per_class_accuracy": per_class,
         "real_held_out": score(classifier, x_test, y_test),
         "real_held_out_resized": score(classifier, x_roundtrip, y_test),
@@ -132,6 +141,8 @@ def report(r: dict) -> str:
         "",
         f"Per-class accuracy of the generated digits: {per_class}.",
         "",
+        f"Speckled generated digits (high-frequency energy above every real digit's): **{r['speckled']:.1%}**.",
+        "",
         f"Fréchet distance on the classifier's 64 hidden features: generated vs held-out real "
         f"**{r['frechet_generated_vs_real']:.2f}**; real training split vs held-out real (the floor) "
         f"{r['frechet_real_train_vs_real']:.2f}.",
@@ -141,12 +152,37 @@ def report(r: dict) -> str:
     ])
 
 
-def write_card(card: Path, text: str) -> None:
+def scheduler_sweep(model: Path, samples: int, guidance_scale: float, seed: int) -> list[dict]:
+    """Speckle share and accuracy of ``samples`` digits for every sampler name, at its step count."""
+    from diffusekit.schedulers.names import SAMPLER_NAMES
+
+    classifier, _, _ = train_classifier(seed)
+    rows = []
+    for name in SAMPLER_NAMES:
+        steps = sampler_steps(name)
+        images, labels, seconds, _ = generate(model, samples // 10, guidance_scale, steps, seed, scheduler=name)
+        rows.append({"scheduler": name, "steps": steps, "samples": len(labels), "seconds": seconds,
+                     "speckled": float(speckled(images, real_digit_ceiling(images.shape[1])).mean()),
+                     "accuracy": score(classifier, to_8x8(images), labels)["accuracy"]})
+    return rows
+
+
+def sweep_report(rows: list[dict], guidance_scale: float, seed: int) -> str:
+    lines = ["| scheduler name | steps | speckled | accuracy |", "|---|---|---|---|"]
+    lines += [f"| {r['scheduler']} | {r['steps']} | {r['speckled']:.1%} | {r['accuracy']:.1%} |" for r in rows]
+    lines += ["", f"{rows[0]['samples']} digits per name ({rows[0]['samples'] // 10} of each class), "
+              f"guidance {guidance_scale}, seed {seed}."]
+    return "\n".join(lines)
+
+
+def write_card(card: Path, text: str, section: str = "quality") -> None:
+    """Replace the ``<!-- section:start --> ... <!-- section:end -->`` part of a model card with ``text``."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     content = card.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(CARD_START) + ".*?" + re.escape(CARD_END), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(content):
-        raise ValueError(f"{card} has no {CARD_START} ... {CARD_END} section")
-    card.write_text(pattern.sub(lambda _: f"{CARD_START}\n{text}\n{CARD_END}", content), encoding="utf-8")
+        raise ValueError(f"{card} has no {start} ... {end} section")
+    card.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,16 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timestep-spacing", choices=("leading", "trailing", "linspace"),
                         help="override the saved scheduler's spacing")
+    parser.add_argument("--schedulers", action="store_true",
+                        help="speckle and accuracy for every sampler name of `diffusekit schedulers` instead "
+                             "(25 steps each, more for the names in digits_cleanliness.SAMPLER_STEPS)")
     parser.add_argument("--write-card", action="store_true", help="write the figures into the model's README.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
-    results = evaluate(args.model, args.samples, args.guidance_scale, args.steps, args.seed, args.timestep_spacing)
-    text = report(results)
+    if args.schedulers:
+        results = scheduler_sweep(args.model, args.samples, args.guidance_scale, args.seed)
+        text, section = sweep_report(results, args.guidance_scale, args.seed), "schedulers"
+    else:
+        results = evaluate(args.model, args.samples, args.guidance_scale, args.steps, args.seed,
+                           args.timestep_spacing)
+        text, section = report(results), "quality"
     print(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     if args.write_card:
-        write_card(args.model / "README.md", text)
+        write_card(args.model / "README.md", text, section=section)
     return 0
 
 

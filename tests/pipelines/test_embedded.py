@@ -1,5 +1,6 @@
 """The embedded digits model and ClassConditionalPipeline: loading, classes, saving, the reference."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,19 @@ import torch.nn.functional as F
 import diffusekit
 from diffusekit.embedded import embedded_model_path, generate_demo_grid, load_embedded_pipeline
 from diffusekit.pipelines.class_conditional import ClassConditionalPipeline
+from diffusekit.schedulers.names import SAMPLER_NAMES, scheduler_from_name
+
+_CLEANLINESS = Path(__file__).resolve().parents[2] / "benchmarks" / "digits_cleanliness.py"
+
+
+def _load_cleanliness():
+    spec = importlib.util.spec_from_file_location("digits_cleanliness", _CLEANLINESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cleanliness = _load_cleanliness()
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +39,13 @@ def digit_classifier():
 
     digits = sklearn_datasets.load_digits()
     return LogisticRegression(max_iter=2000).fit(digits.images.reshape(-1, 64) / 16.0, digits.target)
+
+
+@pytest.fixture(scope="module")
+def speckle_ceiling():
+    """The highest high-frequency energy of the real (resized) digits; load_digits ships inside sklearn."""
+    pytest.importorskip("sklearn.datasets")
+    return cleanliness.real_digit_ceiling(16)
 
 
 def classify(classifier, images: np.ndarray) -> np.ndarray:
@@ -102,3 +123,40 @@ def test_demo_grid_has_every_digit(tmp_path):
 
     assert "grid" in path.name and path.is_file()
     assert Image.open(path).size == (2 * 16 * 4 + 2, 10 * 16 * 4 + 9 * 2)  # 4x enlarged, 2-pixel gaps
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLER_NAMES))
+def test_every_sampler_name_draws_clean_digits(pipeline, speckle_ceiling, name):
+    original = pipeline.scheduler
+    pipeline.scheduler = scheduler_from_name(name, original.config)
+    try:
+        images = pipeline(class_labels=[0, 3, 5, 8], guidance_scale=3.0,
+                          num_inference_steps=cleanliness.sampler_steps(name),
+                          generator=torch.Generator().manual_seed(1), output_type="np").images
+    finally:
+        pipeline.scheduler = original
+    energy = cleanliness.high_frequency_energy(images)
+    assert images.shape == (4, 16, 16, 1) and np.isfinite(images).all()
+    assert not cleanliness.speckled(images, speckle_ceiling).any(), (energy, speckle_ceiling)
+    assert 0.05 < images.mean() < 0.6  # a digit on a dark ground, not pure noise (mean 0.5) or blank
+
+
+def test_the_speckle_measure_flags_noise_and_passes_real_digits(speckle_ceiling):
+    real = (load_digits_16() + 1) / 2
+    noisy = (real[:8] + torch.randn(real[:8].shape, generator=torch.Generator().manual_seed(0)) * 0.3).clamp(0, 1)
+    assert not cleanliness.speckled(real, speckle_ceiling).any()
+    assert cleanliness.speckled(noisy, speckle_ceiling).all()
+    with pytest.raises(ValueError, match="grey"):
+        cleanliness.high_frequency_energy(np.zeros((2, 16, 16, 3)))
+
+
+def load_digits_16() -> torch.Tensor:
+    from diffusekit.training.data import load_sklearn_digits
+
+    return load_sklearn_digits(16).images
+
+
+def test_schedulers_on_other_parametrisations_need_the_training_schedule(pipeline):
+    other = ClassConditionalPipeline(unet=pipeline.unet, scheduler=diffusekit.EDMEulerScheduler())
+    with pytest.raises(ValueError, match="training noise schedule"):
+        other(class_labels=[1], num_inference_steps=2)

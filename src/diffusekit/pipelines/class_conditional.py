@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from ..schedulers import schedule_math as sm
 from ..utils import Generator
 from .image_processing import postprocess_images
 from .noise import image_shape, initial_noise
 from .pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+
+
+def _edm_levels(scheduler, t: torch.Tensor):
+    return torch.ones_like(t), torch.exp(4 * t)  # sample = x0 + sigma noise, timestep = log(sigma) / 4
+
+
+def _flow_levels(scheduler, t: torch.Tensor):
+    share = t / scheduler.config.num_train_timesteps  # sample = (1 - s) x0 + s noise, timestep = 1000 s
+    return 1 - share, share
+
+
+def _trigonometric_levels(scheduler, t: torch.Tensor):
+    return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)  # timestep in (0, 1]
+
+
+#: Schedulers whose timesteps are not the model's training timesteps: (signal, noise) scales of their
+#: sample at a timestep, and what they take as the model output from the clean-image and noise estimates.
+_OTHER_PARAMETRISATIONS = {
+    "EDMEulerScheduler": (_edm_levels, lambda x0, noise: x0),  # passed as pred_original_sample
+    "FlowMatchEulerDiscreteScheduler": (_flow_levels, lambda x0, noise: noise - x0),
+    "IPNDMScheduler": (_trigonometric_levels, lambda x0, noise: noise),
+}
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -32,6 +57,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError("ClassConditionalPipeline needs a UNet with num_class_embeds >= 2 "
                              "(the classes plus the null class)")
         self.register_modules(unet=unet, scheduler=scheduler)
+        self._training_schedule = self._schedule_of(scheduler)
+
+    @staticmethod
+    def _schedule_of(scheduler) -> tuple[np.ndarray, str] | None:
+        """(log sigmas of the training timesteps, prediction type), from a DDPM-family scheduler."""
+        if getattr(scheduler, "alphas_cumprod", None) is None:
+            return None
+        sigmas = sm.sigmas_from_alphas_cumprod(scheduler.alphas_cumprod.double().cpu().numpy())
+        return np.log(sigmas), scheduler.config.prediction_type
 
     @property
     def num_classes(self) -> int:
@@ -51,14 +85,44 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in 0..{self.num_classes - 1}, got {bad.tolist()}")
         return labels.to(self.device)
 
-    def _predict(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """The guided model output for ``sample`` at timestep ``t``."""
-        if guidance_scale == 1.0:
+    def _predict(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
+                 guidance_stop_timestep: float = 0.0) -> torch.Tensor:
+        """The guided model output for ``sample`` at timestep ``t`` (unguided below ``guidance_stop_timestep``)."""
+        if guidance_scale == 1.0 or float(t) < guidance_stop_timestep:
             return self.unet(sample, t, class_labels=labels).sample
         both = torch.cat([sample, sample])
         null = torch.full_like(labels, self.null_class)
         cond, uncond = self.unet(both, t, class_labels=torch.cat([labels, null])).sample.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
+
+    def _predict_other(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
+                       guidance_stop_timestep: float):
+        """The model output a scheduler on another parametrisation (EDM, flow matching, iPNDM) takes.
+
+        The sample is rescaled to the model's variance-preserving input, the timestep with the same
+        signal-to-noise ratio is looked up in the training schedule, and the guided prediction is
+        turned into the clean-image and noise estimates that the scheduler combines.
+        """
+        if self._training_schedule is None:
+            raise ValueError(f"{type(self.scheduler).__name__} needs the model's training noise schedule: build the "
+                             "pipeline with the scheduler it was trained with, then swap the scheduler")
+        log_sigmas, prediction_type = self._training_schedule
+        levels, output = _OTHER_PARAMETRISATIONS[type(self.scheduler).__name__]
+        signal, noise_scale = (float(v) for v in levels(self.scheduler, torch.as_tensor(t, dtype=torch.float64)))
+        model_input = sample / (signal**2 + noise_scale**2) ** 0.5
+        # the noise level, kept inside the trained range (an epsilon model cannot say x0 at pure noise)
+        sigma = float(np.clip(noise_scale / max(signal, 1e-30), *np.exp([log_sigmas.min(), log_sigmas.max()])))
+        timestep = torch.tensor(float(sm.sigma_to_t(np.array([sigma]), log_sigmas)[0]), device=self.device)
+        prediction = self._predict(model_input, timestep, labels, guidance_scale, guidance_stop_timestep)
+        alpha_prod = 1 / (1 + sigma**2)
+        x0 = sm.x0_from_alpha(prediction, model_input, alpha_prod, prediction_type)
+        noise = sm.eps_from_alpha(prediction, model_input, x0, alpha_prod, prediction_type)
+        return output(x0, noise), self._step_options(pred_original_sample=x0)
+
+    def _step_options(self, **options) -> dict:
+        """Those of ``options`` that this scheduler's ``step`` takes (not every one takes a generator or eta)."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        return {name: value for name, value in options.items() if name in accepted}
 
     @torch.no_grad()
     def __call__(
@@ -68,22 +132,30 @@ class ClassConditionalPipeline(DiffusionPipeline):
         num_inference_steps: int = 50,
         generator: Generator = None,
         eta: float = 0.0,
+        guidance_stop_timestep: float = 100.0,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        """One image per entry of ``class_labels``. ``guidance_scale`` 1 turns guidance off, 0 is unconditional."""
+        """One image per entry of ``class_labels``. ``guidance_scale`` 1 turns guidance off, 0 is unconditional.
+
+        Guidance stops below ``guidance_stop_timestep`` (a training timestep; 0 guides every step): at
+        low noise the class is settled and guidance only amplifies pixel noise into speckle.
+        """
         labels = self._labels(class_labels)
         shape = image_shape(self.unet, labels.shape[0])
-        scale = float(getattr(self.scheduler, "init_noise_sigma", 1.0))
-        image = initial_noise(shape, generator, self.device, self.unet.dtype, latents=latents, scale=scale)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        step_options = {"generator": generator}
-        if "eta" in inspect.signature(self.scheduler.step).parameters:
-            step_options["eta"] = eta
+        scale = float(getattr(self.scheduler, "init_noise_sigma", 1.0))  # some schedulers set it in set_timesteps
+        image = initial_noise(shape, generator, self.device, self.unet.dtype, latents=latents, scale=scale)
+        step_options = self._step_options(generator=generator, eta=eta)
+        other = type(self.scheduler).__name__ in _OTHER_PARAMETRISATIONS
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(image, t)
-            prediction = self._predict(model_input, t, labels, guidance_scale)
-            image = self.scheduler.step(prediction, t, image, **step_options).prev_sample
+            if other:
+                prediction, extra = self._predict_other(image, t, labels, guidance_scale, guidance_stop_timestep)
+            else:
+                model_input = self.scheduler.scale_model_input(image, t)
+                prediction = self._predict(model_input, t, labels, guidance_scale, guidance_stop_timestep)
+                extra = {}
+            image = self.scheduler.step(prediction, t, image, **step_options, **extra).prev_sample
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
