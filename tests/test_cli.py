@@ -7,6 +7,7 @@ from PIL import Image
 import diffusekit
 from diffusekit import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusekit.cli import main, read_png_parameters
+from diffusekit.schedulers.names import SAMPLER_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -159,29 +160,7 @@ def test_main_gives_the_caller_its_torch_threads_back(model_folder, tmp_path, ca
     assert torch.get_num_threads() == 1
 
 
-KNOWN_SCHEDULER_BUGS = {
-    "dpmpp_2m_karras": "IndexError in DPMSolverMultistepScheduler.step on the digits model's squaredcos schedule "
-                       "(scheduler or pipeline side, not the CLI)",
-}
-
-
-def _scheduler_case(name: str):
-    import inspect
-
-    from diffusekit.schedulers.names import SAMPLER_NAMES
-
-    step = getattr(diffusekit, SAMPLER_NAMES[name].class_name).step
-    needs_fix = "generator" not in inspect.signature(step).parameters
-    marks = [pytest.mark.xfail(strict=False, reason="needs the class_conditional fix (task D)")] if needs_fix else []
-    if name in KNOWN_SCHEDULER_BUGS:
-        marks = [pytest.mark.xfail(strict=False, reason=KNOWN_SCHEDULER_BUGS[name])]
-    return pytest.param(name, marks=marks)
-
-
-@pytest.mark.parametrize("name", [_scheduler_case(n) for n in ("euler", "euler_a", "heun", "lms", "dpm2", "dpm2_a",
-                                                               "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmpp_2s_a",
-                                                               "dpmpp_3m", "unipc", "deis", "ipndm", "ddim", "ddpm",
-                                                               "pndm", "plms", "lcm", "edm_euler")])
+@pytest.mark.parametrize("name", sorted(SAMPLER_NAMES))
 def test_every_scheduler_name_samples_the_embedded_model(name, tmp_path, capsys):
     assert main(["generate", "--scheduler", name, "--class-label", "3", "--steps", "5", "--seed", "1",
                  "--out", str(tmp_path)]) == 0, capsys.readouterr().err

@@ -104,8 +104,7 @@ def _call(pipe, options, thread: int, round_: int) -> torch.Tensor:
     return pipe(generator=generator, **options(thread)).images
 
 
-@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint", "flux", pytest.param("digits", marks=pytest.mark.xfail(
-    strict=True, reason="ClassConditionalPipeline (task D's file) still steps the shared scheduler"))])
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint", "flux", "digits"])
 def test_threads_sharing_a_pipeline_get_the_images_of_solo_calls(kind, request):
     pipe, options = _case(kind, request)
     alone = {(thread, round_): _call(pipe, options, thread, round_)

@@ -95,7 +95,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         cond, uncond = self.unet(both, t, class_labels=torch.cat([labels, null])).sample.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    def _predict_other(self, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
+    def _predict_other(self, scheduler, sample: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float,
                        guidance_stop_timestep: float):
         """The model output a scheduler on another parametrisation (EDM, flow matching, iPNDM) takes.
 
@@ -104,11 +104,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         turned into the clean-image and noise estimates that the scheduler combines.
         """
         if self._training_schedule is None:
-            raise ValueError(f"{type(self.scheduler).__name__} needs the model's training noise schedule: build the "
+            raise ValueError(f"{type(scheduler).__name__} needs the model's training noise schedule: build the "
                              "pipeline with the scheduler it was trained with, then swap the scheduler")
         log_sigmas, prediction_type = self._training_schedule
-        levels, output = _OTHER_PARAMETRISATIONS[type(self.scheduler).__name__]
-        signal, noise_scale = (float(v) for v in levels(self.scheduler, torch.as_tensor(t, dtype=torch.float64)))
+        levels, output = _OTHER_PARAMETRISATIONS[type(scheduler).__name__]
+        signal, noise_scale = (float(v) for v in levels(scheduler, torch.as_tensor(t, dtype=torch.float64)))
         model_input = sample / (signal**2 + noise_scale**2) ** 0.5
         # the noise level, kept inside the trained range (an epsilon model cannot say x0 at pure noise)
         sigma = float(np.clip(noise_scale / max(signal, 1e-30), *np.exp([log_sigmas.min(), log_sigmas.max()])))
@@ -116,13 +116,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         prediction = self._predict(model_input, timestep, labels, guidance_scale, guidance_stop_timestep)
         alpha_prod = 1 / (1 + sigma**2)
         x0 = sm.x0_from_alpha(prediction, model_input, alpha_prod, prediction_type)
-        noise = sm.eps_from_alpha(prediction, model_input, x0, alpha_prod, prediction_type)
-        return output(x0, noise), self._step_options(pred_original_sample=x0)
-
-    def _step_options(self, **options) -> dict:
-        """Those of ``options`` that this scheduler's ``step`` takes (not every one takes a generator or eta)."""
-        accepted = inspect.signature(self.scheduler.step).parameters
-        return {name: value for name, value in options.items() if name in accepted}
+        noise = sm.eps_from_alpha(prediction, model_input, alpha_prod, prediction_type)
+        return output(x0, noise), _step_options(scheduler, pred_original_sample=x0)
 
     @torch.no_grad()
     def __call__(
@@ -144,18 +139,25 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """
         labels = self._labels(class_labels)
         shape = image_shape(self.unet, labels.shape[0])
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        scale = float(getattr(self.scheduler, "init_noise_sigma", 1.0))  # some schedulers set it in set_timesteps
+        scheduler = self.scheduler.for_call()
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scale = float(getattr(scheduler, "init_noise_sigma", 1.0))  # some schedulers set it in set_timesteps
         image = initial_noise(shape, generator, self.device, self.unet.dtype, latents=latents, scale=scale)
-        step_options = self._step_options(generator=generator, eta=eta)
-        other = type(self.scheduler).__name__ in _OTHER_PARAMETRISATIONS
-        for t in self.progress_bar(self.scheduler.timesteps):
+        step_options = _step_options(scheduler, generator=generator, eta=eta)
+        other = type(scheduler).__name__ in _OTHER_PARAMETRISATIONS
+        for t in self.progress_bar(scheduler.timesteps):
             if other:
-                prediction, extra = self._predict_other(image, t, labels, guidance_scale, guidance_stop_timestep)
+                prediction, extra = self._predict_other(scheduler, image, t, labels, guidance_scale, guidance_stop_timestep)
             else:
-                model_input = self.scheduler.scale_model_input(image, t)
+                model_input = scheduler.scale_model_input(image, t)
                 prediction = self._predict(model_input, t, labels, guidance_scale, guidance_stop_timestep)
                 extra = {}
-            image = self.scheduler.step(prediction, t, image, **step_options, **extra).prev_sample
+            image = scheduler.step(prediction, t, image, **step_options, **extra).prev_sample
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _step_options(scheduler, **options) -> dict:
+    """Those of ``options`` that ``scheduler.step`` takes (not every scheduler takes a generator or eta)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {name: value for name, value in options.items() if name in accepted}
