@@ -108,3 +108,17 @@ def randn_tensor(
         parts = [torch.randn(item_shape, generator=g, device=draw_device, dtype=dtype) for g in generator]
         return torch.cat(parts, dim=0).to(device)
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def numpy_to_pil(images: Any) -> list:
+    """Images in [0, 1], shaped (N, H, W, C) or (H, W, C), as PIL images (``diffusers.utils.numpy_to_pil``)."""
+    from .pipelines.image_processing import numpy_to_pil as convert
+
+    return convert(images)
+
+
+def pt_to_pil(images: torch.Tensor) -> list:
+    """A (N, C, H, W) batch in [-1, 1] as PIL images (``diffusers.utils.pt_to_pil``)."""
+    from .pipelines.image_processing import postprocess_images
+
+    return postprocess_images(images, output_type="pil")
