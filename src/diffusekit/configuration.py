@@ -13,8 +13,10 @@ import inspect
 import json
 import logging
 import os
+import re
 import stat
 import uuid
+import warnings
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -28,6 +30,12 @@ DEFAULTED_KEY = "_use_default_values"
 MAX_JSON_BYTES = 16 * 1024 * 1024
 #: Name ending of the temporary files that :func:`atomic_write` renames into place.
 TEMP_SUFFIX = ".diffusekit-tmp"
+
+
+#: Keyword arguments of ``load_config`` passed on to the Hub download.
+HUB_OPTIONS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
+#: Reference ``load_config`` options that have no effect here (dropped, not reported as unused).
+IGNORED_HUB_OPTIONS = ("mirror", "user_agent", "local_dir", "local_dir_use_symlinks")
 
 
 class ConfigError(ValueError):
@@ -107,6 +115,16 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def _commit_hash(path: Path) -> str | None:
+    """The commit of a file in the Hub cache (``.../snapshots/<commit>/...``), else None."""
+    parts = path.parts
+    if "snapshots" in parts[:-1]:
+        commit = parts[parts.index("snapshots") + 1]
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            return commit
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` all or nothing: ``write(file)`` fills a temporary file in the same folder,
     which is flushed to disk and then renamed over ``path``. A killed write leaves at most a
@@ -144,20 +162,31 @@ def remove_temp_files(folder: Path) -> None:
 
 def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
     """The keyword parameters of ``cls.__init__`` (without self and *args/**kwargs)."""
-    params = inspect.signature(cls.__init__).parameters
+    return _named_parameters(cls.__init__)
+
+
+def _named_parameters(function: Callable) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(function).parameters
     return {
         name: p
-        for name, p in params.items()
-        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for i, (name, p) in enumerate(params.items())
+        if i > 0 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
 
 def register_to_config(init):
-    """Decorate ``__init__`` so that its arguments (defaults filled in) become ``self.config``."""
+    """Decorate ``__init__`` so that its arguments (defaults filled in) become ``self.config``.
+
+    Positional and keyword arguments are recorded under their names, defaults for the rest
+    (their names listed under ``_use_default_values``), except the class's ``ignore_for_config``.
+    Keyword arguments starting with ``_`` (``_class_name``, ...) go to the config, not to ``__init__``.
+    """
+    params = _named_parameters(init)
 
     @functools.wraps(init)
     def wrapped(self, *args, **kwargs):
-        params = init_parameters(type(self))
+        private = {k: v for k, v in kwargs.items() if k.startswith("_")}
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         ignored = set(getattr(type(self), "ignore_for_config", ()))
         bound = dict(zip(params, args))
         bound.update(kwargs)
@@ -170,12 +199,34 @@ def register_to_config(init):
             elif param.default is not inspect.Parameter.empty:
                 config[name] = param.default
                 defaulted.append(name)
+        private.pop(DEFAULTED_KEY, None)
         if defaulted:  # as the reference: from_config lets the target class's defaults win for these
             config[DEFAULTED_KEY] = defaulted
-        self.register_to_config(**config)
+        self.register_to_config(**private, **config)
         init(self, *args, **kwargs)
 
     return wrapped
+
+
+def config_attribute(obj: Any, name: str) -> Any:
+    """``obj.<name>`` for a config key that is not an attribute: the value, with the reference's FutureWarning.
+
+    Raises AttributeError when ``name`` is no config key; a class attribute (a property that
+    raised AttributeError, say) is looked up again so that its own error propagates.
+    """
+    config = obj.__dict__.get("_internal_dict")
+    if config is None or name not in config or name.startswith("_"):
+        descriptor = inspect.getattr_static(type(obj), name, None)
+        if hasattr(descriptor, "__get__"):
+            return descriptor.__get__(obj, type(obj))
+        raise AttributeError(f"'{type(obj).__name__}' object has no attribute '{name}'")
+    cls, example = type(obj).__name__, getattr(type(obj), "config_example_name", "scheduler")
+    warnings.warn(
+        f"Accessing config attribute `{name}` directly via '{cls}' object attribute is deprecated. Please access "
+        f"'{name}' over '{cls}'s config object instead, e.g. '{example}.config.{name}'.",
+        FutureWarning, stacklevel=3,
+    )
+    return config[name]
 
 
 class ConfigMixin:
@@ -184,8 +235,11 @@ class ConfigMixin:
     config_name: str = "config.json"
     ignore_for_config: tuple[str, ...] = ()
     _compatibles: tuple[str, ...] = ()
+    #: The variable name the deprecation message of :func:`config_attribute` suggests.
+    config_example_name = "scheduler"
 
     def register_to_config(self, **values: Any) -> None:
+        values.pop("kwargs", None)
         current = dict(getattr(self, "_internal_dict", {"_class_name": type(self).__name__}))
         current.update(_json_ready(values))
         object.__setattr__(self, "_internal_dict", FrozenDict(current))
@@ -193,6 +247,9 @@ class ConfigMixin:
     @property
     def config(self) -> FrozenDict:
         return self._internal_dict
+
+    def __getattr__(self, name: str) -> Any:
+        return config_attribute(self, name)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -211,30 +268,52 @@ class ConfigMixin:
         return known, unknown
 
     @classmethod
-    def from_config(cls, config: dict | None = None, **overrides: Any):
+    def extract_init_dict(cls, config_dict: dict, **kwargs: Any) -> tuple[dict, dict, dict]:
+        """Split a config plus overrides into ``(init_dict, unused_kwargs, hidden_dict)``, as the reference.
+
+        Keys listed under ``_use_default_values`` are dropped (this class's defaults win);
+        ``kwargs`` override config values; ``unused_kwargs`` holds the config keys and the
+        overrides ``__init__`` does not take; ``hidden_dict`` the config entries (private ones
+        included) not passed to ``__init__``, which ``from_config`` keeps in the new config.
+        """
+        defaulted = set(config_dict.get(DEFAULTED_KEY, ()))
+        config = {k: v for k, v in config_dict.items() if k not in defaulted and k != DEFAULTED_KEY}
+        params = set(init_parameters(cls)) - set(cls.ignore_for_config)
+        init_dict = {k: v for k, v in config.items() if k in params}
+        init_dict.update({k: v for k, v in kwargs.items() if k in params})
+        unknown = {k: v for k, v in config.items() if k not in params and not k.startswith("_")}
+        if unknown:
+            cls._report_unknown_keys(config.get("_class_name"), sorted(unknown))
+        unused = {**unknown, **{k: v for k, v in kwargs.items() if k not in params}}
+        hidden = {k: v for k, v in config.items() if k not in init_dict}
+        return init_dict, unused, hidden
+
+    @classmethod
+    def _report_unknown_keys(cls, source: Any, keys: list[str]) -> None:
+        if source in (None, cls.__name__):
+            logger.warning("%s does not use config keys %s; kept aside", cls.__name__, keys)
+        else:
+            logger.info("%s ignores keys of %s: %s", cls.__name__, source, keys)
+
+    @classmethod
+    def from_config(cls, config: dict | None = None, return_unused_kwargs: bool = False, **overrides: Any):
         """Build an instance from a config dict (e.g. another object's ``.config``) plus overrides.
 
-        Keys this class does not take are kept in ``.config`` (so they survive a save) and
-        reported with a warning; they do not change behaviour.
+        Config keys this class does not take are kept in ``.config`` (so they survive a save) and
+        reported with a warning; they do not change behaviour. ``return_unused_kwargs=True``
+        returns ``(obj, unused)``, ``unused`` holding what ``__init__`` did not take.
         """
         if config is None:
             config = {}
         if not isinstance(config, dict):
             raise TypeError(f"from_config expects a dict or a .config, got {type(config).__name__}")
-        defaulted = set(config.get(DEFAULTED_KEY, ()))
-        config = {k: v for k, v in config.items() if k not in defaulted}
-        known, unknown = cls.split_config({**config, **overrides})
-        if unknown:
-            source = config.get("_class_name", "the config")
-            keys = sorted(unknown)
-            if source == cls.__name__ or source == "the config":
-                logger.warning("%s does not use config keys %s; kept aside", cls.__name__, keys)
-            else:
-                logger.info("%s ignores keys of %s: %s", cls.__name__, source, keys)
-        obj = cls(**known)
-        if unknown:
-            obj.register_to_config(**unknown)
-        return obj
+        init_dict, unused, hidden = cls.extract_init_dict(config, **overrides)
+        obj = cls(**init_dict)
+        if "_class_name" in hidden:
+            hidden["_class_name"] = cls.__name__
+        obj.register_to_config(**hidden)
+        unused = {**unused, **hidden}
+        return (obj, unused) if return_unused_kwargs else obj
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -242,14 +321,30 @@ class ConfigMixin:
     def load_config(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
+        return_unused_kwargs: bool = False,
+        return_commit_hash: bool = False,
         subfolder: str | None = None,
-        **hub_kwargs: Any,
-    ) -> dict:
-        """Read this class's config file from a folder (or Hub repo) and return it as a dict."""
+        **kwargs: Any,
+    ) -> dict | tuple:
+        """Read this class's config file (a folder, a Hub repo, or the JSON file itself) as a dict.
+
+        ``return_unused_kwargs`` adds the keyword arguments that are no Hub option, and
+        ``return_commit_hash`` the Hub snapshot's commit (None for local files), as the reference.
+        """
         from .hub import resolve_file
 
-        path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub_kwargs)
-        return read_json(path)
+        hub = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
+        for name in IGNORED_HUB_OPTIONS:
+            kwargs.pop(name, None)
+        if Path(pretrained_model_name_or_path).is_file():
+            path = Path(pretrained_model_name_or_path)
+        else:
+            path = resolve_file(pretrained_model_name_or_path, cls.config_name, subfolder=subfolder, **hub)
+        config = read_json(path)
+        if not (return_unused_kwargs or return_commit_hash):
+            return config
+        extra = ((kwargs,) if return_unused_kwargs else ()) + ((_commit_hash(path),) if return_commit_hash else ())
+        return (config, *extra)
 
     def to_json_string(self) -> str:
         data = _json_ready({k: v for k, v in self.config.items() if k != DEFAULTED_KEY})

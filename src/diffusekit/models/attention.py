@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import BaseOutput
+from .modeling import maybe_checkpoint
 
 #: Attention parameter names of checkpoints saved before diffusers 0.14 (e.g. google/ddpm-*).
 LEGACY_ATTENTION_RENAMES = (
@@ -317,6 +318,7 @@ class Transformer2DModel(nn.Module):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
+        self.gradient_checkpointing = False
         if in_channels is None:
             raise ValueError("in_channels is required (only continuous inputs are supported)")
         inner_dim = num_attention_heads * attention_head_dim
@@ -364,10 +366,8 @@ class Transformer2DModel(nn.Module):
         if self.use_linear_projection:
             hidden_states = self.proj_in(hidden_states)
         for block in self.transformer_blocks:
-            hidden_states = block(hidden_states, attention_mask=attention_mask,
-                                  encoder_hidden_states=encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask,
-                                  cross_attention_kwargs=cross_attention_kwargs)
+            hidden_states = maybe_checkpoint(self, block, hidden_states, attention_mask, encoder_hidden_states,
+                                             encoder_attention_mask, cross_attention_kwargs)
         if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
         hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()

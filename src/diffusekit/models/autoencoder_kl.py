@@ -73,6 +73,8 @@ class AutoencoderKL(ModelMixin, AutoencoderMixin, FromOriginalModelMixin):
     ``tile_latent_min_size``) into tiles overlapping by ``tile_overlap_factor`` and blends them.
     """
 
+    _supports_gradient_checkpointing = True
+
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
     single_file_component = "vae"
 

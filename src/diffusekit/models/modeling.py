@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
-from ..configuration import ConfigMixin, read_json
+from ..configuration import ConfigMixin, config_attribute, read_json
 from ..hub import resolve_folder
 from ..weights import SAFETENSORS_NAME, WeightsError, find_weights, load_weights, save_weights
 
@@ -25,6 +26,9 @@ class ModelMixin(nn.Module, ConfigMixin):
     """
 
     config_name = "config.json"
+    config_example_name = "unet"
+    #: Whether ``enable_gradient_checkpointing`` applies (some blocks carry ``gradient_checkpointing``).
+    _supports_gradient_checkpointing = False
     #: Renames applied to checkpoint keys from older releases before strict checking.
     legacy_key_renames: tuple[tuple[str, str], ...] = ()
 
@@ -43,6 +47,38 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return config_attribute(self, name)
+
+    # -- gradient checkpointing -----------------------------------------------------------------
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any block recomputes its activations in the backward pass."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
+        """Recompute the activations of the blocks the reference checkpoints during backward (saves memory
+        when training). ``gradient_checkpointing_func(module, *args)`` replaces ``torch.utils.checkpoint``."""
+        if not self._supports_gradient_checkpointing:
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+        self._set_gradient_checkpointing(True, gradient_checkpointing_func or checkpoint_module)
+
+    def disable_gradient_checkpointing(self) -> None:
+        if self._supports_gradient_checkpointing:
+            self._set_gradient_checkpointing(False, checkpoint_module)
+
+    def _set_gradient_checkpointing(self, enable: bool, func: Callable) -> None:
+        blocks = [m for m in self.modules() if hasattr(m, "gradient_checkpointing")]
+        if not blocks:
+            raise ValueError(f"{type(self).__name__} has no block that supports gradient checkpointing")
+        for block in blocks:
+            block.gradient_checkpointing = enable
+            block._gradient_checkpointing_func = func
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -159,6 +195,19 @@ class ModelMixin(nn.Module, ConfigMixin):
         return renamed
 
 
+def checkpoint_module(module: Callable, *args: Any) -> Any:
+    """``module(*args)`` with its activations recomputed in the backward pass (non-reentrant checkpoint)."""
+    return checkpoint(module, *args, use_reentrant=False)
+
+
+def maybe_checkpoint(owner: nn.Module, module: Callable, *args: Any) -> Any:
+    """``module(*args)``, checkpointed when ``owner.gradient_checkpointing`` is set and gradients are on."""
+    if getattr(owner, "gradient_checkpointing", False) and torch.is_grad_enabled():
+        func = owner.__dict__.get("_gradient_checkpointing_func") or checkpoint_module
+        return func(module, *args)
+    return module(*args)
+
+
 def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor],
                    modules: dict[str, nn.Module] | None = None) -> None:
     """What ``load_state_dict(state, assign=True)`` does once keys and shapes are checked, without
@@ -210,4 +259,4 @@ def _clip(items: list[str], limit: int = 20) -> str:
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
 
 
-__all__ = ["ModelMixin", "SAFETENSORS_NAME"]
+__all__ = ["ModelMixin", "SAFETENSORS_NAME", "maybe_checkpoint"]

@@ -29,12 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..configuration import register_to_config
 from .attention import FeedForward, Transformer2DModelOutput
 from .embeddings import CombinedTimestepTextProjEmbeddings, apply_rotary_emb, rotary_frequencies
-from .modeling import ModelMixin
+from .modeling import ModelMixin, maybe_checkpoint
 from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 
 logger = logging.getLogger(__name__)
@@ -222,6 +221,8 @@ class FluxTransformer2DModel(ModelMixin):
     """The FLUX.1 transformer; see the module docstring. Defaults are FLUX.1's sizes (dev adds
     ``guidance_embeds=True``)."""
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -270,19 +271,10 @@ class FluxTransformer2DModel(ModelMixin):
         for attn in self._attentions():
             attn.unfuse_projections()
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute each block's activations in the backward pass (saves memory when training)."""
-        self.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
-
     # -- forward --------------------------------------------------------------------------------
 
     def _run_block(self, block: nn.Module, *args: Any):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return maybe_checkpoint(self, block, *args)
 
     @staticmethod
     def _ids_2d(ids: torch.Tensor, name: str) -> torch.Tensor:

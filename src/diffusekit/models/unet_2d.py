@@ -38,6 +38,8 @@ class UNet2DModel(ModelMixin):
     ``time_embedding_type`` positional/fourier/learned, ``resnet_time_scale_shift``, ``class_embed_type``...).
     """
 
+    _supports_gradient_checkpointing = True
+
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
 
     @register_to_config

@@ -173,6 +173,8 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
     SDXL's ``addition_embed_type="text_time"`` takes ``added_cond_kwargs={"text_embeds", "time_ids"}``.
     """
 
+    _supports_gradient_checkpointing = True
+
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
     single_file_component = "unet"
 

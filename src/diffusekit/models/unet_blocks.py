@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, Transformer2DModel
+from .modeling import maybe_checkpoint
 from .resnet import Downsample2D, FirDownsample2D, FirUpsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -83,12 +84,16 @@ class DownBlock2D(nn.Module):
 
     has_cross_attention = False
     with_attention = False
+    #: Whether the block takes ``gradient_checkpointing`` (the reference's VAE blocks do not).
+    checkpointable = True
 
     def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int | None, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
                  resnet_act_fn: str = "swish", resnet_groups: int = 32, output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
                  attention_head_dim: int | None = None, downsample_type: str | None = "conv"):
         super().__init__()
+        if self.checkpointable:
+            self.gradient_checkpointing = False
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
                 output_scale_factor)
         self.resnets = nn.ModuleList(
@@ -111,7 +116,7 @@ class DownBlock2D(nn.Module):
         states = []
         attentions = self.attentions if self.with_attention else [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attentions):
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = maybe_checkpoint(self, resnet, hidden_states, temb)
             if attn is not None:
                 hidden_states = attn(hidden_states, **kwargs)
             states.append(hidden_states)
@@ -150,6 +155,8 @@ class AttnDownBlock2D(DownBlock2D):
 
 class DownEncoderBlock2D(DownBlock2D):
     """VAE encoder block: ResNets without time embedding, then an optional downsampler; returns the tensor only."""
+
+    checkpointable = False
 
     def __init__(self, *, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
@@ -214,7 +221,7 @@ class CrossAttnDownBlock2D(DownBlock2D):
                 additional_residuals: torch.Tensor | None = None):
         states = []
         for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = maybe_checkpoint(self, resnet, hidden_states, temb)
             hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
                                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
@@ -299,6 +306,7 @@ class UNetMidBlock2D(nn.Module):
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
                  resnet_groups: int | None = 32, attn_groups: int | None = None, add_attention: bool = True, attention_head_dim: int | None = 1, output_scale_factor: float = 1.0):
         super().__init__()
+        self.gradient_checkpointing = False
         groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
         if attn_groups is None:
             attn_groups = groups if resnet_time_scale_shift == "default" else None
@@ -316,7 +324,7 @@ class UNetMidBlock2D(nn.Module):
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             if attn is not None:
                 hidden_states = attn(hidden_states, temb=temb)
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = maybe_checkpoint(self, resnet, hidden_states, temb)
         return hidden_states
 
 
@@ -332,6 +340,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
                  dual_cross_attention: bool = False, use_linear_projection: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
         super().__init__()
+        self.gradient_checkpointing = False
         _check_attention_type(attention_type, dual_cross_attention)
         out_channels = out_channels or in_channels
         groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
@@ -357,7 +366,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
                                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
-            hidden_states = resnet(hidden_states, temb)
+            hidden_states = maybe_checkpoint(self, resnet, hidden_states, temb)
         return hidden_states
 
 
@@ -383,6 +392,7 @@ class UpBlock2D(nn.Module):
                  add_upsample: bool = True, attention_head_dim: int | None = None,
                  upsample_type: str | None = "conv"):
         super().__init__()
+        self.gradient_checkpointing = False
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
                 output_scale_factor)
         self.resolution_idx = resolution_idx
@@ -417,7 +427,7 @@ class UpBlock2D(nn.Module):
         res = list(res_hidden_states_tuple)
         attentions = self.attentions if self.with_attention else [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attentions):
-            hidden_states = resnet(torch.cat([hidden_states, res.pop()], dim=1), temb)
+            hidden_states = maybe_checkpoint(self, resnet, torch.cat([hidden_states, res.pop()], dim=1), temb)
             if attn is not None:
                 hidden_states = attn(hidden_states, **dict(cross_attention_kwargs or {}))
         if self.upsamplers is not None:
@@ -476,7 +486,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         res = list(res_hidden_states_tuple)
         for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = resnet(torch.cat([hidden_states, res.pop()], dim=1), temb)
+            hidden_states = maybe_checkpoint(self, resnet, torch.cat([hidden_states, res.pop()], dim=1), temb)
             hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
                                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..utils import BaseOutput, Generator, randn_tensor
+from .modeling import maybe_checkpoint
 from .unet_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Encoder(nn.Module):
                 f"down_block_types ({len(down_block_types)}) and block_out_channels ({len(block_out_channels)}) "
                 "must have the same length"
             )
+        self.gradient_checkpointing = False
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
         self.down_blocks = nn.ModuleList()
         output_channel = block_out_channels[0]
@@ -78,8 +80,8 @@ class Encoder(nn.Module):
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
         for block in self.down_blocks:
-            sample = block(sample)
-        sample = self.mid_block(sample)
+            sample = maybe_checkpoint(self, block, sample)
+        sample = maybe_checkpoint(self, self.mid_block, sample)
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 
@@ -105,6 +107,7 @@ class Decoder(nn.Module):
                 f"up_block_types ({len(up_block_types)}) and block_out_channels ({len(block_out_channels)}) "
                 "must have the same length"
             )
+        self.gradient_checkpointing = False
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
         self.mid_block = UNetMidBlock2D(
             in_channels=block_out_channels[-1], resnet_eps=1e-6, resnet_act_fn=act_fn, output_scale_factor=1,
@@ -128,9 +131,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        sample = self.mid_block(self.conv_in(sample))
+        sample = maybe_checkpoint(self, self.mid_block, self.conv_in(sample))
         for block in self.up_blocks:
-            sample = block(sample)
+            sample = maybe_checkpoint(self, block, sample)
         return self.conv_out(self.conv_act(self.conv_norm_out(sample)))
 
 

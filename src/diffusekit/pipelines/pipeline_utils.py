@@ -23,6 +23,7 @@ from PIL import Image
 from ..configuration import ConfigMixin, read_json
 from ..hub import resolve_file, resolve_folder, split_hub_kwargs
 from ..utils import BaseOutput
+from .image_processing import numpy_to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class DiffusionPipeline(ConfigMixin):
     config_name = MODEL_INDEX
     #: Components that may be absent (saved as ``[null, null]``).
     _optional_components: tuple[str, ...] = ()
+    #: Images in [0, 1], (N, H, W, C) or (H, W, C), as PIL images (the reference's static method).
+    numpy_to_pil = staticmethod(numpy_to_pil)
     #: For pipelines of ours that the reference lacks: the reference class named in model_index.json
     #: (ours is kept under ``_diffusekit_class_name``), so the reference can still load the folder.
     _reference_class_name: str | None = None
