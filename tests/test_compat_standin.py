@@ -108,3 +108,9 @@ def test_compare_counts_only_tests_passing_with_the_reference_and_groups_failure
     assert report["excluded"] == ["a::T::priv"]
     assert report["failures"] == {"missing method/attribute": {"step_prk": ["a::T::attr"]},
                                   "other": {"not run with the stand-ins": ["a::T::gone"]}}
+
+
+def test_node_id_from_junit_classname():
+    assert runner.node_id("tests.schedulers.test_scheduler_ddim.DDIMSchedulerTest", "test_step") == (
+        "tests/schedulers/test_scheduler_ddim.py::DDIMSchedulerTest::test_step")
+    assert runner.node_id("tests.lora.test_peft_utils", "test_plain[1]") == "tests/lora/test_peft_utils.py::test_plain[1]"

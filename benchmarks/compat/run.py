@@ -4,7 +4,7 @@
     python benchmarks/compat/run.py --diffusers-tests /path/to/diffusers --subset all --out compat-results
 
 ``--diffusers-tests`` is a diffusers checkout (or its ``tests`` folder); nothing of it is copied
-here. Each test file runs twice in fresh pytest processes, offline: plainly (the baseline: which
+here. The subset's test files run twice in fresh pytest processes, offline: plainly (the baseline: which
 tests pass with diffusers) and with ``-p standin_plugin`` (diffusekit's classes standing in, see
 ``standin.py``). Only tests that pass in the baseline count, less those matched by
 ``exclusions.txt`` (tests of the reference's private internals). Failures are grouped by cause.
@@ -23,7 +23,6 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,7 +56,7 @@ SUBSETS: dict[str, list[str]] = {
     ],
     "lora": ["lora/test_lora_layers_sd.py", "lora/test_lora_layers_flux.py"],
 }
-FILE_TIMEOUT_S = 900
+SUBSET_TIMEOUT_S = 3600
 
 # (category, regex on the failure text, group key taken from the regex's first group if any)
 CAUSES: list[tuple[str, str]] = [
@@ -85,13 +84,13 @@ def subset_files(tests_root: Path, subset: str) -> list[Path]:
     return files
 
 
-def run_file(checkout: Path, test_file: Path, standin: bool, junit: Path, timeout_s: int) -> str:
-    """Run one test file in a fresh pytest process; return '' or a note (timeout, crash)."""
+def run_pytest(checkout: Path, files: list[Path], standin: bool, junit: Path, timeout_s: int) -> str:
+    """Run ``files`` in one fresh pytest process; return '' or a note (timeout, crash)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH", "")]))
     plugin = ["-p", "standin_plugin"] if standin else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *plugin,
-           f"--junitxml={junit}", str(test_file.relative_to(checkout))]
+           f"--junitxml={junit}", *(str(f.relative_to(checkout)) for f in files)]
     try:
         proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -101,12 +100,17 @@ def run_file(checkout: Path, test_file: Path, standin: bool, junit: Path, timeou
     return ""
 
 
-def read_junit(junit: Path, test_file: str) -> dict[str, dict[str, str]]:
+def node_id(classname: str, name: str) -> str:
+    """pytest-style id from a junit classname (``tests.a.test_b.SomeTest``) and test name."""
+    parts = classname.split(".")
+    cls = [parts.pop()] if parts and parts[-1][:1].isupper() else []
+    return "::".join(["/".join(parts) + ".py", *cls, name])
+
+
+def read_junit(junit: Path) -> dict[str, dict[str, str]]:
     """Node id -> {'outcome': passed|failed|error|skipped, 'message': first failure text}."""
     results: dict[str, dict[str, str]] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
-        cls = case.get("classname", "").rsplit(".", 1)[-1]
-        node = f"{test_file}::{cls}::{case.get('name')}"
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             found = case.find(tag)
@@ -114,7 +118,8 @@ def read_junit(junit: Path, test_file: str) -> dict[str, dict[str, str]]:
                 outcome = "failed" if tag == "failure" else tag
                 message = f"{found.get('message', '')}\n{found.text or ''}"
                 break
-        results[node] = {"outcome": outcome, "message": message[:4000]}
+        results[node_id(case.get("classname", ""), case.get("name", ""))] = {"outcome": outcome,
+                                                                             "message": message[:4000]}
     return results
 
 
@@ -124,7 +129,8 @@ def classify(message: str) -> tuple[str, str]:
         found = re.search(pattern, message)
         if found:
             key = found.group(1) if found.groups() and cause != "numeric mismatch" else ""
-            return cause, key
+            private = cause == "missing method/attribute" and key.startswith("_")
+            return ("private attribute (exclusion candidate)" if private else cause), key
     exc = re.search(r"^E\s+(\w+(?:Error|Exception|Warning))", message, re.M)
     return "other", exc.group(1) if exc else message.strip().split("\n")[0][:80]
 
@@ -164,29 +170,21 @@ def compare(baseline: dict, standin: dict, exclusions: list[tuple[str, str]]) ->
     }
 
 
-def run_subset(checkout: Path, subset: str, out: Path, jobs: int, timeout_s: int) -> dict:
-    """Both runs of every file of ``subset``; the comparison, written to ``<out>/<subset>.json``."""
-    files = subset_files(checkout / "tests", subset)
-    runs = {"baseline": {}, "standin": {}}
+def run_subset(checkout: Path, subset: str, out: Path, timeout_s: int, only: list[str]) -> dict:
+    """Both runs of the files of ``subset`` (those naming one of ``only``, if given); the comparison,
+    written to ``<out>/<subset>.json``. A junit file already in ``<out>`` is reused (delete to rerun)."""
+    files = [f for f in subset_files(checkout / "tests", subset) if not only or any(o in str(f) for o in only)]
+    runs: dict[str, dict] = {}
     notes: dict[str, str] = {}
-
-    def one(item: tuple[Path, str]) -> None:
-        test_file, mode = item
-        rel = str(test_file.relative_to(checkout))
-        junit = out / "junit" / mode / (rel.replace("/", "__") + ".xml")
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.unlink(missing_ok=True)
-        note = run_file(checkout, test_file, mode == "standin", junit, timeout_s)
-        if note:
-            notes[f"{mode} {rel}"] = note
-        else:
-            runs[mode].update(read_junit(junit, rel))
-        print(f"  {mode:8s} {rel} {note or 'done'}", flush=True)
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(one, [(f, mode) for f in files for mode in runs]))
+    for mode in ("baseline", "standin"):
+        junit = out / f"{subset}-{mode}.xml"
+        if not junit.is_file():
+            note = run_pytest(checkout, files, mode == "standin", junit, timeout_s)
+            notes.update({mode: note} if note else {})
+        runs[mode] = read_junit(junit) if junit.is_file() else {}
+        print(f"  {mode}: {len(runs[mode])} tests {notes.get(mode, '')}", flush=True)
     report = compare(runs["baseline"], runs["standin"], read_exclusions(HERE / "exclusions.txt"))
-    report.update(subset=subset, files=[str(f.relative_to(checkout)) for f in files], notes=notes)
+    report.update(subset=subset, only=only, files=[str(f.relative_to(checkout)) for f in files], notes=notes)
     (out / f"{subset}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     return report
 
@@ -207,9 +205,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--diffusers-tests", type=Path, required=True, help="diffusers checkout or its tests/")
     parser.add_argument("--subset", default="all", choices=[*SUBSETS, "all"])
-    parser.add_argument("--jobs", type=int, default=1, help="test files run at once")
-    parser.add_argument("--timeout", type=int, default=FILE_TIMEOUT_S, help="seconds per test file and run")
+    parser.add_argument("--timeout", type=int, default=SUBSET_TIMEOUT_S, help="seconds per subset and run")
     parser.add_argument("--out", type=Path, default=Path("compat-results"))
+    parser.add_argument("--only", action="append", default=[], help="run only files whose path contains this")
     parser.add_argument("--top", type=int, default=15, help="failure groups shown per cause")
     args = parser.parse_args()
     checkout = args.diffusers_tests.resolve()
@@ -220,7 +218,7 @@ def main() -> None:
     for subset in SUBSETS if args.subset == "all" else [args.subset]:
         start = time.monotonic()
         print(f"{subset}:", flush=True)
-        report = run_subset(checkout, subset, args.out, args.jobs, args.timeout)
+        report = run_subset(checkout, subset, args.out, args.timeout, args.only)
         print(summary(report, args.top), f"\n  ({time.monotonic() - start:.0f} s)", flush=True)
 
 
