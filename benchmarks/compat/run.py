@@ -67,6 +67,8 @@ CAUSES: list[tuple[str, str]] = [
     ("import error", r"(?:ImportError|ModuleNotFoundError): (?:cannot import name )?'?([\w.]+)"),
     ("numeric mismatch", r"(allclose|not close|not almost equal|max_diff|max diff|Max diff|assert_mean_pixel_difference)"),
     ("numeric mismatch", r"assert (?:tensor|np\.)?.*[<>]=? ?\d"),
+    ("step at a timestep outside scheduler.timesteps", r"(is not in this scheduler's timesteps)"),
+    ("frozen config written to", r"(config is frozen)"),
     ("type mismatch", r"isinstance|issubclass"),
     ("not a subscriptable/mapping output", r"object is not subscriptable|object has no attribute 'keys'"),
 ]
@@ -124,9 +126,11 @@ def read_junit(junit: Path) -> dict[str, dict[str, str]]:
 
 
 def classify(message: str) -> tuple[str, str]:
-    """(cause, key) for a failure text, e.g. ('missing class', 'TCDScheduler')."""
-    for cause, pattern in CAUSES:
-        found = re.search(pattern, message)
+    """(cause, key) for a failure text, e.g. ('missing class', 'TCDScheduler'); the first line
+    (the exception) is searched before the whole traceback."""
+    first_line = message.split("\n", 1)[0]
+    for text, (cause, pattern) in ((t, c) for t in (first_line, message) for c in CAUSES):
+        found = re.search(pattern, text)
         if found:
             key = found.group(1) if found.groups() and cause != "numeric mismatch" else ""
             private = cause == "missing method/attribute" and key.startswith("_")
