@@ -152,16 +152,18 @@ def report(r: dict) -> str:
     ])
 
 
-def scheduler_sweep(model: Path, samples: int, guidance_scale: float, seed: int) -> list[dict]:
-    """Speckle share and accuracy of ``samples`` digits for every sampler name, at its step count."""
+def scheduler_sweep(model: Path, samples: int, guidance_scale: float, seed: int,
+                    steps: int | None = None) -> list[dict]:
+    """Speckle share and accuracy of ``samples`` digits for every sampler name, at ``steps`` (default:
+    each name's step count in digits_cleanliness.SAMPLER_STEPS)."""
     from diffusekit.schedulers.names import SAMPLER_NAMES
 
     classifier, _, _ = train_classifier(seed)
     rows = []
     for name in SAMPLER_NAMES:
-        steps = sampler_steps(name)
-        images, labels, seconds, _ = generate(model, samples // 10, guidance_scale, steps, seed, scheduler=name)
-        rows.append({"scheduler": name, "steps": steps, "samples": len(labels), "seconds": seconds,
+        name_steps = steps or sampler_steps(name)
+        images, labels, seconds, _ = generate(model, samples // 10, guidance_scale, name_steps, seed, scheduler=name)
+        rows.append({"scheduler": name, "steps": name_steps, "samples": len(labels), "seconds": seconds,
                      "speckled": float(speckled(images, real_digit_ceiling(images.shape[1])).mean()),
                      "accuracy": score(classifier, to_8x8(images), labels)["accuracy"]})
     return rows
@@ -197,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedulers", action="store_true",
                         help="speckle and accuracy for every sampler name of `diffusekit schedulers` instead "
                              "(25 steps each, more for the names in digits_cleanliness.SAMPLER_STEPS)")
+    parser.add_argument("--cli-defaults", action="store_true",
+                        help="with --schedulers: every name at `diffusekit generate`'s defaults (50 steps, guidance 2)")
     parser.add_argument("--write-card", action="store_true", help="write the figures into the model's README.md")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.schedulers:
-        results = scheduler_sweep(args.model, args.samples, args.guidance_scale, args.seed)
-        text, section = sweep_report(results, args.guidance_scale, args.seed), "schedulers"
+        guidance, steps = (2.0, 50) if args.cli_defaults else (args.guidance_scale, None)
+        results = scheduler_sweep(args.model, args.samples, guidance, args.seed, steps)
+        text, section = sweep_report(results, guidance, args.seed), "schedulers"
     else:
         results = evaluate(args.model, args.samples, args.guidance_scale, args.steps, args.seed,
                            args.timestep_spacing)

@@ -30,11 +30,12 @@ def _trigonometric_levels(scheduler, t: torch.Tensor):
 
 
 #: Schedulers whose timesteps are not the model's training timesteps: (signal, noise) scales of their
-#: sample at a timestep, and what they take as the model output from the clean-image and noise estimates.
+#: sample at a timestep, and what they take as the model output from the clean-image and noise estimates
+#: (and those scales: iPNDM takes the v-prediction ``signal * noise - noise_scale * x0``).
 _OTHER_PARAMETRISATIONS = {
-    "EDMEulerScheduler": (_edm_levels, lambda x0, noise: x0),  # passed as pred_original_sample
-    "FlowMatchEulerDiscreteScheduler": (_flow_levels, lambda x0, noise: noise - x0),
-    "IPNDMScheduler": (_trigonometric_levels, lambda x0, noise: noise),
+    "EDMEulerScheduler": (_edm_levels, lambda x0, noise, signal, noise_scale: x0),  # as pred_original_sample
+    "FlowMatchEulerDiscreteScheduler": (_flow_levels, lambda x0, noise, signal, noise_scale: noise - x0),
+    "IPNDMScheduler": (_trigonometric_levels, lambda x0, noise, signal, noise_scale: signal * noise - noise_scale * x0),
 }
 
 
@@ -117,7 +118,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         alpha_prod = 1 / (1 + sigma**2)
         x0 = sm.x0_from_alpha(prediction, model_input, alpha_prod, prediction_type)
         noise = sm.eps_from_alpha(prediction, model_input, alpha_prod, prediction_type)
-        return output(x0, noise), _step_options(scheduler, pred_original_sample=x0)
+        return output(x0, noise, signal, noise_scale), _step_options(scheduler, pred_original_sample=x0)
 
     @torch.no_grad()
     def __call__(
