@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "ScoreSdeVeScheduler": "schedulers.score_sde_ve",
     "ScoreSdeVpScheduler": "schedulers.score_sde_vp",
     "KarrasVeScheduler": "schedulers.karras_ve",
+    "TCDScheduler": "schedulers.tcd",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

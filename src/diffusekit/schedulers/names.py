@@ -63,6 +63,7 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
     "pndm": SamplerName("PNDMScheduler", {}, "Pseudo numerical methods (PLMS), the original Stable Diffusion sampler"),
     "plms": SamplerName("PNDMScheduler", {"skip_prk_steps": True}, "PLMS: PNDM without Runge-Kutta warm-up"),
     "lcm": SamplerName("LCMScheduler", {}, "Latent consistency model sampler (few steps; LCM-distilled models only)"),
+    "tcd": SamplerName("TCDScheduler", {}, "Trajectory consistency distillation sampler (few steps; TCD-distilled models only)"),
     "edm_euler": SamplerName("EDMEulerScheduler", {}, "Euler on the EDM (Karras 2022) preconditioned schedule"),
     "flow_euler": SamplerName("FlowMatchEulerDiscreteScheduler", {}, "Euler for flow-matching models (SD3, Flux)"),
 }
