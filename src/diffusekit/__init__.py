@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "ScoreSdeVpScheduler": "schedulers.score_sde_vp",
     "KarrasVeScheduler": "schedulers.karras_ve",
     "TCDScheduler": "schedulers.tcd",
+    "DDIMInverseScheduler": "schedulers.ddim_inverse",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

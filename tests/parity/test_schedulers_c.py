@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_schedulers_a import BETAS, PRED3, cases, check_parity, variants
+from test_schedulers_a import BETAS, PRED3, SPACING, cases, check_parity, variants
 
 BETAS3 = {**BETAS, "beta_schedule": ["linear", "squaredcos_cap_v2"]}  # TCD refuses the others
 LCM_LIKE = {**BETAS3, **PRED3, "set_alpha_to_one": [False], "original_inference_steps": [25],
@@ -18,6 +18,9 @@ PARITY = [
     *cases("TCDScheduler", [{}], [4], {"strength": 0.5}),
     *cases("TCDScheduler", [{}], [4], {"original_inference_steps": 100}),
     *cases("TCDScheduler", [{}], [None], {"timesteps": [999, 759, 499, 259]}),
+    *cases("DDIMInverseScheduler", variants({}, {**BETAS3, **PRED3, **SPACING, "clip_sample": [False],
+                                                 "clip_sample_range": [0.5], "set_alpha_to_one": [False],
+                                                 "rescale_betas_zero_snr": [True]}), [1, 4, 10]),
 ]
 
 
