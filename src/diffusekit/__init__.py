@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "KarrasVeScheduler": "schedulers.karras_ve",
     "TCDScheduler": "schedulers.tcd",
     "DDIMInverseScheduler": "schedulers.ddim_inverse",
+    "DPMSolverMultistepInverseScheduler": "schedulers.dpmsolver_multistep_inverse",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

@@ -4,9 +4,13 @@ with the loop and fake model of test_schedulers_a."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from test_schedulers_a import BETAS, PRED3, SPACING, cases, check_parity, variants
+from test_schedulers_b import STEPS, assert_close, both, loop_options, sample_loop
 
 BETAS3 = {**BETAS, "beta_schedule": ["linear", "squaredcos_cap_v2"]}  # TCD refuses the others
 LCM_LIKE = {**BETAS3, **PRED3, "set_alpha_to_one": [False], "original_inference_steps": [25],
@@ -27,3 +31,37 @@ PARITY = [
 @pytest.mark.parametrize("name, config, steps, set_kwargs, step_kwargs", PARITY)
 def test_sampling_loop_matches_reference(name, config, steps, set_kwargs, step_kwargs):
     check_parity(name, config, steps, set_kwargs, step_kwargs)
+
+
+DPM_INVERSE = [
+    {}, {"solver_order": 1}, {"solver_order": 3}, {"solver_type": "heun"}, {"solver_order": 3, "solver_type": "heun"},
+    {"algorithm_type": "sde-dpmsolver++"}, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    {"algorithm_type": "dpmsolver"}, {"algorithm_type": "dpmsolver", "solver_order": 3},
+    {"algorithm_type": "sde-dpmsolver"}, {"algorithm_type": "dpmsolver", "solver_type": "heun"},
+    {"lower_order_final": False}, {"euler_at_final": True},
+    {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"use_beta_sigmas": True},
+    {"prediction_type": "v_prediction"}, {"prediction_type": "sample"},
+    {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    {"algorithm_type": "dpmsolver", "prediction_type": "v_prediction"}, {"variance_type": "learned_range"},
+    {"thresholding": True, "sample_max_value": 1.5}, {"algorithm_type": "dpmsolver", "thresholding": True},
+    {"lambda_min_clipped": -5.1}, {"timestep_spacing": "leading", "steps_offset": 1}, {"timestep_spacing": "trailing"},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "squaredcos_cap_v2"}, {"num_train_timesteps": 500},
+]
+
+
+@pytest.mark.parametrize("config", DPM_INVERSE, ids=lambda c: json.dumps(c)[:80])
+def test_dpm_multistep_inverse_loop(config):
+    """Inverse loops match; the SDE variants give NaN in the reference (noise of sqrt(1 - e^(-2h)) with
+    h < 0), and must give NaN in the same places here."""
+    stochastic = config.get("algorithm_type", "").startswith("sde")
+    options = {**loop_options(config), "begin_index": None}  # the reference has no set_begin_index here
+    for steps in STEPS:
+        ours, ref = both("DPMSolverMultistepInverseScheduler", config)
+        got, expected = sample_loop(ours, steps, stochastic, **options), sample_loop(ref, steps, stochastic, **options)
+        if stochastic:
+            assert torch.equal(got.isnan(), expected.isnan())
+        else:
+            assert_close(got, expected)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist()
+        assert ours.sigmas.tolist() == pytest.approx(ref.sigmas.tolist(), rel=1e-6)

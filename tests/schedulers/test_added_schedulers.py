@@ -15,3 +15,18 @@ def test_tcd_eta_outside_unit_interval_refused(eta):
     sample = torch.zeros(1, 2, 4, 4)
     with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         scheduler.step(sample, scheduler.timesteps[0], sample, eta=eta)
+
+
+@pytest.mark.parametrize("algorithm_type", ["sde-dpmsolver++", "sde-dpmsolver"])
+def test_inverse_dpm_third_order_sde_refused(algorithm_type):
+    with pytest.raises(ValueError, match="solver_order=3 is not available"):
+        diffusekit.DPMSolverMultistepInverseScheduler(algorithm_type=algorithm_type, solver_order=3)
+
+
+def test_inverse_dpm_timesteps_ascend_without_repeats():
+    scheduler = diffusekit.DPMSolverMultistepInverseScheduler(use_karras_sigmas=True)
+    scheduler.set_timesteps(30)
+    steps = scheduler.timesteps.tolist()
+    assert steps == sorted(set(steps)) and scheduler.num_inference_steps == len(steps)
+    with pytest.raises(ValueError, match="num_inference_steps is required"):
+        scheduler.set_timesteps()

@@ -18,6 +18,7 @@ SCHEDULERS = [
     ("EDMEulerScheduler", {}), ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
     ("DPMSolverMultistepScheduler", {}), ("DPMSolverSinglestepScheduler", {}), ("DEISMultistepScheduler", {}),
     ("UniPCMultistepScheduler", {}), ("IPNDMScheduler", {}), ("TCDScheduler", {}), ("DDIMInverseScheduler", {}),
+    ("DPMSolverMultistepInverseScheduler", {}),
 ]
 
 

@@ -133,7 +133,7 @@ class DPMSolverMultistepScheduler(SolverSchedulerBase):
     def _order(self) -> int:
         cfg, i, n = self.config, self._step_index, len(self.timesteps)
         short = cfg.lower_order_final and n < 15
-        final = i == n - 1 and (cfg.euler_at_final or short or cfg.final_sigmas_type == "zero")
+        final = i == n - 1 and (cfg.euler_at_final or short or cfg.get("final_sigmas_type") == "zero")
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
             return 1
         if cfg.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and short):

@@ -170,3 +170,17 @@ def last_sigma(final_sigmas_type: str, alphas_cumprod: torch.Tensor, sigma_min=N
             return sigma_min
         return ((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+
+
+def inverse_solver_timesteps(spacing: str, n: int, num_train_timesteps: int, noisiest: int,
+                             steps_offset: int = 0) -> np.ndarray:
+    """Ascending integer timesteps for inversion: n of n + 1 evenly spaced points from 0 to
+    ``noisiest`` (the top one dropped)."""
+    if spacing == "linspace":
+        return np.linspace(0, noisiest, n + 1).round()[:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = (noisiest + 1) // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[:-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return solver_timesteps(spacing, n, num_train_timesteps, noisiest + 1)[::-1].copy()
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; expected linspace, leading or trailing")
