@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "TCDScheduler": "schedulers.tcd",
     "DDIMInverseScheduler": "schedulers.ddim_inverse",
     "DPMSolverMultistepInverseScheduler": "schedulers.dpmsolver_multistep_inverse",
+    "EDMDPMSolverMultistepScheduler": "schedulers.edm_dpmsolver_multistep",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

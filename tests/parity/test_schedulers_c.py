@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
+
+import diffusekit
 
 from test_schedulers_a import BETAS, PRED3, SPACING, cases, check_parity, variants
 from test_schedulers_b import STEPS, assert_close, both, loop_options, sample_loop
@@ -65,3 +68,29 @@ def test_dpm_multistep_inverse_loop(config):
             assert_close(got, expected)
         assert ours.timesteps.tolist() == ref.timesteps.tolist()
         assert ours.sigmas.tolist() == pytest.approx(ref.sigmas.tolist(), rel=1e-6)
+
+
+EDM_DPM = [
+    {}, {"solver_order": 1}, {"solver_order": 3}, {"solver_type": "heun"}, {"solver_order": 3, "solver_type": "heun"},
+    {"algorithm_type": "sde-dpmsolver++"}, {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    {"lower_order_final": False}, {"euler_at_final": True}, {"final_sigmas_type": "sigma_min"},
+    {"sigma_schedule": "exponential"},
+    {"prediction_type": "v_prediction"}, {"thresholding": True, "sample_max_value": 1.5},
+    {"rho": 5.0, "sigma_min": 0.02, "sigma_max": 20.0, "sigma_data": 1.0},
+    {"algorithm_type": "deis", "final_sigmas_type": "sigma_min"}, {"solver_type": "bh2"},
+]
+
+
+@pytest.mark.parametrize("config", EDM_DPM, ids=lambda c: json.dumps(c)[:80])
+def test_edm_dpm_multistep_loop(config):
+    stochastic = config.get("algorithm_type") == "sde-dpmsolver++"
+    for steps in STEPS:
+        ours, ref = both("EDMDPMSolverMultistepScheduler", config)
+        assert_close(sample_loop(ours, steps, stochastic), sample_loop(ref, steps, stochastic))
+        torch.testing.assert_close(ours.timesteps, ref.timesteps)
+
+
+def test_edm_dpm_refuses_what_the_reference_refuses():
+    for lib in (diffusers, diffusekit):
+        with pytest.raises(ValueError, match="final_sigmas_type"):
+            lib.EDMDPMSolverMultistepScheduler(algorithm_type="deis")

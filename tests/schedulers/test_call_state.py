@@ -18,7 +18,8 @@ SCHEDULERS = [
     ("EDMEulerScheduler", {}), ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
     ("DPMSolverMultistepScheduler", {}), ("DPMSolverSinglestepScheduler", {}), ("DEISMultistepScheduler", {}),
     ("UniPCMultistepScheduler", {}), ("IPNDMScheduler", {}), ("TCDScheduler", {}), ("DDIMInverseScheduler", {}),
-    ("DPMSolverMultistepInverseScheduler", {}),
+    ("DPMSolverMultistepInverseScheduler", {}), ("EDMDPMSolverMultistepScheduler", {}),
+    ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
 ]
 
 

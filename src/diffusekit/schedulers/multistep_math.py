@@ -40,6 +40,14 @@ class NoiseLevel:
         self.alpha, self.sigma = alpha_sigma(sigma, flow)
         self.lam = half_log_snr(self.alpha, self.sigma)
 
+    @classmethod
+    def preconditioned(cls, sigma: torch.Tensor) -> "NoiseLevel":
+        """The level of an EDM-preconditioned sample (inputs scaled before the model): alpha_t = 1."""
+        level = cls.__new__(cls)
+        level.alpha, level.sigma = torch.tensor(1.0), sigma
+        level.lam = half_log_snr(level.alpha, sigma)
+        return level
+
 
 # -- model output conversion ---------------------------------------------------------------------
 
@@ -119,6 +127,41 @@ def dpm_solver_update(algorithm: str, x, base: NoiseLevel, target: NoiseLevel, h
     elif algorithm == "sde-dpmsolver":
         x_t = x_t + s_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
     return x_t
+
+
+def multistep_dpm_update(config, x, levels: list[NoiseLevel], model_outputs: list, noise=None) -> torch.Tensor:
+    """Multistep DPM-Solver(++) of order ``len(levels) - 1`` from ``x``: ``levels`` is the target, then
+    the current and earlier step points; ``model_outputs`` the converted outputs, oldest first.
+    The order-2 difference uses the midpoint rule or Heun's (exact phi_2) as ``config.solver_type`` says."""
+    target, s = levels[0], levels[1:]
+    m = model_outputs[::-1]
+    h = target.lam - s[0].lam
+    if len(s) == 1:
+        terms = [("D0", m[0])]
+    elif len(s) == 2:
+        r0 = (s[0].lam - s[1].lam) / h
+        rule = "mid" if config.solver_type == "midpoint" else "phi2"
+        terms = [("D0", m[0]), (rule, (1.0 / r0) * (m[0] - m[1]))]
+    else:
+        r0, r1 = (s[0].lam - s[1].lam) / h, (s[1].lam - s[2].lam) / h
+        d1_0, d1_1 = (1.0 / r0) * (m[0] - m[1]), (1.0 / r1) * (m[1] - m[2])
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+        terms = [("D0", m[0]), ("phi2", d1), ("phi3", d2)]
+    return dpm_solver_update(config.algorithm_type, x, s[0], target, h, terms, noise)
+
+
+def multistep_order(config, step_index: int, num_steps: int, lower_order_nums: int) -> int:
+    """The order of a multistep step: limited by the history so far, and lowered at the end of short
+    schedules (``lower_order_final``), at the last step for ``euler_at_final`` or a zero final sigma."""
+    short = config.lower_order_final and num_steps < 15
+    final = step_index == num_steps - 1 and (config.euler_at_final or short
+                                              or config.get("final_sigmas_type") == "zero")
+    if config.solver_order == 1 or lower_order_nums < 1 or final:
+        return 1
+    if config.solver_order == 2 or lower_order_nums < 2 or (step_index == num_steps - 2 and short):
+        return 2
+    return 3
 
 
 # -- inference schedules -----------------------------------------------------------------------------

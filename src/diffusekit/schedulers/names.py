@@ -65,6 +65,10 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
     "lcm": SamplerName("LCMScheduler", {}, "Latent consistency model sampler (few steps; LCM-distilled models only)"),
     "tcd": SamplerName("TCDScheduler", {}, "Trajectory consistency distillation sampler (few steps; TCD-distilled models only)"),
     "edm_euler": SamplerName("EDMEulerScheduler", {}, "Euler on the EDM (Karras 2022) preconditioned schedule"),
+    "edm_dpmpp_2m": SamplerName("EDMDPMSolverMultistepScheduler", {},
+                                "DPM-Solver++(2M) on the EDM preconditioned schedule"),
+    "edm_dpmpp_2m_sde": SamplerName("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
+                                    "DPM-Solver++(2M) SDE on the EDM preconditioned schedule"),
     "flow_euler": SamplerName("FlowMatchEulerDiscreteScheduler", {}, "Euler for flow-matching models (SD3, Flux)"),
 }
 
