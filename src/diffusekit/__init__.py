@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "DDIMInverseScheduler": "schedulers.ddim_inverse",
     "DPMSolverMultistepInverseScheduler": "schedulers.dpmsolver_multistep_inverse",
     "EDMDPMSolverMultistepScheduler": "schedulers.edm_dpmsolver_multistep",
+    "FlowMatchHeunDiscreteScheduler": "schedulers.flow_match_heun",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

@@ -25,6 +25,8 @@ PARITY = [
     *cases("TCDScheduler", [{}], [4], {"strength": 0.5}),
     *cases("TCDScheduler", [{}], [4], {"original_inference_steps": 100}),
     *cases("TCDScheduler", [{}], [None], {"timesteps": [999, 759, 499, 259]}),
+    *cases("FlowMatchHeunDiscreteScheduler", variants({}, {"shift": [3.0], "num_train_timesteps": [500]}), [1, 4, 10]),
+    *cases("FlowMatchHeunDiscreteScheduler", [{"shift": 3.0}], [10], None, {"s_churn": 1.0, "s_tmin": 0.2, "s_tmax": 0.8}),
     *cases("DDIMInverseScheduler", variants({}, {**BETAS3, **PRED3, **SPACING, "clip_sample": [False],
                                                  "clip_sample_range": [0.5], "set_alpha_to_one": [False],
                                                  "rescale_betas_zero_snr": [True]}), [1, 4, 10]),

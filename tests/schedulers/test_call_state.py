@@ -19,7 +19,7 @@ SCHEDULERS = [
     ("DPMSolverMultistepScheduler", {}), ("DPMSolverSinglestepScheduler", {}), ("DEISMultistepScheduler", {}),
     ("UniPCMultistepScheduler", {}), ("IPNDMScheduler", {}), ("TCDScheduler", {}), ("DDIMInverseScheduler", {}),
     ("DPMSolverMultistepInverseScheduler", {}), ("EDMDPMSolverMultistepScheduler", {}),
-    ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}), ("FlowMatchHeunDiscreteScheduler", {}),
 ]
 
 

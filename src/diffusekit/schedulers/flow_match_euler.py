@@ -140,9 +140,7 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
              per_token_timesteps: torch.Tensor | None = None, return_dict: bool = True):
         """One Euler step along the predicted velocity (or, with ``stochastic_sampling``, a jump to the
         clean estimate re-noised to the next sigma). ``s_*`` are accepted for API compatibility."""
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
-                                         and timestep.dtype in (torch.int32, torch.int64)):
-            raise ValueError("pass one of scheduler.timesteps as the timestep, not an integer index")
+        sm.reject_integer_timestep(timestep)
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index

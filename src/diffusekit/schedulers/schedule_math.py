@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from ..utils import randn_tensor
+
 
 # -- training noise schedule -------------------------------------------------------------------
 
@@ -261,6 +263,26 @@ def to_denoised(model_output: torch.Tensor, sample: torch.Tensor, sigma, predict
         alpha_t, sigma_t = alpha_sigma(sigma)
         return x0_from_output(model_output, sample * alpha_t, alpha_t, sigma_t, prediction_type)
     return x0_from_output(model_output, sample, 1.0, sigma, prediction_type)
+
+
+def reject_integer_timestep(timestep) -> None:
+    """ValueError for an int timestep (likely a loop index) where the schedule holds fractional ones."""
+    if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
+                                     and timestep.dtype in (torch.int32, torch.int64)):
+        raise ValueError("pass one of scheduler.timesteps as the timestep, not an integer index")
+
+
+def churn(sample: torch.Tensor, sigma, num_sigmas: int, s_churn: float, s_tmin: float, s_tmax: float,
+          s_noise: float, generator, like: torch.Tensor):
+    """Karras et al. (2022) Alg. 2 "churn": for sigma in [s_tmin, s_tmax], raise the noise level to
+    sigma_hat = (1 + gamma) sigma with fresh noise (shaped and typed as ``like``). Returns
+    ``(sample, sigma_hat)``."""
+    gamma = min(s_churn / (num_sigmas - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = randn_tensor(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+        sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    return sample, sigma_hat
 
 
 def to_d(sample: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
