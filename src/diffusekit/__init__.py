@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "DPMSolverMultistepInverseScheduler": "schedulers.dpmsolver_multistep_inverse",
     "EDMDPMSolverMultistepScheduler": "schedulers.edm_dpmsolver_multistep",
     "FlowMatchHeunDiscreteScheduler": "schedulers.flow_match_heun",
+    "FlowMatchLCMScheduler": "schedulers.flow_match_lcm",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

@@ -27,6 +27,12 @@ PARITY = [
     *cases("TCDScheduler", [{}], [None], {"timesteps": [999, 759, 499, 259]}),
     *cases("FlowMatchHeunDiscreteScheduler", variants({}, {"shift": [3.0], "num_train_timesteps": [500]}), [1, 4, 10]),
     *cases("FlowMatchHeunDiscreteScheduler", [{"shift": 3.0}], [10], None, {"s_churn": 1.0, "s_tmin": 0.2, "s_tmax": 0.8}),
+    *cases("FlowMatchLCMScheduler", variants({}, {"shift": [3.0], "invert_sigmas": [True], "shift_terminal": [0.1],
+                                                  "use_karras_sigmas": [True], "use_exponential_sigmas": [True],
+                                                  "use_beta_sigmas": [True]}), [1, 4, 10]),
+    *cases("FlowMatchLCMScheduler", variants({"use_dynamic_shifting": True}, {"time_shift_type": ["linear"]}),
+           [4], {"mu": 0.8}),
+    *cases("FlowMatchLCMScheduler", [{"shift": 3.0}], [None], {"sigmas": [1.0, 0.75, 0.5, 0.25]}),
     *cases("DDIMInverseScheduler", variants({}, {**BETAS3, **PRED3, **SPACING, "clip_sample": [False],
                                                  "clip_sample_range": [0.5], "set_alpha_to_one": [False],
                                                  "rescale_betas_zero_snr": [True]}), [1, 4, 10]),
@@ -96,3 +102,19 @@ def test_edm_dpm_refuses_what_the_reference_refuses():
     for lib in (diffusers, diffusekit):
         with pytest.raises(ValueError, match="final_sigmas_type"):
             lib.EDMDPMSolverMultistepScheduler(algorithm_type="deis")
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "nearest"])
+def test_flow_lcm_upscaling_loop(mode):
+    """With scale_factors, x0 is upscaled between steps: the sample grows as the reference's does."""
+    results = []
+    for lib in (diffusers, diffusekit):
+        scheduler = lib.FlowMatchLCMScheduler(shift=3.0, scale_factors=[1.5, 2.0], upscale_mode=mode)
+        scheduler.set_timesteps(3)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 2, 4, 4, generator=gen)
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.sin(x) * 0.5, t, x, generator=gen).prev_sample
+        results.append(x)
+    assert results[1].shape == (1, 2, 8, 8)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)

@@ -47,17 +47,22 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
     ):
-        sm.sigma_kind(self.config)  # rejects more than one sigma ramp
-        if time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type must be exponential or linear, got {time_shift_type!r}")
-        timesteps = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
-                                     .copy())
-        sigmas = timesteps / num_train_timesteps
-        if not use_dynamic_shifting:
-            sigmas = sm.shift_sigmas(sigmas, shift)
-        self.timesteps = sigmas * num_train_timesteps
+        self._init_schedule()
+
+    def _init_schedule(self) -> None:
+        """The training schedule (every timestep), shifted unless the shift is dynamic."""
+        cfg = self.config
+        sm.sigma_kind(cfg)  # rejects more than one sigma ramp
+        if cfg.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be exponential or linear, got {cfg.time_shift_type!r}")
+        n = cfg.num_train_timesteps
+        timesteps = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy())
+        sigmas = timesteps / n
+        if not cfg.use_dynamic_shifting:
+            sigmas = sm.shift_sigmas(sigmas, cfg.shift)
+        self.timesteps = sigmas * n
         self.sigmas = sigmas
-        self._shift = shift
+        self._shift = cfg.shift
         self.sigma_min = float(sigmas[-1])
         self.sigma_max = float(sigmas[0])
         self.num_inference_steps = None
