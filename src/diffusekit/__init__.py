@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "EDMDPMSolverMultistepScheduler": "schedulers.edm_dpmsolver_multistep",
     "FlowMatchHeunDiscreteScheduler": "schedulers.flow_match_heun",
     "FlowMatchLCMScheduler": "schedulers.flow_match_lcm",
+    "DDIMParallelScheduler": "schedulers.ddim_parallel",
+    "DDPMParallelScheduler": "schedulers.ddpm_parallel",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

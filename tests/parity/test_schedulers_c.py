@@ -12,7 +12,7 @@ import torch
 
 import diffusekit
 
-from test_schedulers_a import BETAS, PRED3, SPACING, cases, check_parity, variants
+from test_schedulers_a import BETAS, DDIM_KEYS, DDPM_KEYS, PRED3, SPACING, cases, check_parity, fake_model, variants
 from test_schedulers_b import STEPS, assert_close, both, loop_options, sample_loop
 
 BETAS3 = {**BETAS, "beta_schedule": ["linear", "squaredcos_cap_v2"]}  # TCD refuses the others
@@ -33,6 +33,9 @@ PARITY = [
     *cases("FlowMatchLCMScheduler", variants({"use_dynamic_shifting": True}, {"time_shift_type": ["linear"]}),
            [4], {"mu": 0.8}),
     *cases("FlowMatchLCMScheduler", [{"shift": 3.0}], [None], {"sigmas": [1.0, 0.75, 0.5, 0.25]}),
+    *cases("DDIMParallelScheduler", variants({}, DDIM_KEYS), [1, 4, 10]),
+    *cases("DDIMParallelScheduler", [{}], [10], None, {"eta": 0.5, "use_clipped_model_output": True}),
+    *cases("DDPMParallelScheduler", variants({}, DDPM_KEYS), [1, 4, 10]),
     *cases("DDIMInverseScheduler", variants({}, {**BETAS3, **PRED3, **SPACING, "clip_sample": [False],
                                                  "clip_sample_range": [0.5], "set_alpha_to_one": [False],
                                                  "rescale_betas_zero_snr": [True]}), [1, 4, 10]),
@@ -118,3 +121,32 @@ def test_flow_lcm_upscaling_loop(mode):
         results.append(x)
     assert results[1].shape == (1, 2, 8, 8)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+BATCH_KEYS = {**PRED3, "clip_sample": [False], "clip_sample_range": [0.5], "thresholding": [True],
+              "timestep_spacing": ["trailing"], "rescale_betas_zero_snr": [True]}
+BATCH = [("DDIMParallelScheduler", cfg, kw) for cfg in variants({}, {**BATCH_KEYS, "set_alpha_to_one": [False]})
+         for kw in ({}, {"use_clipped_model_output": True})]
+BATCH += [("DDPMParallelScheduler", cfg, {}) for cfg in variants({}, {**BATCH_KEYS, "variance_type": ["learned_range"]})]
+
+
+@pytest.mark.parametrize("name, config, kwargs", BATCH, ids=lambda v: json.dumps(v)[:60] if isinstance(v, dict) else v)
+@pytest.mark.parametrize("steps", [None, 10])
+def test_batch_step_no_noise(name, config, kwargs, steps):
+    """Every timestep of the schedule stepped at once (t = 0 included, whose previous alpha is 1)."""
+    results = []
+    for lib in (diffusers, diffusekit):
+        scheduler = getattr(lib, name)(**config)
+        if steps is not None:
+            scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps[:: max(1, len(scheduler.timesteps) // 10)]
+        x = torch.randn(len(timesteps), 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        channels = 6 if config.get("variance_type") == "learned_range" else 3
+        out = fake_model(x, timesteps.view(-1, 1, 1, 1).float(), channels)
+        if steps is None and name.startswith("DDIM"):  # both refuse before set_timesteps
+            with pytest.raises(ValueError, match="set_timesteps"):
+                scheduler.batch_step_no_noise(out, timesteps, x, **kwargs)
+            continue
+        results.append(scheduler.batch_step_no_noise(out, timesteps, x, **kwargs))
+    if results:
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6, equal_nan=True)

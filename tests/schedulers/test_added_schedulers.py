@@ -30,3 +30,11 @@ def test_inverse_dpm_timesteps_ascend_without_repeats():
     assert steps == sorted(set(steps)) and scheduler.num_inference_steps == len(steps)
     with pytest.raises(ValueError, match="num_inference_steps is required"):
         scheduler.set_timesteps()
+
+
+def test_ddim_parallel_batch_step_refuses_noise():
+    scheduler = diffusekit.DDIMParallelScheduler()
+    scheduler.set_timesteps(4)
+    sample = torch.zeros(2, 2, 4, 4)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        scheduler.batch_step_no_noise(sample, scheduler.timesteps[:2], sample, eta=0.5)

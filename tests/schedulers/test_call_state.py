@@ -20,7 +20,7 @@ SCHEDULERS = [
     ("UniPCMultistepScheduler", {}), ("IPNDMScheduler", {}), ("TCDScheduler", {}), ("DDIMInverseScheduler", {}),
     ("DPMSolverMultistepInverseScheduler", {}), ("EDMDPMSolverMultistepScheduler", {}),
     ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}), ("FlowMatchHeunDiscreteScheduler", {}),
-    ("FlowMatchLCMScheduler", {"shift": 3.0}),
+    ("FlowMatchLCMScheduler", {"shift": 3.0}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {}),
 ]
 
 

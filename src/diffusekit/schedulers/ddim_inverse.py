@@ -69,7 +69,7 @@ class DDIMInverseScheduler(SchedulerMixin):
         alpha_prod_next = self.alphas_cumprod[target]
         x0 = sm.clip_denoised(sm.x0_from_alpha(model_output, sample, alpha_prod_t, cfg.prediction_type), cfg)
         eps = sm.eps_from_alpha(model_output, sample, alpha_prod_t, cfg.prediction_type)
-        next_sample = alpha_prod_next**0.5 * x0 + (1 - alpha_prod_next) ** 0.5 * eps
+        next_sample = sm.ddim_mean(x0, eps, alpha_prod_next)
         if not return_dict:
             return next_sample, x0
         return SchedulerOutput(prev_sample=next_sample, pred_original_sample=x0)

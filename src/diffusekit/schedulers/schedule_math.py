@@ -364,6 +364,28 @@ def eps_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod,
     return noise_from_output(model_output, sample, alpha_prod**0.5, (1 - alpha_prod) ** 0.5, prediction_type)
 
 
+def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_prev, std_dev=0.0) -> torch.Tensor:
+    """DDIM eq. (12) without its noise term: sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps."""
+    return alpha_prod_prev**0.5 * x0 + (1 - alpha_prod_prev - std_dev**2) ** 0.5 * eps
+
+
+def ddpm_posterior_mean(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t, alpha_prod_prev) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7), with alpha_prod = alphas_cumprod at t and t - 1."""
+    alpha_t = alpha_prod_t / alpha_prod_prev
+    beta_prod_t = 1 - alpha_prod_t
+    return ((alpha_prod_prev**0.5 * (1 - alpha_t)) / beta_prod_t * x0
+            + alpha_t**0.5 * (1 - alpha_prod_prev) / beta_prod_t * sample)
+
+
+def batch_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, stride: int, like: torch.Tensor):
+    """``(alpha_prod_t, alpha_prod_prev)`` per sample of a batch at its own timestep and at
+    ``timestep - stride`` (1 before t = 0), shaped to broadcast over ``like``."""
+    t = timesteps.to(like.device).view(-1, *[1] * (like.ndim - 1))
+    table = alphas_cumprod.to(like.device)
+    prev = t - stride
+    return table[t], torch.where(prev < 0, table.new_ones(()), table[prev.clamp(min=0)])
+
+
 def clip_denoised(x0: torch.Tensor, config) -> torch.Tensor:
     """Dynamic thresholding or plain clipping of x0, as the config's thresholding/clip_sample ask."""
     if config.get("thresholding", False):
