@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "FlowMatchLCMScheduler": "schedulers.flow_match_lcm",
     "DDIMParallelScheduler": "schedulers.ddim_parallel",
     "DDPMParallelScheduler": "schedulers.ddpm_parallel",
+    "CMStochasticIterativeScheduler": "schedulers.consistency_models",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

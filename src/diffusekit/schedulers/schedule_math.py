@@ -100,7 +100,11 @@ def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray | torch.Tensor:
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) ramp: uniform in sigma^(1/rho), from sigma_max down to sigma_min."""
-    ramp = np.linspace(0, 1, n)
+    return karras_at(np.linspace(0, 1, n), sigma_min, sigma_max, rho)
+
+
+def karras_at(ramp, sigma_min: float, sigma_max: float, rho: float = 7.0):
+    """The Karras ramp at points ``ramp`` in [0, 1] (0 -> sigma_max, 1 -> sigma_min)."""
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
