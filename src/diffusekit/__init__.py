@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "DDIMParallelScheduler": "schedulers.ddim_parallel",
     "DDPMParallelScheduler": "schedulers.ddpm_parallel",
     "CMStochasticIterativeScheduler": "schedulers.consistency_models",
+    "SASolverScheduler": "schedulers.sasolver",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

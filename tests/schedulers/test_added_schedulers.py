@@ -38,3 +38,19 @@ def test_ddim_parallel_batch_step_refuses_noise():
     sample = torch.zeros(2, 2, 4, 4)
     with pytest.raises(ValueError, match="eta must be 0"):
         scheduler.batch_step_no_noise(sample, scheduler.timesteps[:2], sample, eta=0.5)
+
+
+def test_sa_solver_learned_variance_steps_with_sample_shaped_noise():
+    scheduler = diffusekit.SASolverScheduler(variance_type="learned_range")
+    scheduler.set_timesteps(3)
+    sample = torch.ones(1, 2, 4, 4)
+    for t in scheduler.timesteps:
+        sample = scheduler.step(torch.cat([sample * 0.1, sample], dim=1), t, sample,
+                                generator=torch.Generator().manual_seed(0)).prev_sample
+    assert sample.shape == (1, 2, 4, 4) and torch.isfinite(sample).all()
+
+
+@pytest.mark.parametrize("key, value", [("predictor_order", 5), ("corrector_order", 0), ("algorithm_type", "x")])
+def test_sa_solver_bad_config_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        diffusekit.SASolverScheduler(**{key: value})

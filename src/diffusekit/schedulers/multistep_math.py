@@ -8,6 +8,9 @@ nothing is read back from the device.
 
 from __future__ import annotations
 
+import math
+from itertools import combinations
+
 import numpy as np
 import torch
 
@@ -227,3 +230,86 @@ def inverse_solver_timesteps(spacing: str, n: int, num_train_timesteps: int, noi
     if spacing == "trailing":
         return solver_timesteps(spacing, n, num_train_timesteps, noisiest + 1)[::-1].copy()
     raise ValueError(f"unknown timestep_spacing {spacing!r}; expected linspace, leading or trailing")
+
+
+# -- SA-Solver (Xue et al., 2023, arXiv:2309.05019) -------------------------------------------------
+
+def _exp_poly(k: int, x, sign: int):
+    """x^k + sign k x^(k-1) + k(k-1) x^(k-2) + ...: the polynomial of the k-th exponential moment
+    (``sign`` -1 alternates the signs)."""
+    total = 0
+    for j in range(k + 1):
+        coef = sign**j * math.factorial(k) // math.factorial(k - j)
+        total = total + (coef * x ** (k - j) if j < k else coef)
+    return total
+
+
+def sa_exponential_integral(k: int, start, end, tau, data_prediction: bool):
+    """The integral over lambda in [start, end] of lambda^k times the SA-Solver exponential weight:
+    e^((1 + tau^2) lambda) for data prediction, e^(-lambda) for noise prediction."""
+    if data_prediction:
+        scale = 1 + tau**2
+        e, s = scale * end, scale * start
+        return torch.exp(e) * (_exp_poly(k, e, -1) - _exp_poly(k, s, -1) * torch.exp(-(e - s))) / scale ** (k + 1)
+    return torch.exp(-end) * (_exp_poly(k, start, 1) * torch.exp(end - start) - _exp_poly(k, end, 1))
+
+
+def _product(values):
+    result = values[0]
+    for value in values[1:]:
+        result = result * value
+    return result
+
+
+def lagrange_coefficients(lambdas: list) -> list[list]:
+    """Coefficients (highest power first) of each Lagrange basis polynomial through ``lambdas``:
+    signed elementary symmetric sums of the other points over prod(lambda_i - lambda_m)."""
+    if len(lambdas) == 1:
+        return [[1]]
+    rows = []
+    for i, li in enumerate(lambdas):
+        others = [lm for m, lm in enumerate(lambdas) if m != i]
+        denominator = _product([li - lm for lm in others])
+        row = [1 / denominator]
+        for k in range(1, len(others) + 1):
+            symmetric = sum((_product(c) for c in combinations(others, k)), start=0)
+            row.append((-symmetric if k % 2 else symmetric) / denominator)
+        rows.append(row)
+    return rows
+
+
+def sa_solver_coefficients(start, end, lambdas: list, tau, data_prediction: bool) -> list:
+    """Weights of the stored model outputs (at ``lambdas``, newest first) in an SA-Solver step over
+    [start, end]: the Lagrange interpolant integrated against the exponential weight."""
+    order = len(lambdas)
+    weights = []
+    for row in lagrange_coefficients(lambdas):
+        weight = 0
+        for j in range(order):
+            weight = weight + row[j] * sa_exponential_integral(order - 1 - j, start, end, tau, data_prediction)
+        weights.append(weight)
+    return weights
+
+
+def sa_solver_update(x, base: NoiseLevel, target: NoiseLevel, lambdas: list, outputs: list, noise, tau,
+                     data_prediction: bool, order2_shift=None) -> torch.Tensor:
+    """One stochastic Adams step from ``x`` at ``base`` to ``target`` with the model ``outputs``
+    (newest first) taken at ``lambdas``; ``order2_shift`` (data prediction, order 2) moves weight from
+    the older output to the newer, as the reference does for few-step sampling."""
+    h = target.lam - base.lam
+    weights = sa_solver_coefficients(base.lam, target.lam, lambdas, tau, data_prediction)
+    if data_prediction and len(lambdas) == 2 and order2_shift is not None:
+        weights = [weights[0] + order2_shift, weights[1] - order2_shift]
+    gradient = torch.zeros_like(x)
+    for weight, output in zip(weights, outputs):
+        if data_prediction:
+            gradient = gradient + (1 + tau**2) * target.sigma * torch.exp(-(tau**2) * target.lam) * weight * output
+        else:
+            gradient = gradient + -(1 + tau**2) * target.alpha * weight * output
+    if data_prediction:
+        noise_part = target.sigma * torch.sqrt(1 - torch.exp(-2 * tau**2 * h)) * noise
+        x_t = torch.exp(-(tau**2) * h) * (target.sigma / base.sigma) * x + gradient + noise_part
+    else:
+        noise_part = tau * target.sigma * torch.sqrt(torch.exp(2 * h) - 1) * noise
+        x_t = (target.alpha / base.alpha) * x + gradient + noise_part
+    return x_t.to(x.dtype)
