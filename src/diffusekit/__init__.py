@@ -63,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "DDPMParallelScheduler": "schedulers.ddpm_parallel",
     "CMStochasticIterativeScheduler": "schedulers.consistency_models",
     "SASolverScheduler": "schedulers.sasolver",
+    "UnCLIPScheduler": "schedulers.unclip",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

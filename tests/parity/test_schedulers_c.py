@@ -40,6 +40,9 @@ PARITY = [
                                                            "sigma_max": [20.0], "sigma_data": [1.0], "s_noise": [0.5],
                                                            "rho": [5.0], "clip_denoised": [False]}), [1, 2, 10]),
     *cases("CMStochasticIterativeScheduler", [{}], [None], {"timesteps": [22, 0]}),
+    *cases("UnCLIPScheduler", variants({}, {"variance_type": ["learned_range"], "clip_sample": [False],
+                                            "clip_sample_range": [0.5], "prediction_type": ["sample"],
+                                            "num_train_timesteps": [200]}), [2, 4, 10]),
     *cases("DDIMInverseScheduler", variants({}, {**BETAS3, **PRED3, **SPACING, "clip_sample": [False],
                                                  "clip_sample_range": [0.5], "set_alpha_to_one": [False],
                                                  "rescale_betas_zero_snr": [True]}), [1, 4, 10]),
@@ -178,3 +181,22 @@ def test_sa_solver_loop(config):
         ours, ref = both("SASolverScheduler", config)
         assert_close(sample_loop(ours, steps, True, **loop_options(config)),
                      sample_loop(ref, steps, True, **loop_options(config)))
+
+
+@pytest.mark.parametrize("config", [{}, {"variance_type": "learned_range"}, {"prediction_type": "sample"}],
+                         ids=lambda c: json.dumps(c))
+def test_unclip_pipeline_loop(config):
+    """The unCLIP pipelines' loop: each step goes to the next scheduled timestep (prev_timestep)."""
+    results = []
+    for lib in (diffusers, diffusekit):
+        scheduler = lib.UnCLIPScheduler(**config)
+        scheduler.set_timesteps(6)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, 4, 4, generator=gen)
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(timesteps):
+            prev = None if i == len(timesteps) - 1 else timesteps[i + 1]
+            channels = 6 if config.get("variance_type") == "learned_range" else 3
+            x = scheduler.step(fake_model(x, t, channels), t, x, prev_timestep=prev, generator=gen).prev_sample
+        results.append(x)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)

@@ -54,3 +54,8 @@ def test_sa_solver_learned_variance_steps_with_sample_shaped_noise():
 def test_sa_solver_bad_config_refused(key, value):
     with pytest.raises(ValueError, match=key):
         diffusekit.SASolverScheduler(**{key: value})
+
+
+def test_unclip_needs_two_steps():
+    with pytest.raises(ValueError, match="num_inference_steps >= 2"):
+        diffusekit.UnCLIPScheduler().set_timesteps(1)

@@ -21,7 +21,7 @@ SCHEDULERS = [
     ("DPMSolverMultistepInverseScheduler", {}), ("EDMDPMSolverMultistepScheduler", {}),
     ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}), ("FlowMatchHeunDiscreteScheduler", {}),
     ("FlowMatchLCMScheduler", {"shift": 3.0}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {}),
-    ("CMStochasticIterativeScheduler", {}), ("SASolverScheduler", {}),
+    ("CMStochasticIterativeScheduler", {}), ("SASolverScheduler", {}), ("UnCLIPScheduler", {}),
 ]
 
 

@@ -373,12 +373,14 @@ def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_prev, std_dev=0.0)
     return alpha_prod_prev**0.5 * x0 + (1 - alpha_prod_prev - std_dev**2) ** 0.5 * eps
 
 
-def ddpm_posterior_mean(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t, alpha_prod_prev) -> torch.Tensor:
-    """Mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7), with alpha_prod = alphas_cumprod at t and t - 1."""
-    alpha_t = alpha_prod_t / alpha_prod_prev
+def ddpm_posterior_mean(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t, alpha_prod_prev, alpha=None,
+                        beta=None) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7), with alpha_prod = alphas_cumprod at t and t - 1; the
+    step's ``alpha`` defaults to their ratio and ``beta`` to 1 - alpha."""
+    alpha = alpha_prod_t / alpha_prod_prev if alpha is None else alpha
+    beta = 1 - alpha if beta is None else beta
     beta_prod_t = 1 - alpha_prod_t
-    return ((alpha_prod_prev**0.5 * (1 - alpha_t)) / beta_prod_t * x0
-            + alpha_t**0.5 * (1 - alpha_prod_prev) / beta_prod_t * sample)
+    return (alpha_prod_prev**0.5 * beta) / beta_prod_t * x0 + alpha**0.5 * (1 - alpha_prod_prev) / beta_prod_t * sample
 
 
 def batch_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, stride: int, like: torch.Tensor):
