@@ -64,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "CMStochasticIterativeScheduler": "schedulers.consistency_models",
     "SASolverScheduler": "schedulers.sasolver",
     "UnCLIPScheduler": "schedulers.unclip",
+    "RePaintScheduler": "schedulers.repaint",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

@@ -200,3 +200,32 @@ def test_unclip_pipeline_loop(config):
             x = scheduler.step(fake_model(x, t, channels), t, x, prev_timestep=prev, generator=gen).prev_sample
         results.append(x)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+REPAINT = [({}, (10, 10, 10)), ({"eta": 0.5}, (10, 10, 10)), ({"eta": 1.0, "clip_sample": False}, (25, 5, 3)),
+           ({"beta_schedule": "scaled_linear"}, (12, 3, 2)), ({"beta_schedule": "squaredcos_cap_v2"}, (10, 10, 10)),
+           ({"beta_schedule": "sigmoid", "eta": 0.3}, (8, 4, 1)), ({"num_train_timesteps": 50}, (60, 10, 2))]
+
+
+@pytest.mark.parametrize("config, schedule", REPAINT, ids=lambda v: json.dumps(v))
+def test_repaint_pipeline_loop(config, schedule):
+    """The RePaint pipeline's loop: step down, or undo_step back up where the schedule jumps."""
+    steps, jump_length, jump_n_sample = schedule
+    results = []
+    for lib in (diffusers, diffusekit):
+        scheduler = lib.RePaintScheduler(**config)
+        scheduler.set_timesteps(steps, jump_length, jump_n_sample)
+        gen = torch.Generator().manual_seed(0)
+        original = torch.rand(2, 3, 4, 4, generator=gen) * 2 - 1
+        mask = (torch.rand(2, 1, 4, 4, generator=gen) > 0.5).float()
+        x = torch.randn(2, 3, 4, 4, generator=gen)
+        t_last = scheduler.timesteps[0] + 1
+        for t in scheduler.timesteps:
+            if t < t_last:
+                x = scheduler.step(fake_model(x, t), t, x, original, mask, generator=gen).prev_sample
+            else:
+                x = scheduler.undo_step(x, t_last, generator=gen)
+            t_last = t
+        results.append((scheduler.timesteps, x))
+    assert results[1][0].tolist() == results[0][0].tolist()
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
