@@ -65,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "SASolverScheduler": "schedulers.sasolver",
     "UnCLIPScheduler": "schedulers.unclip",
     "RePaintScheduler": "schedulers.repaint",
+    "VQDiffusionScheduler": "schedulers.vq_diffusion",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

@@ -229,3 +229,32 @@ def test_repaint_pipeline_loop(config, schedule):
         results.append((scheduler.timesteps, x))
     assert results[1][0].tolist() == results[0][0].tolist()
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+VQ = [{"num_vec_classes": 8}, {"num_vec_classes": 5, "num_train_timesteps": 20},
+      {"num_vec_classes": 8, "alpha_cum_start": 0.9, "alpha_cum_end": 0.01, "gamma_cum_start": 0.01,
+       "gamma_cum_end": 0.9}]
+
+
+@pytest.mark.parametrize("config", VQ, ids=lambda c: json.dumps(c))
+@pytest.mark.parametrize("steps", [1, 10])
+def test_vq_diffusion_loop(config, steps):
+    """Discrete sampling from all-mask latents with a fake log p(x0 | x_t): same indices and posteriors."""
+    classes = config["num_vec_classes"]
+    results = []
+    for lib in (diffusers, diffusekit):
+        scheduler = lib.VQDiffusionScheduler(**config)
+        scheduler.set_timesteps(steps)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.full((2, 12), classes - 1, dtype=torch.long)
+        posteriors = []
+        for t in scheduler.timesteps:
+            logits = torch.sin(x[:, None, :].float() * torch.arange(1, classes)[None, :, None] + 0.1 * t)
+            log_p_x0 = torch.log_softmax(logits, dim=1)
+            if t > 0:
+                posteriors.append(scheduler.q_posterior(log_p_x0, x, t))
+            x = scheduler.step(log_p_x0, t, x, generator=gen).prev_sample
+        results.append((x, posteriors))
+    assert torch.equal(results[1][0], results[0][0])
+    for ours, ref in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
