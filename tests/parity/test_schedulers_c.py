@@ -258,3 +258,45 @@ def test_vq_diffusion_loop(config, steps):
     assert torch.equal(results[1][0], results[0][0])
     for ours, ref in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+ADDED = {"TCDScheduler": {}, "DDIMInverseScheduler": {}, "DPMSolverMultistepInverseScheduler": {},
+         "EDMDPMSolverMultistepScheduler": {}, "FlowMatchHeunDiscreteScheduler": {"shift": 3.0},
+         "FlowMatchLCMScheduler": {"shift": 3.0}, "DDIMParallelScheduler": {}, "DDPMParallelScheduler": {},
+         "CMStochasticIterativeScheduler": {}, "SASolverScheduler": {}, "UnCLIPScheduler": {},
+         "RePaintScheduler": {}, "VQDiffusionScheduler": {"num_vec_classes": 8}}
+NOISED = ["TCDScheduler", "DPMSolverMultistepInverseScheduler", "EDMDPMSolverMultistepScheduler",
+          "DDIMParallelScheduler", "DDPMParallelScheduler", "CMStochasticIterativeScheduler", "SASolverScheduler",
+          "UnCLIPScheduler"]
+
+
+@pytest.mark.parametrize("name", NOISED)
+def test_add_noise_matches(name):
+    ours, ref = (getattr(lib, name)(**ADDED[name]) for lib in (diffusekit, diffusers))
+    for scheduler in (ours, ref):
+        scheduler.set_timesteps(8)
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+    t = ref.timesteps[[2, 5]]
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t))
+
+
+def test_repaint_has_no_add_noise():
+    with pytest.raises(NotImplementedError, match="DDPMScheduler.add_noise"):
+        diffusekit.RePaintScheduler().add_noise(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", sorted(ADDED))
+def test_config_files_are_read_both_ways(name, tmp_path):
+    """Each side reads the other's scheduler_config.json into the same config; compatibles as the reference's."""
+    ours = getattr(diffusekit, name)(**ADDED[name])
+    ours.save_pretrained(tmp_path / "ours")
+    ref = getattr(diffusers, name).from_pretrained(tmp_path / "ours")
+    public = [k for k in ours.config if not k.startswith("_")]
+    assert public and {k: ref.config[k] for k in public} == {k: ours.config[k] for k in public}
+    getattr(diffusers, name)(**ADDED[name]).save_pretrained(tmp_path / "ref")
+    back = getattr(diffusekit, name).from_pretrained(tmp_path / "ref")
+    assert {k: back.config[k] for k in public} == {k: ours.config[k] for k in public}
+    ours_compatible = {c.__name__ for c in ours.compatibles}
+    ref_compatible = {c.__name__ for c in ref.compatibles} & set(diffusekit._EXPORTS)
+    assert ours_compatible == ref_compatible

@@ -57,6 +57,7 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
                             "DPM-Solver++(3M): third-order multistep"),
     "unipc": SamplerName("UniPCMultistepScheduler", {}, "UniPC predictor-corrector multistep"),
     "deis": SamplerName("DEISMultistepScheduler", {}, "DEIS exponential-integrator multistep"),
+    "sa_solver": SamplerName("SASolverScheduler", {}, "SA-Solver: stochastic Adams predictor-corrector (ComfyUI sa_solver)"),
     "ipndm": SamplerName("IPNDMScheduler", {}, "Improved pseudo numerical methods (fourth-order multistep)"),
     "ddim": SamplerName("DDIMScheduler", {}, "DDIM: deterministic implicit sampler (eta=0)"),
     "ddpm": SamplerName("DDPMScheduler", {}, "DDPM ancestral sampling of the trained Markov chain"),
@@ -70,6 +71,8 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
     "edm_dpmpp_2m_sde": SamplerName("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
                                     "DPM-Solver++(2M) SDE on the EDM preconditioned schedule"),
     "flow_euler": SamplerName("FlowMatchEulerDiscreteScheduler", {}, "Euler for flow-matching models (SD3, Flux)"),
+    "flow_heun": SamplerName("FlowMatchHeunDiscreteScheduler", {}, "Heun for flow-matching models (two model calls per step)"),
+    "flow_lcm": SamplerName("FlowMatchLCMScheduler", {}, "Consistency sampler for flow-matching models (distilled models only)"),
 }
 
 
