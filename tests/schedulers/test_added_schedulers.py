@@ -50,10 +50,13 @@ def test_sa_solver_learned_variance_steps_with_sample_shaped_noise():
     assert sample.shape == (1, 2, 4, 4) and torch.isfinite(sample).all()
 
 
-@pytest.mark.parametrize("key, value", [("predictor_order", 5), ("corrector_order", 0), ("algorithm_type", "x")])
-def test_sa_solver_bad_config_refused(key, value):
+@pytest.mark.parametrize("config, key", [({"predictor_order": 5}, "predictor_order"),
+                                         ({"corrector_order": 0}, "corrector_order"),
+                                         ({"algorithm_type": "x"}, "algorithm_type"),
+                                         ({"algorithm_type": "noise_prediction", "thresholding": True}, "thresholding")])
+def test_sa_solver_bad_config_refused(config, key):
     with pytest.raises(ValueError, match=key):
-        diffusekit.SASolverScheduler(**{key: value})
+        diffusekit.SASolverScheduler(**config)
 
 
 def test_unclip_needs_two_steps():

@@ -65,6 +65,8 @@ class SASolverScheduler(SolverSchedulerBase):
     ):
         if algorithm_type not in SA_ALGORITHMS:
             raise ValueError(f"algorithm_type must be one of {', '.join(SA_ALGORITHMS)}, got {algorithm_type!r}")
+        if algorithm_type == "noise_prediction" and thresholding:  # the reference cannot step this either
+            raise ValueError("thresholding is not available with algorithm_type='noise_prediction'")
         self.flow_shift = flow_shift
         self.tau_func = default_tau if tau_func is None else tau_func
         self.predict_x0 = algorithm_type == "data_prediction"
@@ -108,8 +110,6 @@ class SASolverScheduler(SolverSchedulerBase):
             model_output = model_output[:, : sample.shape[1]]  # drop the predicted variance channels
         if self.predict_x0:
             return threshold_data(predict_data(model_output, sample, sigma, cfg.prediction_type, flow), cfg)
-        if cfg.thresholding:
-            raise ValueError("thresholding is not available with algorithm_type='noise_prediction'")
         return predict_noise(model_output, sample, sigma, cfg.prediction_type, flow)
 
     def _levels(self, *indices: int) -> list[NoiseLevel]:
