@@ -17,7 +17,11 @@ SCHEDULERS = [
     ("HeunDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}), ("KDPM2AncestralDiscreteScheduler", {}),
     ("EDMEulerScheduler", {}), ("LCMScheduler", {}), ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
     ("DPMSolverMultistepScheduler", {}), ("DPMSolverSinglestepScheduler", {}), ("DEISMultistepScheduler", {}),
-    ("UniPCMultistepScheduler", {}), ("IPNDMScheduler", {}),
+    ("UniPCMultistepScheduler", {}), ("IPNDMScheduler", {}), ("TCDScheduler", {}), ("DDIMInverseScheduler", {}),
+    ("DPMSolverMultistepInverseScheduler", {}), ("EDMDPMSolverMultistepScheduler", {}),
+    ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}), ("FlowMatchHeunDiscreteScheduler", {}),
+    ("FlowMatchLCMScheduler", {"shift": 3.0}), ("DDIMParallelScheduler", {}), ("DDPMParallelScheduler", {}),
+    ("CMStochasticIterativeScheduler", {}), ("SASolverScheduler", {}), ("UnCLIPScheduler", {}),
 ]
 
 

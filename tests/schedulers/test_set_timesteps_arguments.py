@@ -17,8 +17,12 @@ SCHEDULER_NAMES = sorted(
 )
 
 
+#: constructor arguments without defaults
+REQUIRED = {"VQDiffusionScheduler": {"num_vec_classes": 8}}
+
+
 def _build(name: str) -> SchedulerMixin:
-    return getattr(diffusekit, name)()
+    return getattr(diffusekit, name)(**REQUIRED.get(name, {}))
 
 
 def test_every_scheduler_is_covered():
@@ -43,7 +47,8 @@ def test_valid_steps_still_work(name):
     assert len(scheduler.timesteps) >= 4
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "LCMScheduler"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler", "DDIMInverseScheduler",
+                                  "DDIMParallelScheduler", "DDPMParallelScheduler"])
 def test_more_steps_than_training_refused_where_the_reference_refuses(name):
     scheduler = _build(name)
     with pytest.raises(ValueError, match=r"num_inference_steps \(1001\) cannot be larger than num_train_timesteps"):

@@ -92,7 +92,7 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
         std_dev_t = eta * ddim_variance(alpha_prod_t, alpha_prod_prev) ** 0.5
         if use_clipped_model_output:
             eps = (sample - alpha_prod_t**0.5 * x0) / (1 - alpha_prod_t) ** 0.5
-        prev_sample = alpha_prod_prev**0.5 * x0 + (1 - alpha_prod_prev - std_dev_t**2) ** 0.5 * eps
+        prev_sample = sm.ddim_mean(x0, eps, alpha_prod_prev, std_dev_t)
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass only one of generator or variance_noise")

@@ -125,10 +125,7 @@ class DDPMScheduler(StepIndexMixin, SchedulerMixin):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         x0 = sm.x0_from_alpha(model_output, sample, alpha_prod_t, self.config.prediction_type)
         x0 = sm.clip_denoised(x0, self.config)
-        alpha_t = alpha_prod_t / alpha_prod_prev
-        beta_prod_t = 1 - alpha_prod_t
-        prev_sample = (alpha_prod_prev**0.5 * (1 - alpha_t)) / beta_prod_t * x0 \
-            + alpha_t**0.5 * (1 - alpha_prod_prev) / beta_prod_t * sample
+        prev_sample = sm.ddpm_posterior_mean(x0, sample, alpha_prod_t, alpha_prod_prev)
         if t > 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)

@@ -8,8 +8,8 @@ import torch
 from ..configuration import register_to_config
 from ..utils import randn_tensor
 from .multistep_math import (
-    PREDICTION_TYPES, NoiseLevel, check_prediction_type, data_to_noise, dpm_solver_update, last_sigma, noise_to_data,
-    predict_data, predict_noise, threshold_data,
+    PREDICTION_TYPES, NoiseLevel, check_prediction_type, data_to_noise, last_sigma, multistep_dpm_update,
+    multistep_order, noise_to_data, predict_data, predict_noise, threshold_data,
 )
 from .schedule_math import sigma_kind
 from .scheduling_utils import SchedulerOutput
@@ -112,33 +112,11 @@ class DPMSolverMultistepScheduler(SolverSchedulerBase):
 
     def _update(self, order: int, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         i, flow = self._step_index, self._flow
-        target = NoiseLevel(self.sigmas[i + 1], flow)
-        s = [NoiseLevel(self.sigmas[i - k], flow) for k in range(order)]
-        m = self.model_outputs[::-1]
-        h = target.lam - s[0].lam
-        if order == 1:
-            terms = [("D0", m[0])]
-        elif order == 2:
-            r0 = (s[0].lam - s[1].lam) / h
-            rule = "mid" if self.config.solver_type == "midpoint" else "phi2"
-            terms = [("D0", m[0]), (rule, (1.0 / r0) * (m[0] - m[1]))]
-        else:
-            r0, r1 = (s[0].lam - s[1].lam) / h, (s[1].lam - s[2].lam) / h
-            d1_0, d1_1 = (1.0 / r0) * (m[0] - m[1]), (1.0 / r1) * (m[1] - m[2])
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
-            terms = [("D0", m[0]), ("phi2", d1), ("phi3", d2)]
-        return dpm_solver_update(self.config.algorithm_type, sample, s[0], target, h, terms, noise)
+        levels = [NoiseLevel(self.sigmas[i + 1], flow), *(NoiseLevel(self.sigmas[i - k], flow) for k in range(order))]
+        return multistep_dpm_update(self.config, sample, levels, self.model_outputs, noise)
 
     def _order(self) -> int:
-        cfg, i, n = self.config, self._step_index, len(self.timesteps)
-        short = cfg.lower_order_final and n < 15
-        final = i == n - 1 and (cfg.euler_at_final or short or cfg.final_sigmas_type == "zero")
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
-            return 1
-        if cfg.solver_order == 2 or self.lower_order_nums < 2 or (i == n - 2 and short):
-            return 2
-        return 3
+        return multistep_order(self.config, self._step_index, len(self.timesteps), self.lower_order_nums)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):

@@ -8,7 +8,6 @@ import math
 import torch
 
 from ..configuration import register_to_config
-from ..utils import randn_tensor
 from . import schedule_math as sm
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 from .stepping import StepIndexMixin
@@ -107,20 +106,14 @@ class EDMEulerScheduler(StepIndexMixin, SchedulerMixin):
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True, pred_original_sample: torch.Tensor | None = None):
         """One Euler step from sigma_i to sigma_{i+1}, with optional churn (Karras Alg. 2)."""
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
-                                         and timestep.dtype in (torch.int32, torch.int64)):
-            raise ValueError("pass one of scheduler.timesteps as the timestep, not an integer index")
+        sm.reject_integer_timestep(timestep)
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
         sample = sample.to(torch.float32)
         sigma = self.sigmas[i]
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = sm.churn(sample, sigma, len(self.sigmas), s_churn, s_tmin, s_tmax, s_noise, generator,
+                                     model_output)
         if pred_original_sample is None:
             pred_original_sample = self.precondition_outputs(sample, model_output, sigma_hat)
         prev_sample = sample + sm.to_d(sample, pred_original_sample, sigma_hat) * (self.sigmas[i + 1] - sigma_hat)

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from ..configuration import register_to_config
-from ..utils import randn_tensor
 from . import schedule_math as sm
 from .scheduling_utils import SchedulerOutput
 from .sigma_base import SigmaSchedulerBase
@@ -107,12 +106,8 @@ class EulerDiscreteScheduler(SigmaSchedulerBase):
         i = self._start_step(timestep)
         sample = sample.to(torch.float32)
         sigma = self.sigmas[i]
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
-                                 generator=generator)
-            sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = sm.churn(sample, sigma, len(self.sigmas), s_churn, s_tmin, s_tmax, s_noise, generator,
+                                     model_output)
         ptype = self.config.prediction_type
         x0 = sm.to_denoised(model_output, sample, sigma if ptype == "v_prediction" else sigma_hat, ptype)
         prev_sample = sample + sm.to_d(sample, x0, sigma_hat) * (self.sigmas[i + 1] - sigma_hat)

@@ -47,17 +47,22 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
     ):
-        sm.sigma_kind(self.config)  # rejects more than one sigma ramp
-        if time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"time_shift_type must be exponential or linear, got {time_shift_type!r}")
-        timesteps = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
-                                     .copy())
-        sigmas = timesteps / num_train_timesteps
-        if not use_dynamic_shifting:
-            sigmas = sm.shift_sigmas(sigmas, shift)
-        self.timesteps = sigmas * num_train_timesteps
+        self._init_schedule()
+
+    def _init_schedule(self) -> None:
+        """The training schedule (every timestep), shifted unless the shift is dynamic."""
+        cfg = self.config
+        sm.sigma_kind(cfg)  # rejects more than one sigma ramp
+        if cfg.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be exponential or linear, got {cfg.time_shift_type!r}")
+        n = cfg.num_train_timesteps
+        timesteps = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy())
+        sigmas = timesteps / n
+        if not cfg.use_dynamic_shifting:
+            sigmas = sm.shift_sigmas(sigmas, cfg.shift)
+        self.timesteps = sigmas * n
         self.sigmas = sigmas
-        self._shift = shift
+        self._shift = cfg.shift
         self.sigma_min = float(sigmas[-1])
         self.sigma_max = float(sigmas[0])
         self.num_inference_steps = None
@@ -140,9 +145,7 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
              per_token_timesteps: torch.Tensor | None = None, return_dict: bool = True):
         """One Euler step along the predicted velocity (or, with ``stochastic_sampling``, a jump to the
         clean estimate re-noised to the next sigma). ``s_*`` are accepted for API compatibility."""
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
-                                         and timestep.dtype in (torch.int32, torch.int64)):
-            raise ValueError("pass one of scheduler.timesteps as the timestep, not an integer index")
+        sm.reject_integer_timestep(timestep)
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index

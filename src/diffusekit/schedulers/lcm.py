@@ -88,11 +88,7 @@ class LCMScheduler(StepIndexMixin, SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
         original_steps = original_inference_steps or cfg.original_inference_steps
-        if original_steps > cfg.num_train_timesteps:
-            raise ValueError(f"original_inference_steps ({original_steps}) cannot exceed num_train_timesteps "
-                             f"({cfg.num_train_timesteps})")
-        k = cfg.num_train_timesteps // original_steps
-        origin = np.asarray(list(range(1, int(original_steps * strength) + 1))) * k - 1
+        origin = self._origin_timesteps(original_inference_steps, original_steps, strength)
         if timesteps is not None:
             if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
                 raise ValueError("timesteps must be in descending order")
@@ -119,6 +115,16 @@ class LCMScheduler(StepIndexMixin, SchedulerMixin):
             picks = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
             schedule = origin[picks]
         self._use_schedule(schedule, device)
+
+    def _origin_timesteps(self, given_steps: int | None, original_steps: int, strength: float) -> np.ndarray:
+        """The distillation schedule (ascending) that inference timesteps are picked from: every
+        ``num_train_timesteps // original_steps``-th timestep, the first ``strength`` of them."""
+        cfg = self.config
+        if original_steps > cfg.num_train_timesteps:
+            raise ValueError(f"original_inference_steps ({original_steps}) cannot exceed num_train_timesteps "
+                             f"({cfg.num_train_timesteps})")
+        k = cfg.num_train_timesteps // original_steps
+        return np.arange(1, int(original_steps * strength) + 1) * k - 1
 
     def get_scalings_for_boundary_condition_discrete(self, timestep):
         """(c_skip, c_out) at ``timestep``."""

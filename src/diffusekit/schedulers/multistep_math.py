@@ -8,6 +8,9 @@ nothing is read back from the device.
 
 from __future__ import annotations
 
+import math
+from itertools import combinations
+
 import numpy as np
 import torch
 
@@ -39,6 +42,14 @@ class NoiseLevel:
     def __init__(self, sigma: torch.Tensor, flow: bool = False):
         self.alpha, self.sigma = alpha_sigma(sigma, flow)
         self.lam = half_log_snr(self.alpha, self.sigma)
+
+    @classmethod
+    def preconditioned(cls, sigma: torch.Tensor) -> "NoiseLevel":
+        """The level of an EDM-preconditioned sample (inputs scaled before the model): alpha_t = 1."""
+        level = cls.__new__(cls)
+        level.alpha, level.sigma = torch.tensor(1.0), sigma
+        level.lam = half_log_snr(level.alpha, sigma)
+        return level
 
 
 # -- model output conversion ---------------------------------------------------------------------
@@ -121,6 +132,41 @@ def dpm_solver_update(algorithm: str, x, base: NoiseLevel, target: NoiseLevel, h
     return x_t
 
 
+def multistep_dpm_update(config, x, levels: list[NoiseLevel], model_outputs: list, noise=None) -> torch.Tensor:
+    """Multistep DPM-Solver(++) of order ``len(levels) - 1`` from ``x``: ``levels`` is the target, then
+    the current and earlier step points; ``model_outputs`` the converted outputs, oldest first.
+    The order-2 difference uses the midpoint rule or Heun's (exact phi_2) as ``config.solver_type`` says."""
+    target, s = levels[0], levels[1:]
+    m = model_outputs[::-1]
+    h = target.lam - s[0].lam
+    if len(s) == 1:
+        terms = [("D0", m[0])]
+    elif len(s) == 2:
+        r0 = (s[0].lam - s[1].lam) / h
+        rule = "mid" if config.solver_type == "midpoint" else "phi2"
+        terms = [("D0", m[0]), (rule, (1.0 / r0) * (m[0] - m[1]))]
+    else:
+        r0, r1 = (s[0].lam - s[1].lam) / h, (s[1].lam - s[2].lam) / h
+        d1_0, d1_1 = (1.0 / r0) * (m[0] - m[1]), (1.0 / r1) * (m[1] - m[2])
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+        terms = [("D0", m[0]), ("phi2", d1), ("phi3", d2)]
+    return dpm_solver_update(config.algorithm_type, x, s[0], target, h, terms, noise)
+
+
+def multistep_order(config, step_index: int, num_steps: int, lower_order_nums: int) -> int:
+    """The order of a multistep step: limited by the history so far, and lowered at the end of short
+    schedules (``lower_order_final``), at the last step for ``euler_at_final`` or a zero final sigma."""
+    short = config.lower_order_final and num_steps < 15
+    final = step_index == num_steps - 1 and (config.euler_at_final or short
+                                              or config.get("final_sigmas_type") == "zero")
+    if config.solver_order == 1 or lower_order_nums < 1 or final:
+        return 1
+    if config.solver_order == 2 or lower_order_nums < 2 or (step_index == num_steps - 2 and short):
+        return 2
+    return 3
+
+
 # -- inference schedules -----------------------------------------------------------------------------
 
 def solver_timesteps(spacing: str, n: int, num_train_timesteps: int, last_timestep: int | None = None,
@@ -170,3 +216,100 @@ def last_sigma(final_sigmas_type: str, alphas_cumprod: torch.Tensor, sigma_min=N
             return sigma_min
         return ((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5
     raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+
+
+def inverse_solver_timesteps(spacing: str, n: int, num_train_timesteps: int, noisiest: int,
+                             steps_offset: int = 0) -> np.ndarray:
+    """Ascending integer timesteps for inversion: n of n + 1 evenly spaced points from 0 to
+    ``noisiest`` (the top one dropped)."""
+    if spacing == "linspace":
+        return np.linspace(0, noisiest, n + 1).round()[:-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = (noisiest + 1) // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[:-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return solver_timesteps(spacing, n, num_train_timesteps, noisiest + 1)[::-1].copy()
+    raise ValueError(f"unknown timestep_spacing {spacing!r}; expected linspace, leading or trailing")
+
+
+# -- SA-Solver (Xue et al., 2023, arXiv:2309.05019) -------------------------------------------------
+
+def _exp_poly(k: int, x, sign: int):
+    """x^k + sign k x^(k-1) + k(k-1) x^(k-2) + ...: the polynomial of the k-th exponential moment
+    (``sign`` -1 alternates the signs)."""
+    total = 0
+    for j in range(k + 1):
+        coef = sign**j * math.factorial(k) // math.factorial(k - j)
+        total = total + (coef * x ** (k - j) if j < k else coef)
+    return total
+
+
+def sa_exponential_integral(k: int, start, end, tau, data_prediction: bool):
+    """The integral over lambda in [start, end] of lambda^k times the SA-Solver exponential weight:
+    e^((1 + tau^2) lambda) for data prediction, e^(-lambda) for noise prediction."""
+    if data_prediction:
+        scale = 1 + tau**2
+        e, s = scale * end, scale * start
+        return torch.exp(e) * (_exp_poly(k, e, -1) - _exp_poly(k, s, -1) * torch.exp(-(e - s))) / scale ** (k + 1)
+    return torch.exp(-end) * (_exp_poly(k, start, 1) * torch.exp(end - start) - _exp_poly(k, end, 1))
+
+
+def _product(values):
+    result = values[0]
+    for value in values[1:]:
+        result = result * value
+    return result
+
+
+def lagrange_coefficients(lambdas: list) -> list[list]:
+    """Coefficients (highest power first) of each Lagrange basis polynomial through ``lambdas``:
+    signed elementary symmetric sums of the other points over prod(lambda_i - lambda_m)."""
+    if len(lambdas) == 1:
+        return [[1]]
+    rows = []
+    for i, li in enumerate(lambdas):
+        others = [lm for m, lm in enumerate(lambdas) if m != i]
+        denominator = _product([li - lm for lm in others])
+        row = [1 / denominator]
+        for k in range(1, len(others) + 1):
+            symmetric = sum((_product(c) for c in combinations(others, k)), start=0)
+            row.append((-symmetric if k % 2 else symmetric) / denominator)
+        rows.append(row)
+    return rows
+
+
+def sa_solver_coefficients(start, end, lambdas: list, tau, data_prediction: bool) -> list:
+    """Weights of the stored model outputs (at ``lambdas``, newest first) in an SA-Solver step over
+    [start, end]: the Lagrange interpolant integrated against the exponential weight."""
+    order = len(lambdas)
+    weights = []
+    for row in lagrange_coefficients(lambdas):
+        weight = 0
+        for j in range(order):
+            weight = weight + row[j] * sa_exponential_integral(order - 1 - j, start, end, tau, data_prediction)
+        weights.append(weight)
+    return weights
+
+
+def sa_solver_update(x, base: NoiseLevel, target: NoiseLevel, lambdas: list, outputs: list, noise, tau,
+                     data_prediction: bool, order2_shift=None) -> torch.Tensor:
+    """One stochastic Adams step from ``x`` at ``base`` to ``target`` with the model ``outputs``
+    (newest first) taken at ``lambdas``; ``order2_shift`` (data prediction, order 2) moves weight from
+    the older output to the newer, as the reference does for few-step sampling."""
+    h = target.lam - base.lam
+    weights = sa_solver_coefficients(base.lam, target.lam, lambdas, tau, data_prediction)
+    if data_prediction and len(lambdas) == 2 and order2_shift is not None:
+        weights = [weights[0] + order2_shift, weights[1] - order2_shift]
+    gradient = torch.zeros_like(x)
+    for weight, output in zip(weights, outputs):
+        if data_prediction:
+            gradient = gradient + (1 + tau**2) * target.sigma * torch.exp(-(tau**2) * target.lam) * weight * output
+        else:
+            gradient = gradient + -(1 + tau**2) * target.alpha * weight * output
+    if data_prediction:
+        noise_part = target.sigma * torch.sqrt(1 - torch.exp(-2 * tau**2 * h)) * noise
+        x_t = torch.exp(-(tau**2) * h) * (target.sigma / base.sigma) * x + gradient + noise_part
+    else:
+        noise_part = tau * target.sigma * torch.sqrt(torch.exp(2 * h) - 1) * noise
+        x_t = (target.alpha / base.alpha) * x + gradient + noise_part
+    return x_t.to(x.dtype)

@@ -57,14 +57,22 @@ SAMPLER_NAMES: dict[str, SamplerName] = {
                             "DPM-Solver++(3M): third-order multistep"),
     "unipc": SamplerName("UniPCMultistepScheduler", {}, "UniPC predictor-corrector multistep"),
     "deis": SamplerName("DEISMultistepScheduler", {}, "DEIS exponential-integrator multistep"),
+    "sa_solver": SamplerName("SASolverScheduler", {}, "SA-Solver: stochastic Adams predictor-corrector (ComfyUI sa_solver)"),
     "ipndm": SamplerName("IPNDMScheduler", {}, "Improved pseudo numerical methods (fourth-order multistep)"),
     "ddim": SamplerName("DDIMScheduler", {}, "DDIM: deterministic implicit sampler (eta=0)"),
     "ddpm": SamplerName("DDPMScheduler", {}, "DDPM ancestral sampling of the trained Markov chain"),
     "pndm": SamplerName("PNDMScheduler", {}, "Pseudo numerical methods (PLMS), the original Stable Diffusion sampler"),
     "plms": SamplerName("PNDMScheduler", {"skip_prk_steps": True}, "PLMS: PNDM without Runge-Kutta warm-up"),
     "lcm": SamplerName("LCMScheduler", {}, "Latent consistency model sampler (few steps; LCM-distilled models only)"),
+    "tcd": SamplerName("TCDScheduler", {}, "Trajectory consistency distillation sampler (few steps; TCD-distilled models only)"),
     "edm_euler": SamplerName("EDMEulerScheduler", {}, "Euler on the EDM (Karras 2022) preconditioned schedule"),
+    "edm_dpmpp_2m": SamplerName("EDMDPMSolverMultistepScheduler", {},
+                                "DPM-Solver++(2M) on the EDM preconditioned schedule"),
+    "edm_dpmpp_2m_sde": SamplerName("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
+                                    "DPM-Solver++(2M) SDE on the EDM preconditioned schedule"),
     "flow_euler": SamplerName("FlowMatchEulerDiscreteScheduler", {}, "Euler for flow-matching models (SD3, Flux)"),
+    "flow_heun": SamplerName("FlowMatchHeunDiscreteScheduler", {}, "Heun for flow-matching models (two model calls per step)"),
+    "flow_lcm": SamplerName("FlowMatchLCMScheduler", {}, "Consistency sampler for flow-matching models (distilled models only)"),
 }
 
 

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from ..utils import randn_tensor
+
 
 # -- training noise schedule -------------------------------------------------------------------
 
@@ -98,7 +100,11 @@ def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray | torch.Tensor:
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. (2022) ramp: uniform in sigma^(1/rho), from sigma_max down to sigma_min."""
-    ramp = np.linspace(0, 1, n)
+    return karras_at(np.linspace(0, 1, n), sigma_min, sigma_max, rho)
+
+
+def karras_at(ramp, sigma_min: float, sigma_max: float, rho: float = 7.0):
+    """The Karras ramp at points ``ramp`` in [0, 1] (0 -> sigma_max, 1 -> sigma_min)."""
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
@@ -263,6 +269,26 @@ def to_denoised(model_output: torch.Tensor, sample: torch.Tensor, sigma, predict
     return x0_from_output(model_output, sample, 1.0, sigma, prediction_type)
 
 
+def reject_integer_timestep(timestep) -> None:
+    """ValueError for an int timestep (likely a loop index) where the schedule holds fractional ones."""
+    if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
+                                     and timestep.dtype in (torch.int32, torch.int64)):
+        raise ValueError("pass one of scheduler.timesteps as the timestep, not an integer index")
+
+
+def churn(sample: torch.Tensor, sigma, num_sigmas: int, s_churn: float, s_tmin: float, s_tmax: float,
+          s_noise: float, generator, like: torch.Tensor):
+    """Karras et al. (2022) Alg. 2 "churn": for sigma in [s_tmin, s_tmax], raise the noise level to
+    sigma_hat = (1 + gamma) sigma with fresh noise (shaped and typed as ``like``). Returns
+    ``(sample, sigma_hat)``."""
+    gamma = min(s_churn / (num_sigmas - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = randn_tensor(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+        sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    return sample, sigma_hat
+
+
 def to_d(sample: torch.Tensor, denoised: torch.Tensor, sigma) -> torch.Tensor:
     """The ODE derivative dx/dsigma = (x - x0) / sigma."""
     return (sample - denoised) / sigma
@@ -340,6 +366,30 @@ def x0_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod, 
 def eps_from_alpha(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod, prediction_type: str) -> torch.Tensor:
     """Noise estimate with alpha_prod = alphas_cumprod[t] (for epsilon models, the output itself)."""
     return noise_from_output(model_output, sample, alpha_prod**0.5, (1 - alpha_prod) ** 0.5, prediction_type)
+
+
+def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_prev, std_dev=0.0) -> torch.Tensor:
+    """DDIM eq. (12) without its noise term: sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps."""
+    return alpha_prod_prev**0.5 * x0 + (1 - alpha_prod_prev - std_dev**2) ** 0.5 * eps
+
+
+def ddpm_posterior_mean(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t, alpha_prod_prev, alpha=None,
+                        beta=None) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7), with alpha_prod = alphas_cumprod at t and t - 1; the
+    step's ``alpha`` defaults to their ratio and ``beta`` to 1 - alpha."""
+    alpha = alpha_prod_t / alpha_prod_prev if alpha is None else alpha
+    beta = 1 - alpha if beta is None else beta
+    beta_prod_t = 1 - alpha_prod_t
+    return (alpha_prod_prev**0.5 * beta) / beta_prod_t * x0 + alpha**0.5 * (1 - alpha_prod_prev) / beta_prod_t * sample
+
+
+def batch_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, stride: int, like: torch.Tensor):
+    """``(alpha_prod_t, alpha_prod_prev)`` per sample of a batch at its own timestep and at
+    ``timestep - stride`` (1 before t = 0), shaped to broadcast over ``like``."""
+    t = timesteps.to(like.device).view(-1, *[1] * (like.ndim - 1))
+    table = alphas_cumprod.to(like.device)
+    prev = t - stride
+    return table[t], torch.where(prev < 0, table.new_ones(()), table[prev.clamp(min=0)])
 
 
 def clip_denoised(x0: torch.Tensor, config) -> torch.Tensor:

@@ -73,10 +73,8 @@ class SigmaSchedulerBase(StepIndexMixin, SchedulerMixin):
         return sample / (self._input_sigma() ** 2 + 1) ** 0.5
 
     def _start_step(self, timestep) -> int:
-        integer = isinstance(timestep, int) or (isinstance(timestep, torch.Tensor)
-                                                and timestep.dtype in (torch.int32, torch.int64))
-        if integer and self.rejects_integer_timesteps:
-            raise ValueError("pass one of scheduler.timesteps as the timestep, not an integer index")
+        if self.rejects_integer_timesteps:
+            sm.reject_integer_timestep(timestep)
         if self._step_index is None:
             self._init_step_index(timestep)
         return self._step_index

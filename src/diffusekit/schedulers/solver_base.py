@@ -23,7 +23,7 @@ class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
     def _init_tables(self) -> None:
         cfg = self.config
         sigma_kind(cfg)  # rejects more than one of use_{karras,exponential,beta}_sigmas
-        check_solver_order(cfg.solver_order)
+        self._check_orders()
         self.betas, self.alphas, self.alphas_cumprod = training_tables(cfg, finite_last_sigma=True)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
@@ -33,6 +33,9 @@ class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
         self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
         self.num_inference_steps = None
         self._reset_history()
+
+    def _check_orders(self) -> None:
+        check_solver_order(self.config.solver_order)
 
     def _reset_history(self) -> None:
         self.model_outputs = [None] * self.config.solver_order
