@@ -29,13 +29,29 @@ def _trigonometric_levels(scheduler, t: torch.Tensor):
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)  # timestep in (0, 1]
 
 
+def _edm_network_output(scheduler, sample, x0, noise, signal, noise_scale):
+    """The EDM network output F that the scheduler's preconditioning turns into ``x0`` (it is affine in F)."""
+    offset = scheduler.precondition_outputs(sample, torch.zeros_like(sample), noise_scale)
+    gain = scheduler.precondition_outputs(sample, torch.ones_like(sample), noise_scale) - offset
+    return (x0 - offset) / gain
+
+
+def _velocity(scheduler, sample, x0, noise, signal, noise_scale):
+    return noise - x0
+
+
 #: Schedulers whose timesteps are not the model's training timesteps: (signal, noise) scales of their
-#: sample at a timestep, and what they take as the model output from the clean-image and noise estimates
-#: (and those scales: iPNDM takes the v-prediction ``signal * noise - noise_scale * x0``).
+#: sample at a timestep, and the model output they take, made from the clean-image and noise estimates
+#: (``output(scheduler, sample, x0, noise, signal, noise_scale)``).
 _OTHER_PARAMETRISATIONS = {
-    "EDMEulerScheduler": (_edm_levels, lambda x0, noise, signal, noise_scale: x0),  # as pred_original_sample
-    "FlowMatchEulerDiscreteScheduler": (_flow_levels, lambda x0, noise, signal, noise_scale: noise - x0),
-    "IPNDMScheduler": (_trigonometric_levels, lambda x0, noise, signal, noise_scale: signal * noise - noise_scale * x0),
+    "EDMEulerScheduler": (_edm_levels, lambda scheduler, sample, x0, *_: x0),  # as pred_original_sample
+    "EDMDPMSolverMultistepScheduler": (_edm_levels, _edm_network_output),
+    "FlowMatchEulerDiscreteScheduler": (_flow_levels, _velocity),
+    "FlowMatchHeunDiscreteScheduler": (_flow_levels, _velocity),
+    "FlowMatchLCMScheduler": (_flow_levels, _velocity),
+    # iPNDM takes the v-prediction on its own scale
+    "IPNDMScheduler": (_trigonometric_levels,
+                       lambda scheduler, sample, x0, noise, signal, noise_scale: signal * noise - noise_scale * x0),
 }
 
 
@@ -118,7 +134,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         alpha_prod = 1 / (1 + sigma**2)
         x0 = sm.x0_from_alpha(prediction, model_input, alpha_prod, prediction_type)
         noise = sm.eps_from_alpha(prediction, model_input, alpha_prod, prediction_type)
-        return output(x0, noise, signal, noise_scale), _step_options(scheduler, pred_original_sample=x0)
+        model_output = output(scheduler, sample, x0, noise, signal, noise_scale)
+        return model_output, _step_options(scheduler, pred_original_sample=x0)
 
     @torch.no_grad()
     def __call__(
