@@ -1,11 +1,13 @@
 """What ``diffusekit generate`` records in its PNGs, and ``--from`` redoing an image from that record
 (the embedded model; the Stable Diffusion cases are in test_cli_sd.py)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+import diffusekit.embedded
 from diffusekit import __version__
 from diffusekit.cli import main, read_png_parameters
 
@@ -35,7 +37,10 @@ def test_bare_generate_makes_one_image_per_class_and_records_everything(tmp_path
     assert (record["width"], record["height"], record["dtype"]) == (16, 16, "float32")
     assert record["diffusekit_version"] == __version__
     assert record["scheduler"]["class"] == "DDIMScheduler"
-    assert record["scheduler"]["config"]["beta_schedule"] == "squaredcos_cap_v2"
+    shipped = json.loads((Path(diffusekit.embedded.__file__).parent / "assets" / "digits" / "scheduler"
+                          / "scheduler_config.json").read_text())
+    assert {k: record["scheduler"]["config"][k] for k in ("beta_schedule", "prediction_type")} == {
+        k: shipped[k] for k in ("beta_schedule", "prediction_type")}
     assert text_chunks(written[7])["parameters"] == (
         "\nSteps: 2, Sampler: DDIM, CFG scale: 2.0, Seed: 10, Size: 16x16, Model: diffusekit:digits, Class: 7, "
         f"Version: diffusekit {__version__}")
