@@ -65,6 +65,24 @@ def test_every_loaded_tensor_is_aligned_and_the_round_trip_is_exact(tmp_path):
             assert torch.equal(loaded(sample, 5).sample, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stays_mapped_and_computes_like_fresh_tensors(tmp_path, dtype):
+    """Why only float32/float64 are copied: the half-precision kernels give the same bits on unaligned
+    weights (if a torch release changes that, this fails and ALIGNMENT_SENSITIVE must grow)."""
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                        attention_head_dim=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval().to(dtype)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "reference.safetensors"))
+    state = load_safetensors(tmp_path / "reference.safetensors")
+    assert [k for k, v in state.items() if v.data_ptr() % 64]  # mapped where the file puts them
+    loaded = UNet2DModel.from_config(model.config).eval().to(dtype)
+    loaded.load_checked_state_dict(state)
+    sample = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(loaded(sample, 5).sample, model(sample, 5).sample)
+
+
 def test_our_layout_maps_the_large_tensors_without_copying(tmp_path):
     torch.manual_seed(0)
     state = {"big": torch.randn(64, 16), "odd": torch.randn(3), "big2": torch.randn(32)}

@@ -33,6 +33,10 @@ _DTYPE_SIZES = {
 _MAX_HEADER = 100 * 1024 * 1024
 #: Tensors are handed out at addresses that are a multiple of this (as fresh torch allocations are).
 ALIGNMENT = 64
+#: The dtypes whose CPU kernels give other bits on unaligned data (float32 convolutions and matrix
+#: products do; the half-precision kernels convert into aligned buffers first, and give the same bits
+#: either way, see tests/test_weights_safety.py), so only these are copied when a map leaves them unaligned.
+ALIGNMENT_SENSITIVE = (torch.float32, torch.float64)
 #: Metadata key (in each safetensors file and in a shard index) that ties the files of one save together.
 SAVE_ID_KEY = "diffusekit_save_id"
 #: Environment variable that turns on :func:`load_safetensors`'s ``copy`` mode by default.
@@ -157,8 +161,9 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu", copy: bool | 
     """Read a safetensors file after checking its header.
 
     On CPU the tensors view a private (copy-on-write) memory map of the file, so nothing is read
-    until it is used; a tensor that the map would place at an address that is not 64-byte aligned
-    is read into fresh memory instead (CPU kernels give other bits on unaligned data). With
+    until it is used; a float32/float64 tensor that the map would place at an address that is not
+    64-byte aligned is read into fresh memory instead (CPU kernels give other bits on unaligned
+    float32 data; half-precision tensors stay mapped, their kernels give the same bits). With
     ``copy=True`` (default: ``DIFFUSEKIT_COPY_WEIGHTS``) every tensor is read into private memory,
     so later changes to the file (truncation, which would crash a mapped load with SIGBUS) cannot
     reach the model.
@@ -212,7 +217,7 @@ def _cpu_tensors(f: IO[bytes], path: Path, header: dict, data_start: int, size: 
         tensor = None
         if storage is not None:
             tensor = torch.empty(0, dtype=dtype, device="cpu").set_(storage[start:end], 0, shape)
-        if tensor is None or tensor.data_ptr() % ALIGNMENT:
+        if tensor is None or (tensor.data_ptr() % ALIGNMENT and dtype in ALIGNMENT_SENSITIVE):
             tensor = _read_tensor(f, path, key, start, dtype, shape)
         tensors[key] = tensor
     return tensors
