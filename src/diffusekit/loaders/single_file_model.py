@@ -144,7 +144,7 @@ def clip_list(items: list[str], limit: int = 12) -> str:
 def _on_meta(model_cls, config: dict):
     from ..models.modeling import skip_init
 
-    with torch.device("meta"), skip_init():
+    with skip_init(device="meta"):
         return model_cls.from_config(config)
 
 

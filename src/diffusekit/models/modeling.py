@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 from torch.utils.checkpoint import checkpoint
 
 from ..configuration import ConfigMixin, config_attribute, read_json
@@ -130,7 +131,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         config.update(kwargs)
         weights_path = find_weights(folder, variant=variant, use_safetensors=use_safetensors)
         state = load_weights(weights_path, copy=copy_weights)
-        with torch.device("meta"), skip_init():
+        with skip_init(device="meta"):
             model = cls.from_config(config)
         model.load_checked_state_dict(state, source=weights_path, dtype=torch_dtype)
         return model.eval()
@@ -236,21 +237,30 @@ _INIT_FUNCTIONS = frozenset(
 
 
 class _SkipInitMode(TorchFunctionMode):
-    """Returns the tensor unchanged from every ``torch.nn.init`` function; everything else runs."""
+    """Returns the tensor unchanged from every ``torch.nn.init`` function and, given a ``device``, makes
+    tensor factories default to it (one mode rather than this plus ``torch.device(...)``: every torch
+    call of a model's construction passes through each mode on the stack)."""
+
+    def __init__(self, device: str | torch.device | None) -> None:
+        super().__init__()
+        self.device = device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _INIT_FUNCTIONS:
             return args[0] if args else kwargs["tensor"]
+        if self.device is not None and func in _device_constructors() and kwargs.get("device") is None:
+            kwargs["device"] = self.device
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def skip_init():
+def skip_init(device: str | torch.device | None = None):
     """Make building a module whose weights are about to be assigned cheap: in this thread only,
-    the ``torch.nn.init`` functions (which torch's layers call from ``reset_parameters``) do nothing.
-    A torch function mode, not a patch: other threads building modules meanwhile are unaffected."""
-    with _SkipInitMode():
+    the ``torch.nn.init`` functions (which torch's layers call from ``reset_parameters``) do nothing,
+    and tensors are made on ``device`` (e.g. ``"meta"``) unless a call names one. A torch function
+    mode, not a patch: other threads building modules meanwhile are unaffected."""
+    with _SkipInitMode(device):
         yield
 
 
