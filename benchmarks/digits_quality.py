@@ -129,8 +129,8 @@ def evaluate(model: Path, samples: int, guidance_scale: float, steps: int, seed:
 def report(r: dict) -> str:
     per_class = " ".join(f"{c}:{a:.0%}" for c, a in enumerate(r["generated_per_class_accuracy"]))
     return "\n".join([
-        f"| measured on | accuracy (requested class) | mean confidence |",
-        f"|---|---|---|",
+        "| measured on | accuracy (requested class) | mean confidence |",
+        "|---|---|---|",
         f"| {r['samples']} generated digits (guidance {r['guidance_scale']}, {r['steps']} DDIM steps, "
         f"{r['timestep_spacing']} spacing) "
         f"| {r['generated']['accuracy']:.1%} | {r['generated']['confidence']:.3f} |",

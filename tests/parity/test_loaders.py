@@ -280,7 +280,7 @@ def test_shipped_configs_map_to_the_original_layout(family):
     """Every parameter of the shipped full-size configs has a unique original name, in the places the
     original SD checkpoints have them (built on the meta device: nothing is allocated)."""
     from diffusekit.loaders import single_file_layout as layout
-    from diffusekit.loaders.single_file import CONFIG_ROOT, _expected, component_config
+    from diffusekit.loaders.single_file_model import CONFIG_ROOT, _expected, component_config
 
     unet_config = component_config("unet", family, None, {"in_channels": 9})
     unet_keys = _expected(diffusekit.UNet2DConditionModel, unet_config)

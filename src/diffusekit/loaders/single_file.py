@@ -33,10 +33,8 @@ from ..models.autoencoder_kl import AutoencoderKL
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..weights import WeightsError
 from . import single_file_layout as layout
-from .single_file_model import (  # CONFIG_ROOT, _expected, FromOriginalModelMixin: re-exported
-    CONFIG_ROOT,
+from .single_file_model import (  # FromOriginalModelMixin: re-exported
     FromOriginalModelMixin,
-    _expected,
     clip_list,
     component_config,
     conv_in_channels,
