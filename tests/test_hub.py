@@ -59,8 +59,12 @@ def no_hub(monkeypatch):
 
 @pytest.mark.parametrize("name", ["./nope", "nope/", "../x", "~/surely-not-here", "/abs/nope", "C:\\x",
                                   "x.safetensors", "model.ckpt", "emb.pt", "a/b/c", "not a repo"])
-def test_missing_local_paths_fail_without_the_hub(name, no_hub):
+def test_missing_local_paths_fail_without_the_hub(name, no_hub, tmp_path, monkeypatch):
     from diffusekit.hub import resolve_first_file, resolve_folder
+
+    # relative names resolve against an empty folder (from a checkout named x, "../x" would exist)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
 
     message = f"^{re.escape(name)}: no such file or folder$"
     with pytest.raises(FileNotFoundError, match=message):
