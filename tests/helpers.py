@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from diffusekit.configuration import register_to_config
+from diffusekit.models import layers
 from diffusekit.models.modeling import ModelMixin
 
 
@@ -15,8 +15,8 @@ class TinyModel(ModelMixin):
     @register_to_config
     def __init__(self, channels: int = 3, hidden: int = 8):
         super().__init__()
-        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.conv_out = nn.Conv2d(hidden, channels, 1)
+        self.conv_in = layers.Conv2d(channels, hidden, 3, padding=1)
+        self.conv_out = layers.Conv2d(hidden, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(torch.relu(self.conv_in(x)))

@@ -119,26 +119,37 @@ def test_skip_init_skips_initialisation_in_this_thread_only():
 
     from torch import nn
 
+    from diffusekit.models import layers
     from diffusekit.models.modeling import skip_init
 
-    before = (nn.Linear.reset_parameters, torch.nn.init.normal_)
-    other_thread = {}
+    before = (nn.Linear.reset_parameters, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_)
+    elsewhere = {}
 
-    def initialise_elsewhere():
-        other_thread["value"] = torch.nn.init.constant_(torch.zeros(1), 3.0).item()
+    def build_elsewhere():
+        torch.manual_seed(1)
+        elsewhere["layer"] = layers.Linear(2, 3)
 
-    with skip_init():
-        assert (nn.Linear.reset_parameters, torch.nn.init.normal_) == before  # nothing patched
-        layer = nn.Linear(2, 3, device="meta")
-        assert torch.nn.init.normal_(torch.ones(1)).item() == 1.0  # a no-op inside
-        assert torch.nn.init.constant_(tensor=torch.ones(1), val=5.0).item() == 1.0
-        worker = threading.Thread(target=initialise_elsewhere)
+    with skip_init(device="meta"):
+        assert (nn.Linear.reset_parameters, torch.nn.init.normal_, torch.nn.init.kaiming_uniform_) == before
+        assert torch.nn.init.constant_(torch.zeros(1), 3.0).item() == 3.0  # torch itself untouched
+        inside = [layers.Linear(2, 3), layers.Conv2d(2, 3, 3), layers.GroupNorm(1, 2), layers.LayerNorm(4),
+                  layers.RMSNorm(4), layers.Embedding(5, 2), layers.Conv1d(2, 3, 3), layers.ConvTranspose2d(2, 3, 2)]
+        on_cpu = layers.Linear(2, 3, device="cpu")  # a device named by the caller wins
+        worker = threading.Thread(target=build_elsewhere)
         worker.start()
         worker.join()
-        assert torch.ones(2).sum().item() == 2.0  # other functions still run
-    assert other_thread["value"] == 3.0
-    assert torch.nn.init.constant_(torch.zeros(1), 4.0).item() == 4.0
-    assert layer.weight.is_meta
+    assert all(p.is_meta for layer in inside for p in layer.parameters())
+    assert not on_cpu.weight.is_meta
+    torch.manual_seed(1)
+    plain = nn.Linear(2, 3)
+    assert not elsewhere["layer"].weight.is_meta
+    assert torch.equal(elsewhere["layer"].weight, plain.weight)  # the other thread initialised as torch does
+    assert isinstance(elsewhere["layer"], nn.Linear)
+    torch.manual_seed(2)
+    ours = layers.Conv2d(3, 4, 3)
+    torch.manual_seed(2)
+    theirs = nn.Conv2d(3, 4, 3)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
 
 
 def test_safetensors_read_over_memory_map_matches_reader_and_leaves_file_alone(tmp_path):

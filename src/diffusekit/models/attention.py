@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import BaseOutput
+from .layers import Conv2d, GroupNorm, LayerNorm, Linear
 from .modeling import maybe_checkpoint
 
 #: Attention parameter names of checkpoints saved before diffusers 0.14 (e.g. google/ddpm-*).
@@ -74,13 +75,13 @@ class Attention(nn.Module):
         self.fused_projections = False
 
         self.group_norm = (
-            nn.GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
+            GroupNorm(num_groups=norm_num_groups, num_channels=query_dim, eps=eps, affine=True)
             if norm_num_groups is not None else None
         )
-        self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)
-        self.to_k = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
-        self.to_v = nn.Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, out_dim or query_dim, bias=out_bias),
+        self.to_q = Linear(query_dim, self.inner_dim, bias=bias)
+        self.to_k = Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        self.to_v = Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
+        self.to_out = nn.ModuleList([Linear(self.inner_dim, out_dim or query_dim, bias=out_bias),
                                      nn.Dropout(dropout)])
 
     def set_attention_slice(self, slice_size: int | None) -> None:
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         """Concatenate q/k/v (self-attention) or k/v (cross-attention) weights into one linear layer."""
         parts = [self.to_k, self.to_v] if self.is_cross_attention else [self.to_q, self.to_k, self.to_v]
         weight = torch.cat([p.weight for p in parts])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=self.use_bias,
+        fused = Linear(weight.shape[1], weight.shape[0], bias=self.use_bias,
                           device=weight.device, dtype=weight.dtype)
         fused.weight.copy_(weight)
         if self.use_bias:
@@ -182,7 +183,7 @@ class GELU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, approximate: str = "none", bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out, bias=bias)
+        self.proj = Linear(dim_in, dim_out, bias=bias)
         self.approximate = approximate
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
+        self.proj = Linear(dim_in, dim_out * 2, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states, gate = self.proj(hidden_states).chunk(2, dim=-1)
@@ -215,10 +216,10 @@ class FeedForward(nn.Module):
             act = GELU(dim, inner_dim, approximate="tanh" if activation_fn == "gelu-approximate" else "none", bias=bias)
         else:
             raise ValueError(f"activation_fn {activation_fn!r} is not supported (geglu, gelu, gelu-approximate)")
-        layers = [act, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out or dim, bias=bias)]
+        net = [act, nn.Dropout(dropout), Linear(inner_dim, dim_out or dim, bias=bias)]
         if final_dropout:
-            layers.append(nn.Dropout(dropout))
-        self.net = nn.ModuleList(layers)
+            net.append(nn.Dropout(dropout))
+        self.net = nn.ModuleList(net)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         for module in self.net:
@@ -255,17 +256,17 @@ class BasicTransformerBlock(nn.Module):
         self.only_cross_attention = only_cross_attention
         attn_kwargs = dict(heads=num_attention_heads, dim_head=attention_head_dim, dropout=dropout,
                            bias=attention_bias, upcast_attention=upcast_attention, out_bias=attention_out_bias)
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
+        self.norm1 = LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None,
                                **attn_kwargs)
         if cross_attention_dim is not None or double_self_attention:
-            self.norm2 = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
+            self.norm2 = LayerNorm(dim, norm_eps, norm_elementwise_affine)
             self.attn2 = Attention(dim, cross_attention_dim=None if double_self_attention else cross_attention_dim,
                                    **attn_kwargs)
         else:
             self.norm2 = None
             self.attn2 = None
-        self.norm3 = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
+        self.norm3 = LayerNorm(dim, norm_eps, norm_elementwise_affine)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn, final_dropout=final_dropout,
                               inner_dim=ff_inner_dim, bias=ff_bias)
 
@@ -324,11 +325,11 @@ class Transformer2DModel(nn.Module):
         inner_dim = num_attention_heads * attention_head_dim
         out_channels = out_channels or in_channels
         self.use_linear_projection = use_linear_projection
-        self.norm = nn.GroupNorm(num_groups=norm_num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = GroupNorm(num_groups=norm_num_groups, num_channels=in_channels, eps=1e-6, affine=True)
         if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_in = Linear(in_channels, inner_dim)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
+            self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1, stride=1, padding=0)
         self.transformer_blocks = nn.ModuleList([
             BasicTransformerBlock(
                 inner_dim, num_attention_heads, attention_head_dim, dropout=dropout,
@@ -340,9 +341,9 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         ])
         if use_linear_projection:
-            self.proj_out = nn.Linear(inner_dim, out_channels)
+            self.proj_out = Linear(inner_dim, out_channels)
         else:
-            self.proj_out = nn.Conv2d(inner_dim, out_channels, kernel_size=1, stride=1, padding=0)
+            self.proj_out = Conv2d(inner_dim, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(
         self,

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ..configuration import register_to_config
 from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput, Generator
+from .layers import Conv2d
 from .attention import LEGACY_ATTENTION_RENAMES
 from .modeling import ModelMixin
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
@@ -111,8 +111,8 @@ class AutoencoderKL(ModelMixin, AutoencoderMixin, FromOriginalModelMixin):
             block_out_channels=block_out_channels, layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups, act_fn=act_fn, mid_block_add_attention=mid_block_add_attention,
         )
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
         self.use_slicing = False
         self.use_tiling = False

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from .layers import Linear, load_device
+
 _ACTIVATIONS = {"swish": nn.SiLU, "silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
@@ -85,10 +87,10 @@ class TimestepEmbedding(nn.Module):
         sample_proj_bias: bool = True,
     ):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim, sample_proj_bias)
-        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
+        self.linear_1 = Linear(in_channels, time_embed_dim, sample_proj_bias)
+        self.cond_proj = Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
         self.act = get_activation(act_fn)
-        self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim, sample_proj_bias)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim, sample_proj_bias)
         self.post_act = get_activation(post_act_fn) if post_act_fn is not None else None
 
     def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +106,7 @@ class GaussianFourierProjection(nn.Module):
     def __init__(self, embedding_size: int = 256, scale: float = 1.0, set_W_to_weight: bool = True,
                  log: bool = True, flip_sin_to_cos: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        self.weight = nn.Parameter(torch.randn(embedding_size, device=load_device()) * scale, requires_grad=False)
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos
 
@@ -127,9 +129,9 @@ class PixArtAlphaTextProjection(nn.Module):
         activations = {"gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
         if act_fn not in activations:
             raise ValueError(f"act_fn {act_fn!r} is not one of {sorted(activations)}")
-        self.linear_1 = nn.Linear(in_features, hidden_size, bias=True)
+        self.linear_1 = Linear(in_features, hidden_size, bias=True)
         self.act_1 = activations[act_fn]()
-        self.linear_2 = nn.Linear(hidden_size, out_features or hidden_size, bias=True)
+        self.linear_2 = Linear(hidden_size, out_features or hidden_size, bias=True)
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act_1(self.linear_1(caption)))

@@ -23,6 +23,7 @@ from ..configuration import read_json, register_to_config
 from ..hub import resolve_folder
 from ..utils import BaseOutput
 from ..weights import find_weights, load_weights, save_weights
+from .layers import Embedding, LayerNorm, Linear
 from .modeling import ModelMixin
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,10 @@ class LDMBertAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
         inner = heads * head_dim
-        self.k_proj = nn.Linear(d_model, inner, bias=False)
-        self.v_proj = nn.Linear(d_model, inner, bias=False)
-        self.q_proj = nn.Linear(d_model, inner, bias=False)
-        self.out_proj = nn.Linear(inner, d_model)
+        self.k_proj = Linear(d_model, inner, bias=False)
+        self.v_proj = Linear(d_model, inner, bias=False)
+        self.q_proj = Linear(d_model, inner, bias=False)
+        self.out_proj = Linear(inner, d_model)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, _ = hidden.shape
@@ -80,10 +81,10 @@ class LDMBertLayer(nn.Module):
         d_model = config.d_model
         self.self_attn = LDMBertAttention(d_model, config.encoder_attention_heads, config.head_dim,
                                           config.attention_dropout)
-        self.self_attn_layer_norm = nn.LayerNorm(d_model)
-        self.fc1 = nn.Linear(d_model, config.encoder_ffn_dim)
-        self.fc2 = nn.Linear(config.encoder_ffn_dim, d_model)
-        self.final_layer_norm = nn.LayerNorm(d_model)
+        self.self_attn_layer_norm = LayerNorm(d_model)
+        self.fc1 = Linear(d_model, config.encoder_ffn_dim)
+        self.fc2 = Linear(config.encoder_ffn_dim, d_model)
+        self.final_layer_norm = LayerNorm(d_model)
         self.activation = _ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
@@ -101,10 +102,10 @@ class LDMBertEncoder(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.d_model)
+        self.embed_tokens = Embedding(config.vocab_size, config.d_model)
+        self.embed_positions = Embedding(config.max_position_embeddings, config.d_model)
         self.layers = nn.ModuleList([LDMBertLayer(config) for _ in range(config.encoder_layers)])
-        self.layer_norm = nn.LayerNorm(config.d_model)
+        self.layer_norm = LayerNorm(config.d_model)
         self.dropout = config.dropout
 
 
@@ -144,7 +145,7 @@ class LDMBertModel(ModelMixin):
         if activation_function not in _ACTIVATIONS:
             raise ValueError(f"activation_function {activation_function!r} is not one of {sorted(_ACTIVATIONS)}")
         self.model = LDMBertEncoder(self.config)
-        self.to_logits = nn.Linear(d_model, vocab_size)
+        self.to_logits = Linear(d_model, vocab_size)
 
     def forward(
         self,

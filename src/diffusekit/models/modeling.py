@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._device import _device_constructors
 from torch.utils.checkpoint import checkpoint
 
 from ..configuration import ConfigMixin, config_attribute, read_json
 from ..hub import resolve_folder
 from ..weights import SAFETENSORS_NAME, WeightsError, find_weights, load_weights, save_weights
+from .layers import building_for_load
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -230,38 +228,13 @@ def assign_tensors(model: nn.Module, state: dict[str, torch.Tensor],
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=current.requires_grad)
 
 
-#: The ``torch.nn.init`` functions that :func:`skip_init` turns into no-ops.
-_INIT_FUNCTIONS = frozenset(
-    getattr(torch.nn.init, name) for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")
-)
-
-
-class _SkipInitMode(TorchFunctionMode):
-    """Returns the tensor unchanged from every ``torch.nn.init`` function and, given a ``device``, makes
-    tensor factories default to it (one mode rather than this plus ``torch.device(...)``: every torch
-    call of a model's construction passes through each mode on the stack)."""
-
-    def __init__(self, device: str | torch.device | None) -> None:
-        super().__init__()
-        self.device = device
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _INIT_FUNCTIONS:
-            return args[0] if args else kwargs["tensor"]
-        if self.device is not None and func in _device_constructors() and kwargs.get("device") is None:
-            kwargs["device"] = self.device
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
 def skip_init(device: str | torch.device | None = None):
-    """Make building a module whose weights are about to be assigned cheap: in this thread only,
-    the ``torch.nn.init`` functions (which torch's layers call from ``reset_parameters``) do nothing,
-    and tensors are made on ``device`` (e.g. ``"meta"``) unless a call names one. A torch function
-    mode, not a patch: other threads building modules meanwhile are unaffected."""
-    with _SkipInitMode(device):
-        yield
+    """Make building a model whose weights are about to be assigned cheap: in this thread (and task)
+    only, the layers of :mod:`diffusekit.models.layers` skip ``reset_parameters`` and make their
+    tensors on ``device`` (e.g. ``"meta"``) unless given one. A context variable read by those layers,
+    not a patch of torch: other threads building modules meanwhile are unaffected. Plain torch layers
+    in a user's own model still initialise (correct, only slower)."""
+    return building_for_load(device)
 
 
 def _clip(items: list[str], limit: int = 20) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import LayerNorm, Linear
+
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x * (1 + scale) + shift`` with per-sample (batch, dim) vectors broadcast over the tokens."""
@@ -23,7 +25,7 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 def _layer_norm(dim: int, eps: float, norm_type: str) -> nn.LayerNorm:
     if norm_type != "layer_norm":
         raise ValueError(f"norm_type {norm_type!r} is not supported (layer_norm)")
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+    return LayerNorm(dim, elementwise_affine=False, eps=eps)
 
 
 class AdaLayerNormZero(nn.Module):
@@ -32,7 +34,7 @@ class AdaLayerNormZero(nn.Module):
     def __init__(self, embedding_dim: int, norm_type: str = "layer_norm", bias: bool = True):
         super().__init__()
         self.silu = nn.SiLU()
-        self.linear = nn.Linear(embedding_dim, 6 * embedding_dim, bias=bias)
+        self.linear = Linear(embedding_dim, 6 * embedding_dim, bias=bias)
         self.norm = _layer_norm(embedding_dim, 1e-6, norm_type)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor):
@@ -46,7 +48,7 @@ class AdaLayerNormZeroSingle(nn.Module):
     def __init__(self, embedding_dim: int, norm_type: str = "layer_norm", bias: bool = True):
         super().__init__()
         self.silu = nn.SiLU()
-        self.linear = nn.Linear(embedding_dim, 3 * embedding_dim, bias=bias)
+        self.linear = Linear(embedding_dim, 3 * embedding_dim, bias=bias)
         self.norm = _layer_norm(embedding_dim, 1e-6, norm_type)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor):
@@ -63,8 +65,8 @@ class AdaLayerNormContinuous(nn.Module):
         if norm_type != "layer_norm":
             raise ValueError(f"norm_type {norm_type!r} is not supported (layer_norm)")
         self.silu = nn.SiLU()
-        self.linear = nn.Linear(conditioning_embedding_dim, 2 * embedding_dim, bias=bias)
-        self.norm = nn.LayerNorm(embedding_dim, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
+        self.linear = Linear(conditioning_embedding_dim, 2 * embedding_dim, bias=bias)
+        self.norm = LayerNorm(embedding_dim, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
 
     def forward(self, x: torch.Tensor, conditioning_embedding: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(self.silu(conditioning_embedding).to(x.dtype)).chunk(2, dim=1)

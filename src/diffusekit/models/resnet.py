@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d, ConvTranspose2d, GroupNorm, Linear
 from .embeddings import get_activation
 
 _FIR_KERNEL = (1, 3, 3, 1)
@@ -77,7 +78,7 @@ class FirUpsample2D(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.Conv2d_0 = nn.Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
+            self.Conv2d_0 = Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.use_conv = use_conv
         self.fir_kernel = fir_kernel
         self.out_channels = out_channels
@@ -105,7 +106,7 @@ class FirDownsample2D(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.Conv2d_0 = nn.Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
+            self.Conv2d_0 = Conv2d(channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.fir_kernel = fir_kernel
         self.use_conv = use_conv
         self.out_channels = out_channels
@@ -137,10 +138,10 @@ class Upsample2D(nn.Module):
         self.interpolate = interpolate
         conv = None
         if use_conv_transpose:
-            conv = nn.ConvTranspose2d(channels, self.out_channels, kernel_size=kernel_size or 4, stride=2,
+            conv = ConvTranspose2d(channels, self.out_channels, kernel_size=kernel_size or 4, stride=2,
                                       padding=padding, bias=bias)
         elif use_conv:
-            conv = nn.Conv2d(channels, self.out_channels, kernel_size=kernel_size or 3, padding=padding, bias=bias)
+            conv = Conv2d(channels, self.out_channels, kernel_size=kernel_size or 3, padding=padding, bias=bias)
         self.conv_name = "conv" if name == "conv" else "Conv2d_0"
         setattr(self, self.conv_name, conv)
 
@@ -172,7 +173,7 @@ class Downsample2D(nn.Module):
         self.use_conv = use_conv
         self.padding = padding
         if use_conv:
-            conv = nn.Conv2d(channels, self.out_channels, kernel_size=kernel_size, stride=2, padding=padding,
+            conv = Conv2d(channels, self.out_channels, kernel_size=kernel_size, stride=2, padding=padding,
                              bias=bias)
         else:
             if self.channels != self.out_channels:
@@ -227,17 +228,17 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
         self.up, self.down, self.kernel = up, down, kernel
 
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, affine=True)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels is None:
             self.time_emb_proj = None
         else:
             scale = 2 if time_embedding_norm == "scale_shift" else 1
-            self.time_emb_proj = nn.Linear(temb_channels, scale * out_channels)
-        self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps, affine=True)
+            self.time_emb_proj = Linear(temb_channels, scale * out_channels)
+        self.norm2 = GroupNorm(groups_out or groups, out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
         conv_2d_out_channels = conv_2d_out_channels or out_channels
-        self.conv2 = nn.Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, conv_2d_out_channels, kernel_size=3, stride=1, padding=1)
         self.nonlinearity = get_activation(non_linearity)
         self.upsample = Upsample2D(in_channels) if up and kernel not in ("fir", "sde_vp") else None
         self.downsample = (
@@ -248,7 +249,7 @@ class ResnetBlock2D(nn.Module):
             use_in_shortcut = in_channels != conv_2d_out_channels
         self.use_in_shortcut = use_in_shortcut
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, stride=1, padding=0, bias=conv_shortcut_bias)
+            Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, stride=1, padding=0, bias=conv_shortcut_bias)
             if use_in_shortcut else None
         )
 

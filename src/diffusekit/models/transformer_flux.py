@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import register_to_config
+from .layers import LayerNorm, Linear, RMSNorm
 from .attention import FeedForward, Transformer2DModelOutput
 from .embeddings import CombinedTimestepTextProjEmbeddings, apply_rotary_emb, rotary_frequencies
 from .modeling import ModelMixin, maybe_checkpoint
@@ -65,21 +66,21 @@ class FluxAttention(nn.Module):
         self.pre_only = pre_only
         self.fused_projections = False
 
-        self.norm_q = nn.RMSNorm(dim_head, eps=eps)
-        self.norm_k = nn.RMSNorm(dim_head, eps=eps)
-        self.to_q = nn.Linear(query_dim, self.inner_dim, bias=bias)
-        self.to_k = nn.Linear(query_dim, self.inner_dim, bias=bias)
-        self.to_v = nn.Linear(query_dim, self.inner_dim, bias=bias)
+        self.norm_q = RMSNorm(dim_head, eps=eps)
+        self.norm_k = RMSNorm(dim_head, eps=eps)
+        self.to_q = Linear(query_dim, self.inner_dim, bias=bias)
+        self.to_k = Linear(query_dim, self.inner_dim, bias=bias)
+        self.to_v = Linear(query_dim, self.inner_dim, bias=bias)
         if not pre_only:
-            self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, out_dim or query_dim, bias=out_bias),
+            self.to_out = nn.ModuleList([Linear(self.inner_dim, out_dim or query_dim, bias=out_bias),
                                          nn.Dropout(0.0)])
         if added_kv_proj_dim is not None:
-            self.norm_added_q = nn.RMSNorm(dim_head, eps=eps)
-            self.norm_added_k = nn.RMSNorm(dim_head, eps=eps)
-            self.add_q_proj = nn.Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
-            self.add_k_proj = nn.Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
-            self.add_v_proj = nn.Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
-            self.to_add_out = nn.Linear(self.inner_dim, query_dim, bias=out_bias)
+            self.norm_added_q = RMSNorm(dim_head, eps=eps)
+            self.norm_added_k = RMSNorm(dim_head, eps=eps)
+            self.add_q_proj = Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
+            self.add_k_proj = Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
+            self.add_v_proj = Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
+            self.to_add_out = Linear(self.inner_dim, query_dim, bias=out_bias)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -133,7 +134,7 @@ class FluxAttention(nn.Module):
 
 def _concat_linears(layers: Sequence[nn.Linear], bias: bool) -> nn.Linear:
     weight = torch.cat([layer.weight for layer in layers])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias, device=weight.device, dtype=weight.dtype)
+    fused = Linear(weight.shape[1], weight.shape[0], bias=bias, device=weight.device, dtype=weight.dtype)
     fused.weight.copy_(weight)
     if bias:
         fused.bias.copy_(torch.cat([layer.bias for layer in layers]))
@@ -154,9 +155,9 @@ class FluxTransformerBlock(nn.Module):
         self.norm1_context = AdaLayerNormZero(dim)
         self.attn = FluxAttention(dim, heads=num_attention_heads, dim_head=attention_head_dim, bias=True,
                                   added_kv_proj_dim=dim, out_dim=dim, eps=eps)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
-        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2_context = LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
@@ -183,9 +184,9 @@ class FluxSingleTransformerBlock(nn.Module):
         super().__init__()
         self.mlp_hidden_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZeroSingle(dim)
-        self.proj_mlp = nn.Linear(dim, self.mlp_hidden_dim)
+        self.proj_mlp = Linear(dim, self.mlp_hidden_dim)
         self.act_mlp = nn.GELU(approximate="tanh")
-        self.proj_out = nn.Linear(dim + self.mlp_hidden_dim, dim)
+        self.proj_out = Linear(dim + self.mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, heads=num_attention_heads, dim_head=attention_head_dim, bias=True,
                                   out_dim=dim, eps=1e-6, pre_only=True)
 
@@ -248,14 +249,14 @@ class FluxTransformer2DModel(ModelMixin):
 
         self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=axes_dims_rope)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, pooled_projection_dim, guidance=guidance_embeds)
-        self.context_embedder = nn.Linear(joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(in_channels, dim)
+        self.context_embedder = Linear(joint_attention_dim, dim)
+        self.x_embedder = Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
             FluxTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers))
         self.single_transformer_blocks = nn.ModuleList(
             FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers))
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels, bias=True)
+        self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels, bias=True)
 
     # -- options --------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv1d, ConvTranspose1d, GroupNorm, Linear
 from .embeddings import get_activation
 
 # Resampling kernels of the audio blocks (their values are also stored in checkpoints as ``kernel``).
@@ -80,11 +81,11 @@ class SelfAttention1d(nn.Module):
             raise ValueError(f"in_channels={in_channels} must be a positive multiple of n_head={n_head}")
         self.channels = in_channels
         self.num_heads = n_head
-        self.group_norm = nn.GroupNorm(1, num_channels=in_channels)
-        self.query = nn.Linear(in_channels, in_channels)
-        self.key = nn.Linear(in_channels, in_channels)
-        self.value = nn.Linear(in_channels, in_channels)
-        self.proj_attn = nn.Linear(in_channels, in_channels)
+        self.group_norm = GroupNorm(1, num_channels=in_channels)
+        self.query = Linear(in_channels, in_channels)
+        self.key = Linear(in_channels, in_channels)
+        self.value = Linear(in_channels, in_channels)
+        self.proj_attn = Linear(in_channels, in_channels)
         self.dropout = nn.Dropout(dropout_rate)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +111,13 @@ class ResConvBlock(nn.Module):
         self.is_last = is_last
         self.has_conv_skip = in_channels != out_channels
         if self.has_conv_skip:
-            self.conv_skip = nn.Conv1d(in_channels, out_channels, 1, bias=False)
-        self.conv_1 = nn.Conv1d(in_channels, mid_channels, 5, padding=2)
-        self.group_norm_1 = nn.GroupNorm(1, mid_channels)
+            self.conv_skip = Conv1d(in_channels, out_channels, 1, bias=False)
+        self.conv_1 = Conv1d(in_channels, mid_channels, 5, padding=2)
+        self.group_norm_1 = GroupNorm(1, mid_channels)
         self.gelu_1 = nn.GELU()
-        self.conv_2 = nn.Conv1d(mid_channels, out_channels, 5, padding=2)
+        self.conv_2 = Conv1d(mid_channels, out_channels, 5, padding=2)
         if not is_last:
-            self.group_norm_2 = nn.GroupNorm(1, out_channels)
+            self.group_norm_2 = GroupNorm(1, out_channels)
             self.gelu_2 = nn.GELU()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -275,8 +276,8 @@ class Conv1dBlock(nn.Module):
     def __init__(self, inp_channels: int, out_channels: int, kernel_size: int, n_groups: int = 8,
                  activation: str = "mish"):
         super().__init__()
-        self.conv1d = nn.Conv1d(inp_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        self.group_norm = nn.GroupNorm(n_groups, out_channels)
+        self.conv1d = Conv1d(inp_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.group_norm = GroupNorm(n_groups, out_channels)
         self.mish = get_activation(activation)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -292,9 +293,9 @@ class ResidualTemporalBlock1D(nn.Module):
         self.conv_in = Conv1dBlock(inp_channels, out_channels, kernel_size)
         self.conv_out = Conv1dBlock(out_channels, out_channels, kernel_size)
         self.time_emb_act = get_activation(activation)
-        self.time_emb = nn.Linear(embed_dim, out_channels)
+        self.time_emb = Linear(embed_dim, out_channels)
         self.residual_conv = (
-            nn.Conv1d(inp_channels, out_channels, 1) if inp_channels != out_channels else nn.Identity()
+            Conv1d(inp_channels, out_channels, 1) if inp_channels != out_channels else nn.Identity()
         )
 
     def forward(self, inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -308,7 +309,7 @@ class ConvDownsample1D(nn.Module):
 
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv1d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.conv(inputs)
@@ -321,9 +322,9 @@ class ConvUpsample1D(nn.Module):
         super().__init__()
         self.use_conv_transpose = use_conv_transpose
         if use_conv_transpose:
-            self.conv = nn.ConvTranspose1d(channels, channels, 4, 2, 1)
+            self.conv = ConvTranspose1d(channels, channels, 4, 2, 1)
         else:
-            self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+            self.conv = Conv1d(channels, channels, 3, padding=1)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.use_conv_transpose:
@@ -426,10 +427,10 @@ class OutConv1DBlock(nn.Module):
 
     def __init__(self, num_groups_out: int, out_channels: int, embed_dim: int, act_fn: str):
         super().__init__()
-        self.final_conv1d_1 = nn.Conv1d(embed_dim, embed_dim, 5, padding=2)
-        self.final_conv1d_gn = nn.GroupNorm(num_groups_out, embed_dim)
+        self.final_conv1d_1 = Conv1d(embed_dim, embed_dim, 5, padding=2)
+        self.final_conv1d_gn = GroupNorm(num_groups_out, embed_dim)
         self.final_conv1d_act = get_activation(act_fn)
-        self.final_conv1d_2 = nn.Conv1d(embed_dim, out_channels, 1)
+        self.final_conv1d_2 = Conv1d(embed_dim, out_channels, 1)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         x = _group_norm_1d(self.final_conv1d_gn, self.final_conv1d_1(hidden_states))
@@ -442,7 +443,7 @@ class OutValueFunctionBlock(nn.Module):
     def __init__(self, fc_dim: int, embed_dim: int, act_fn: str = "mish"):
         super().__init__()
         self.final_block = nn.ModuleList(
-            [nn.Linear(fc_dim + embed_dim, fc_dim // 2), get_activation(act_fn), nn.Linear(fc_dim // 2, 1)]
+            [Linear(fc_dim + embed_dim, fc_dim // 2), get_activation(act_fn), Linear(fc_dim // 2, 1)]
         )
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

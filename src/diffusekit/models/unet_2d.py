@@ -9,6 +9,7 @@ from torch import nn
 
 from ..configuration import register_to_config
 from ..utils import BaseOutput
+from .layers import Conv2d, Embedding, GroupNorm
 from .attention import LEGACY_ATTENTION_RENAMES
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from .modeling import ModelMixin
@@ -83,7 +84,7 @@ class UNet2DModel(ModelMixin):
         first = block_out_channels[0]
         time_embed_dim = time_embedding_dim or first * 4
 
-        self.conv_in = nn.Conv2d(in_channels, first, kernel_size=3, padding=(1, 1))
+        self.conv_in = Conv2d(in_channels, first, kernel_size=3, padding=(1, 1))
         if time_embedding_type == "fourier":
             self.time_proj = GaussianFourierProjection(embedding_size=first, scale=16)
             timestep_input_dim = 2 * first
@@ -93,14 +94,14 @@ class UNet2DModel(ModelMixin):
         elif time_embedding_type == "learned":
             if num_train_timesteps is None:
                 raise ValueError("num_train_timesteps is required when time_embedding_type is 'learned'")
-            self.time_proj = nn.Embedding(num_train_timesteps, first)
+            self.time_proj = Embedding(num_train_timesteps, first)
             timestep_input_dim = first
         else:
             raise ValueError(f"time_embedding_type {time_embedding_type!r} is not one of positional, fourier, learned")
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
 
         if class_embed_type is None and num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
+            self.class_embedding = Embedding(num_class_embeds, time_embed_dim)
         elif class_embed_type == "timestep":
             self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
         elif class_embed_type == "identity":
@@ -144,9 +145,9 @@ class UNet2DModel(ModelMixin):
                 attention_head_dim=attention_head_dim or output_channel, upsample_type=upsample_type, **common))
 
         groups_out = norm_num_groups if norm_num_groups is not None else min(first // 4, 32)
-        self.conv_norm_out = nn.GroupNorm(num_channels=first, num_groups=groups_out, eps=norm_eps)
+        self.conv_norm_out = GroupNorm(num_channels=first, num_groups=groups_out, eps=norm_eps)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(first, out_channels, kernel_size=3, padding=1)
+        self.conv_out = Conv2d(first, out_channels, kernel_size=3, padding=1)
 
     def forward(
         self,

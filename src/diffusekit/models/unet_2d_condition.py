@@ -11,6 +11,7 @@ from torch import nn
 from ..configuration import register_to_config
 from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput
+from .layers import Conv2d, Embedding, GroupNorm, Linear
 from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from .modeling import ModelMixin
@@ -63,7 +64,7 @@ class BlockSettings:
 
 def build_conv_in(in_channels: int, channels: int, kernel: int) -> nn.Conv2d:
     """The input convolution (``conv_in``), padded to keep the size."""
-    return nn.Conv2d(in_channels, channels, kernel_size=kernel, padding=(kernel - 1) // 2)
+    return Conv2d(in_channels, channels, kernel_size=kernel, padding=(kernel - 1) // 2)
 
 
 def build_time_embedding(*, first_channels: int, time_embedding_type: str, time_embedding_dim: int | None,
@@ -94,7 +95,7 @@ def build_class_embedding(kind: str | None, *, num_class_embeds: int | None, pro
     if kind in ("projection", "simple_projection") and projection_dim is None:
         raise ValueError(f"class_embed_type {kind!r} needs projection_class_embeddings_input_dim")
     if kind is None:
-        return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
+        return Embedding(num_class_embeds, time_embed_dim) if num_class_embeds else None
     if kind == "timestep":
         return TimestepEmbedding(timestep_input_dim, time_embed_dim, act_fn=act_fn)
     if kind == "identity":
@@ -102,7 +103,7 @@ def build_class_embedding(kind: str | None, *, num_class_embeds: int | None, pro
     if kind == "projection":
         return TimestepEmbedding(projection_dim, time_embed_dim)
     if kind == "simple_projection":
-        return nn.Linear(projection_dim, time_embed_dim)
+        return Linear(projection_dim, time_embed_dim)
     raise ValueError(f"class_embed_type {kind!r} is not one of None, timestep, identity, projection, "
                      "simple_projection")
 
@@ -160,9 +161,9 @@ def build_conv_out(channels: int, out_channels: int, kernel: int, *, norm_num_gr
     """``(conv_norm_out, conv_act, conv_out)``; no norm and activation when ``norm_num_groups`` is None."""
     norm = act = None
     if norm_num_groups is not None:
-        norm = nn.GroupNorm(num_channels=channels, num_groups=norm_num_groups, eps=norm_eps)
+        norm = GroupNorm(num_channels=channels, num_groups=norm_num_groups, eps=norm_eps)
         act = get_activation(act_fn)
-    return norm, act, nn.Conv2d(channels, out_channels, kernel_size=kernel, padding=(kernel - 1) // 2)
+    return norm, act, Conv2d(channels, out_channels, kernel_size=kernel, padding=(kernel - 1) // 2)
 
 
 class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
@@ -296,7 +297,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
         if kind is not None and dim is None:
             raise ValueError(f"encoder_hid_dim is required when encoder_hid_dim_type is {kind!r}")
         if kind == "text_proj":
-            self.encoder_hid_proj = nn.Linear(dim, cross_dim)
+            self.encoder_hid_proj = Linear(dim, cross_dim)
         elif kind is None:
             self.encoder_hid_proj = None
         else:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .layers import Conv2d, GroupNorm
 from .attention import Attention, Transformer2DModel
 from .modeling import maybe_checkpoint
 from .resnet import Downsample2D, FirDownsample2D, FirUpsample2D, ResnetBlock2D, Upsample2D
@@ -259,7 +260,7 @@ class SkipDownBlock2D(nn.Module):
         if add_downsample:
             self.resnet_down = resnet(out_channels, use_in_shortcut=True, down=True, kernel="fir")
             self.downsamplers = nn.ModuleList([FirDownsample2D(out_channels, out_channels=out_channels)])
-            self.skip_conv = nn.Conv2d(3, out_channels, kernel_size=(1, 1), stride=(1, 1))
+            self.skip_conv = Conv2d(3, out_channels, kernel_size=(1, 1), stride=(1, 1))
         else:
             self.resnet_down = self.downsamplers = self.skip_conv = None
 
@@ -577,8 +578,8 @@ class SkipUpBlock2D(nn.Module):
         if add_upsample:
             self.resnet_up = _resnet(out_channels, out_channels, temb_channels, resnet_eps, groups_out, *tail,
                                      groups_out=groups_out, use_in_shortcut=True, up=True, kernel="fir")
-            self.skip_conv = nn.Conv2d(out_channels, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
-            self.skip_norm = nn.GroupNorm(num_groups=groups_out, num_channels=out_channels, eps=resnet_eps,
+            self.skip_conv = Conv2d(out_channels, 3, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+            self.skip_norm = GroupNorm(num_groups=groups_out, num_channels=out_channels, eps=resnet_eps,
                                           affine=True)
             self.act = nn.SiLU()
         else:

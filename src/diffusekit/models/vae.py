@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..utils import BaseOutput, Generator, randn_tensor
+from .layers import Conv2d, Embedding, GroupNorm, loading
 from .modeling import maybe_checkpoint
 from .unet_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
@@ -57,7 +58,7 @@ class Encoder(nn.Module):
                 "must have the same length"
             )
         self.gradient_checkpointing = False
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
         self.down_blocks = nn.ModuleList()
         output_channel = block_out_channels[0]
         for i, block_type in enumerate(down_block_types):
@@ -73,9 +74,9 @@ class Encoder(nn.Module):
             resnet_time_scale_shift="default", attention_head_dim=block_out_channels[-1],
             resnet_groups=norm_num_groups, temb_channels=None, add_attention=mid_block_add_attention,
         )
-        self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[-1], num_groups=norm_num_groups, eps=1e-6)
+        self.conv_norm_out = GroupNorm(num_channels=block_out_channels[-1], num_groups=norm_num_groups, eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = self.conv_in(sample)
@@ -108,7 +109,7 @@ class Decoder(nn.Module):
                 "must have the same length"
             )
         self.gradient_checkpointing = False
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
         self.mid_block = UNetMidBlock2D(
             in_channels=block_out_channels[-1], resnet_eps=1e-6, resnet_act_fn=act_fn, output_scale_factor=1,
             resnet_time_scale_shift="default", attention_head_dim=block_out_channels[-1],
@@ -126,9 +127,9 @@ class Decoder(nn.Module):
                 resnet_groups=norm_num_groups, attention_head_dim=output_channel, temb_channels=None,
                 resnet_time_scale_shift="default",
             ))
-        self.conv_norm_out = nn.GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=1e-6)
+        self.conv_norm_out = GroupNorm(num_channels=block_out_channels[0], num_groups=norm_num_groups, eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         sample = maybe_checkpoint(self, self.mid_block, self.conv_in(sample))
@@ -196,8 +197,9 @@ class VectorQuantizer(nn.Module):
         self.vq_embed_dim = vq_embed_dim
         self.beta = beta
         self.legacy = legacy
-        self.embedding = nn.Embedding(n_e, vq_embed_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / n_e, 1.0 / n_e)
+        self.embedding = Embedding(n_e, vq_embed_dim)
+        if not loading():
+            nn.init.uniform_(self.embedding.weight, -1.0 / n_e, 1.0 / n_e)
         self.remap = remap
         if remap is not None:
             self.register_buffer("used", torch.tensor(np.load(remap, allow_pickle=False)))

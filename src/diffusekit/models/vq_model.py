@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..configuration import register_to_config
 from ..utils import BaseOutput
+from .layers import Conv2d
 from .attention import LEGACY_ATTENTION_RENAMES
 from .modeling import ModelMixin
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, Encoder, VectorQuantizer, _check_norm_type
@@ -59,9 +59,9 @@ class VQModel(ModelMixin, AutoencoderMixin):
             norm_num_groups=norm_num_groups, double_z=False, mid_block_add_attention=mid_block_add_attention,
         )
         vq_embed_dim = vq_embed_dim or latent_channels
-        self.quant_conv = nn.Conv2d(latent_channels, vq_embed_dim, 1)
+        self.quant_conv = Conv2d(latent_channels, vq_embed_dim, 1)
         self.quantize = VectorQuantizer(num_vq_embeddings, vq_embed_dim, beta=0.25, remap=None, sane_index_shape=False)
-        self.post_quant_conv = nn.Conv2d(vq_embed_dim, latent_channels, 1)
+        self.post_quant_conv = Conv2d(vq_embed_dim, latent_channels, 1)
         self.decoder = Decoder(
             in_channels=latent_channels, out_channels=out_channels, up_block_types=up_block_types,
             block_out_channels=block_out_channels, layers_per_block=layers_per_block, act_fn=act_fn,
