@@ -8,7 +8,8 @@ Sections: import (fresh processes: time and peak RSS), scheduler (step and set_t
 2x4x64x64 latent), unet (DDIM sampling with tiny UNet2DModels at 32x32 and 64x64), tiny_sd (the
 parity tests' tiny Stable Diffusion pipeline, equal output checked), sd15_load (from_pretrained of
 an SD 1.5-size fp16 pipeline with random weights, saved by the reference: ~2 GB under --cache),
-and, only where CUDA is available, gpu_sd15 (512x512, 50 steps, fp16, batch 1 and 8, guided;
+cold_start (import + from_pretrained in fresh processes, taken in turn: the SD 1.5-size pipeline
+and a reduced-width FLUX.1-architecture pipeline in bf16, ~1 GB more under --cache), and, only where CUDA is available, gpu_sd15 (512x512, 50 steps, fp16, batch 1 and 8, guided;
 eager and torch.compile) and gpu_sdxl_unet (one SDXL-size UNet forward). Peak memory is measured
 in fresh processes (RSS) or with torch.cuda.max_memory_allocated (VRAM).
 
@@ -328,6 +329,76 @@ def bench_sd15_load(root: Path) -> None:
     record("from_pretrained SD 1.5-size fp16 peak RSS", *peak_rss("load_sd15", str(folder)), unit="MB")
 
 
+FLUX_SMALL_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                              num_attention_heads=8, joint_attention_dim=1024, pooled_projection_dim=768,
+                              guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.1159, scaling_factor=0.3611, sample_size=1024)
+
+
+def _flux_small_folder(root: Path) -> Path:
+    """The FLUX.1 architecture at reduced width and depth (transformer dim 1024, 2 + 4 blocks; T5 with
+    d_model 1024, 6 layers; full CLIP-L text encoder and FLUX VAE), bfloat16, saved by the reference."""
+    import diffusers
+    import transformers
+
+    folder = root / "flux-small-bf16"
+    if (folder / "model_index.json").exists():
+        return folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from flux_components import tiny_t5_tokenizer
+
+    tiny = _tiny_sd_folder(root)
+    torch.manual_seed(0)
+    text_config = transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                              num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
+                                              projection_dim=768)
+    t5_config = transformers.T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=6, num_heads=16,
+                                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    pipe = diffusers.FluxPipeline(
+        transformer=diffusers.FluxTransformer2DModel(**FLUX_SMALL_TRANSFORMER).to(torch.bfloat16),
+        vae=diffusers.AutoencoderKL(**FLUX_VAE).to(torch.bfloat16),
+        text_encoder=transformers.CLIPTextModel(text_config).to(torch.bfloat16),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tiny / "tokenizer"),
+        text_encoder_2=transformers.T5EncoderModel(t5_config).to(torch.bfloat16),
+        tokenizer_2=tiny_t5_tokenizer(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+_COLD_START = ("import torch; torch.set_num_threads(1); from {library} import {pipeline}; "
+               "{pipeline}.from_pretrained({folder!r}, torch_dtype=torch.{dtype})")
+
+
+def cold_pair(ours: str, reference: str, runs: int = 5) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(median time, median peak RSS) of two statements, each run in fresh interpreters taken in turn."""
+    results: list[list[tuple[float, float]]] = [[], []]
+    for _ in range(runs):
+        for i, stmt in enumerate((ours, reference)):
+            out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE.format(stmt=stmt)], capture_output=True,
+                                 text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            seconds, megabytes, _ = out.stdout.split()[-3:]
+            results[i].append((float(seconds), float(megabytes)))
+    medians = [(statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for rs in results]
+    return medians[0], medians[1]
+
+
+def bench_cold_start(root: Path) -> None:
+    """Import + from_pretrained in a fresh process: SD 1.5 size (fp16) and the reduced FLUX (bf16)."""
+    for label, pipeline, folder, dtype in [
+        ("SD 1.5-size fp16", "StableDiffusionPipeline", _sd15_folder(root), "float16"),
+        ("FLUX-architecture reduced bf16", "FluxPipeline", _flux_small_folder(root), "bfloat16"),
+    ]:
+        stmts = [_COLD_START.format(library=lib, pipeline=pipeline, folder=str(folder), dtype=dtype)
+                 for lib in ("diffusekit", "diffusers")]
+        (t_ours, mb_ours), (t_ref, mb_ref) = cold_pair(*stmts)
+        record(f"import + from_pretrained {label} (fresh process)", t_ours, t_ref)
+        record(f"import + from_pretrained {label} peak RSS", mb_ours, mb_ref, unit="MB")
+
+
 # -- GPU -------------------------------------------------------------------------------------------
 
 def _cuda_timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float, float, float]:
@@ -410,6 +481,7 @@ SECTIONS = {
     "unet": bench_unet_sampling,
     "tiny_sd": bench_tiny_sd,
     "sd15_load": bench_sd15_load,
+    "cold_start": bench_cold_start,
     "gpu_sd15": bench_gpu_sd15,
     "gpu_sdxl_unet": bench_gpu_sdxl_unet,
 }

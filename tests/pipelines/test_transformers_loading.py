@@ -1,49 +1,43 @@
-"""The fast path for CLIP text encoders gives what transformers' from_pretrained gives."""
+"""Pipeline folders load diffusekit's own CLIP text encoder and tokenizer (no transformers modeling
+code), which give the images transformers' classes give; a transformers model passed in still works."""
 
-import pytest
+import subprocess
+import sys
+
+import numpy as np
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
-from diffusekit.pipelines.transformers_loading import load_transformers_component
-from sd_components import tiny_text_encoder, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory):
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    folder = tmp_path_factory.mktemp("text_encoder")
-    tiny_text_encoder(tokenizer).save_pretrained(folder)
-    return folder
+from diffusekit import StableDiffusionPipeline
+from diffusekit.models.clip_text import CLIPTextModel
+from diffusekit.tokenization import CLIPTokenizer
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float16])
-def test_fast_path_matches_transformers(encoder_folder, dtype, monkeypatch):
-    expected = transformers.CLIPTextModel.from_pretrained(encoder_folder, **({"dtype": dtype} if dtype else {}))
-    calls = []
-    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained", classmethod(lambda *a, **k: calls.append(k)))
-    ours = load_transformers_component(transformers.CLIPTextModel, encoder_folder, dtype)
-    assert not calls  # transformers' loader was not used
-    assert not ours.training and ours.dtype == expected.dtype == (dtype or torch.float32)
-    assert ours.config.dtype == expected.config.dtype
-    assert ours.config._attn_implementation == expected.config._attn_implementation
-    theirs = expected.state_dict()
-    assert ours.state_dict().keys() == theirs.keys()
-    for key, tensor in ours.state_dict().items():
-        assert torch.equal(tensor, theirs[key]), key
-    assert torch.equal(ours.embeddings.position_ids, expected.embeddings.position_ids)
-    ids = torch.tensor([[0, 5, 9, 3]])
-    if dtype is None:
-        assert torch.equal(ours(ids).last_hidden_state, expected(ids).last_hidden_state)
+def _image(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("the cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
-def test_unexpected_keys_go_through_transformers(encoder_folder, tmp_path, monkeypatch):
-    (tmp_path / "config.json").write_bytes((encoder_folder / "config.json").read_bytes())
-    state = load_file(encoder_folder / "model.safetensors")
-    state["extra"] = torch.zeros(1)
-    save_file(state, tmp_path / "model.safetensors")
-    calls = []
-    monkeypatch.setattr(transformers.CLIPTextModel, "from_pretrained",
-                        classmethod(lambda cls, path, **k: calls.append((path, k)) or "transformers"))
-    assert load_transformers_component(transformers.CLIPTextModel, tmp_path, torch.float16) == "transformers"
-    assert calls == [(tmp_path, {"dtype": torch.float16})]
+def test_folder_loads_own_classes_with_transformers_images(parts, tmp_path):
+    reference = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    assert isinstance(reference.text_encoder, transformers.CLIPTextModel)
+    reference.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded.text_encoder) is CLIPTextModel and type(loaded.tokenizer) is CLIPTokenizer
+    np.testing.assert_allclose(_image(loaded), _image(reference), rtol=0, atol=1e-6)
+    given = StableDiffusionPipeline.from_pretrained(tmp_path, text_encoder=parts["text_encoder"],
+                                                    tokenizer=parts["tokenizer"])
+    assert given.text_encoder is parts["text_encoder"]
+    np.testing.assert_array_equal(_image(given), _image(reference))
+    half = StableDiffusionPipeline.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert half.text_encoder.dtype == torch.float16
+
+
+def test_loading_a_pipeline_imports_no_transformers_modeling(parts, tmp_path):
+    pipe = StableDiffusionPipeline(**{**parts, "feature_extractor": None}, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path)
+    code = ("import sys; from diffusekit import StableDiffusionPipeline; "
+            f"p = StableDiffusionPipeline.from_pretrained({str(tmp_path)!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -83,30 +83,24 @@ def text_encoder_state(state, model_keys: dict[str, torch.Tensor], source) -> di
 
 def text_encoder_from_single_file(path_or_state, config=None, torch_dtype: torch.dtype | None = None,
                                   family: str | None = None):
-    """transformers ``CLIPTextModel`` from a checkpoint; ``config``: a CLIPTextConfig, a dict, or a
-    folder with ``config.json`` (default: the shipped config of the detected family)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """diffusekit's ``CLIPTextModel`` (transformers' layout) from a checkpoint; ``config``: a CLIP
+    text config (ours or transformers'), a dict, or a folder with ``config.json`` (default: the
+    shipped config of the detected family)."""
+    from ..models.clip_text import CLIPTextConfig, CLIPTextModel
+    from ..models.modeling import skip_init
 
     state = path_or_state if isinstance(path_or_state, dict) else read_checkpoint(path_or_state)
     source = "state dict" if isinstance(path_or_state, dict) else str(path_or_state)
-    if not isinstance(config, CLIPTextConfig):
-        if config is None or isinstance(config, (str, os.PathLike)):
-            folder = Path(config) if config is not None else None
-            config = component_config("text_encoder", family or detect_family(state), folder)
-        config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
-    with torch.device("meta"):  # a thread-local device mode: no init runs, nothing is allocated
-        model = CLIPTextModel(config)
-    weights = text_encoder_state(state, model.state_dict(), source)
-    dtype = torch_dtype or torch.get_default_dtype()
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
-    for name, buffer in list(model.named_buffers()):  # position_ids: the one buffer checkpoints leave out
-        owner, _, leaf = name.rpartition(".")
-        if leaf != "position_ids":
-            raise WeightsError(f"{source}: text encoder buffer {name} is not in the checkpoint")
-        positions = torch.arange(buffer.shape[-1]).expand(buffer.shape)
-        model.get_submodule(owner).register_buffer(leaf, positions, persistent=False)
-    return model.eval()
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif config is None or isinstance(config, (str, os.PathLike)):
+        folder = Path(config) if config is not None else None
+        config = component_config("text_encoder", family or detect_family(state), folder)
+    config = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
+    with skip_init(device="meta"):
+        expected = CLIPTextModel(config).state_dict()
+    weights = text_encoder_state(state, expected, source)
+    return CLIPTextModel.from_state_dict(weights, config, source=source, dtype=torch_dtype or torch.get_default_dtype())
 
 
 # -- tokenizer and scheduler ----------------------------------------------------------------------

@@ -267,6 +267,10 @@ def _component_class(name: str, entry: Any, index_path: Path) -> type | None:
         raise ValueError(f"{where}: expected [library, class] (or [null, null] for none), found {entry!r}")
     library, class_name = entry
     if library == "transformers":
+        from .transformers_loading import own_class
+
+        if own_class(class_name) is not None:
+            return own_class(class_name)
         import transformers
 
         component_cls = getattr(transformers, class_name, None) if class_name in transformers.__all__ else None
