@@ -418,6 +418,10 @@ def _write_grid(images, out: Path, record: dict, labels) -> Path:
 
 def command_generate(args: argparse.Namespace) -> int:
     """Run ``diffusekit generate``; print each file written."""
+    if args.prompts:
+        from .cli_batch import command_batch
+
+        return command_batch(args)
     if args.from_image:
         apply_record(args, args.from_image)
     check_options(args)
@@ -456,6 +460,9 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--from", dest="from_image", metavar="IMAGE.png",
                      help="redo an image from the parameters stored in it; options given here override them")
     gen.add_argument("--prompt")
+    gen.add_argument("--prompts", metavar="FILE.txt|FILE.jsonl",
+                     help="one image per line (seed = --seed + line number, file LINE.png, manifest.jsonl); "
+                          "under `accelerate launch` the lines are split across processes")
     gen.add_argument("--negative-prompt")
     gen.add_argument("--image", help="input image: image-to-image (or inpainting with --mask)")
     gen.add_argument("--mask", help="mask image for inpainting (white = repaint)")

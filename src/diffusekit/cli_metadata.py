@@ -75,11 +75,12 @@ def save_png(image, path: Path, record: dict[str, Any]) -> Path:
     """Save a PIL image with ``record`` as JSON and as A1111 text in PNG text chunks."""
     from PIL.PngImagePlugin import PngInfo
 
+    from .configuration import atomic_write
+
     info = PngInfo()
     info.add_text(PNG_PARAMETERS_KEY, json.dumps(record, sort_keys=True))
     info.add_text(A1111_KEY, a1111_text(record))
-    image.save(path, format="PNG", pnginfo=info)
-    return path
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))  # no half-written PNG
 
 
 def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
