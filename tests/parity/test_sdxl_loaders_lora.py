@@ -145,3 +145,48 @@ def test_kohya_layouts_equal_the_peft_layout_on_every_target(base_folder, layout
     kohya.load_lora_weights(_file(tensors, layout))
     peft.load_lora_weights(_file(tensors, "peft"))
     _close(_outputs(kohya), _outputs(peft), tol=0)
+
+
+# -- textual inversion ---------------------------------------------------------------------------
+
+
+def _encode(pipe, prompt: str) -> list[np.ndarray]:
+    outputs = []
+    for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tokenizer(pipe.maybe_convert_prompt(prompt, tokenizer), padding="max_length", max_length=12,
+                        truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            outputs.append(text_encoder(ids, output_hidden_states=True).hidden_states[-2].numpy())
+    return outputs
+
+
+def test_sdxl_embedding_file_loads_into_both_encoders_as_the_reference(base_folder, tmp_path):
+    """An A1111 SDXL file (clip_l, clip_g; 2 vectors each) in one call; the reference needs one call
+    per encoder with the entry and the pair given explicitly, which diffusekit takes as well."""
+    gen = torch.Generator().manual_seed(9)
+    path = tmp_path / "sdxltoy.safetensors"
+    save_file({"clip_l": torch.randn(2, 24, generator=gen), "clip_g": torch.randn(2, 40, generator=gen)}, str(path))
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    ours, explicit = SDXLStandIn.from_pretrained(base_folder), SDXLStandIn.from_pretrained(base_folder)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(base_folder)
+    ours.load_textual_inversion(path)
+    for pipe in (ref, explicit):
+        pipe.load_textual_inversion(state["clip_l"], token="sdxltoy", text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(state["clip_g"], token="sdxltoy", text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    prompt = "the sdxltoy cat"
+    assert ours.maybe_convert_prompt(prompt, ours.tokenizer_2) == "the sdxltoy sdxltoy_1 cat"
+    expected = _encode(ref, prompt)
+    _close(_encode(ours, prompt), expected, tol=0)
+    _close(_encode(explicit, prompt), expected, tol=0)
+    row = ours.tokenizer_2.convert_tokens_to_ids("sdxltoy_1")
+    assert torch.equal(ours.text_encoder_2.get_input_embeddings().weight[row], state["clip_g"][1])
+
+    # the whole file with one pair given: the entry as wide as that text encoder
+    one = SDXLStandIn.from_pretrained(base_folder)
+    one.load_textual_inversion(path, text_encoder=one.text_encoder_2, tokenizer=one.tokenizer_2)
+    assert "sdxltoy" in one.tokenizer_2.get_vocab() and "sdxltoy" not in one.tokenizer.get_vocab()
+    _close(_encode(one, prompt)[1:], expected[1:], tol=0)
