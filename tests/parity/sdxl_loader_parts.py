@@ -1,5 +1,4 @@
-"""Tiny SDXL base and refiner folders saved by the reference, a diffusekit stand-in pipeline with the
-SDXL components (until diffusekit's own SDXL pipelines land), and random LoRA tensors for them."""
+"""Tiny SDXL base and refiner folders saved by the reference (in float32, fixed seeds)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,6 @@ import diffusers
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusekit import DiffusionPipeline
-from diffusekit.loaders.lora import LoraLoaderMixin
-from diffusekit.loaders.single_file import FromSingleFileMixin
-from diffusekit.loaders.textual_inversion import TextualInversionLoaderMixin
 from sd_components import VAE_CONFIG, tiny_tokenizer
 
 #: The reference's tiny SDXL UNet (tests/pipelines/stable_diffusion_xl), narrower: 6 * 8 + 32 = 80 added inputs
@@ -56,16 +51,3 @@ def save_reference_sdxl(folder: Path, refiner: bool = False, seed: int = 0) -> P
     pipe.save_pretrained(folder)
     return folder
 
-
-class SDXLStandIn(DiffusionPipeline, LoraLoaderMixin, TextualInversionLoaderMixin, FromSingleFileMixin):
-    """The components and loader mixins an SDXL pipeline has (no ``__call__``)."""
-
-    _optional_components = ("tokenizer", "text_encoder")
-
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                 force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False):
-        super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                              tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-                                requires_aesthetics_score=requires_aesthetics_score)

@@ -11,7 +11,8 @@ import diffusekit
 from diffusekit.loaders import single_file_layout as layout
 from diffusekit.loaders.single_file import pipeline_to_original
 from diffusekit.weights import WeightsError
-from sdxl_loader_parts import SDXLStandIn, save_reference_sdxl
+from sdxl_loader_parts import save_reference_sdxl
+from sdxl_standin import SDXLStandIn
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdxl_loader_parts import SDXLStandIn, save_reference_sdxl
+from sdxl_loader_parts import save_reference_sdxl
+from sdxl_standin import SDXLStandIn
 
 pytest.importorskip("peft")  # the reference's LoRA backend
 

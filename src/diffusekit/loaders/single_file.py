@@ -223,11 +223,13 @@ class FromSingleFileMixin:
 
 
 def _pipeline_options(family: str, folder: Path | None) -> dict[str, Any]:
-    """The pipeline options (not components) of ``folder``'s model_index.json, else of the family's
-    shipped one (the SDXL refiner: ``requires_aesthetics_score``, ``force_zeros_for_empty_prompt``)."""
+    """The pipeline options (not components) of ``folder``'s model_index.json, else (no folder, or
+    none there) of the family's shipped one (the SDXL refiner: ``requires_aesthetics_score``, ``force_zeros_for_empty_prompt``)."""
     from ..configuration import read_json
 
-    path = (folder if folder is not None else CONFIG_ROOT / family) / "model_index.json"
+    path = folder / "model_index.json" if folder is not None else None
+    if path is None or not path.is_file():
+        path = CONFIG_ROOT / family / "model_index.json"
     if not path.is_file():
         return {}
     return {k: v for k, v in read_json(path).items() if not k.startswith("_") and not isinstance(v, list)}
