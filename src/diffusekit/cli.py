@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-output", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
 
-    conv = command("convert", "single-file checkpoint <-> pipeline folder (SD 1.x/2.x)", command_convert)
+    conv = command("convert", "single-file checkpoint <-> pipeline folder (SD 1.x/2.x, SDXL base/refiner)",
+                   command_convert)
     conv.add_argument("input", help="a .safetensors/.ckpt file, or a pipeline folder")
     conv.add_argument("output", help="a folder (from a file), or a .safetensors/.ckpt file (from a folder)")
     conv.add_argument("--half", action="store_true", help="store float16 weights")

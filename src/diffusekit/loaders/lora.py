@@ -10,7 +10,10 @@ Layouts read (one file may mix them):
   ``unet.alpha_pattern`` ...) when present.
 * kohya / A1111: ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha`` and ``lora_te_`` (``lora_te1_``, ``lora_te2_``) for the text encoders. Underscored names
-  are matched against the model's own module names, so every Linear/Conv2d layer is reachable.
+  are matched against the model's own module names, so every Linear/Conv2d layer is reachable; a
+  UNet's layers also answer to their original SGM names (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+  ``..._middle_block_0_in_layers_2``, ``..._label_emb_0_0``: SDXL kohya LoRAs), by the single-file
+  layout rules (:mod:`~diffusekit.loaders.single_file_layout`).
 * FLUX.1 LoRAs in the original model's names (kohya ``lora_unet_double_blocks_0_img_attn_qkv...``,
   BFL/ComfyUI ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``): renamed first, fused
   qkv / linear1 LoRAs split per layer; the rules are in :mod:`~diffusekit.loaders.lora_flux`.
@@ -31,6 +34,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from torch import nn
 from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, check_safetensors_header, load_file
 from . import lora_layers as layers
+from . import single_file_layout
 from .lora_flux import convert_flux_lora, is_flux_transformer
 
 logger = logging.getLogger(__name__)
@@ -157,17 +162,31 @@ def group_lora_keys(state: dict[str, torch.Tensor], components: list[str]) -> tu
 
 
 def _module_lookup(model: nn.Module) -> dict[str, nn.Module]:
-    """Layer by dotted and underscored name (with ``text_model.`` aliases for text encoders that lack it)."""
+    """Layer by dotted and underscored name (with ``text_model.`` aliases for text encoders that lack it,
+    and a UNet's original SGM names, ``input_blocks_4_1_...``, which kohya's SDXL LoRAs use)."""
     lookup: dict[str, nn.Module] = {}
     alias_text_model = not hasattr(model, "text_model") and hasattr(model, "encoder") and hasattr(model, "embeddings")
+    original_names = _original_unet_names(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         names = [name, f"text_model.{name}"] if alias_text_model else [name]
+        if original_names:
+            original = single_file_layout.to_original(f"{name}.weight", original_names)
+            names += [original.removesuffix(".weight")] if original else []
         for alias in names:
             lookup[alias] = module
             lookup["_" + alias.replace(".", "_")] = module
     return lookup
+
+
+def _original_unet_names(model: nn.Module) -> dict[str, str]:
+    """``{our module path: original module path}`` for a UNet2DConditionModel-like config, else empty."""
+    config = getattr(model, "config", None)
+    if not (isinstance(config, Mapping) and "down_block_types" in config and "up_block_types" in config
+            and isinstance(config.get("layers_per_block"), int)):
+        return {}
+    return single_file_layout.unet_name_map(config)
 
 
 def _pattern_value(patterns: dict, name: str):

@@ -1,8 +1,12 @@
 """Original (CompVis/LDM, Stability) single-file key layout <-> diffusekit's, built from rules.
 
-A Stable Diffusion checkpoint holds four parts under prefixes: :data:`UNET_PREFIX`,
-:data:`VAE_PREFIX`, and the text encoder under :data:`CLIP_PREFIX` (SD 1.x, transformers' CLIP key
-names) or :data:`OPENCLIP_PREFIX` (SD 2.x, OpenCLIP names). Each ``*_name_map`` function returns
+A Stable Diffusion checkpoint holds its parts under prefixes: :data:`UNET_PREFIX`,
+:data:`VAE_PREFIX`, and the text encoder(s) where :data:`FAMILY_TEXT_ENCODERS` says: SD 1.x under
+``cond_stage_model.transformer.`` (transformers' CLIP key names), SD 2.x under
+``cond_stage_model.model.`` (OpenCLIP names), SDXL base CLIP-L under
+``conditioner.embedders.0.transformer.`` and OpenCLIP-bigG under ``conditioner.embedders.1.model.``,
+the SDXL refiner its one OpenCLIP-bigG under ``conditioner.embedders.0.model.``. The family is read
+from which of these prefixes the file has (:func:`family_of_prefixes`). Each ``*_name_map`` function returns
 ``{our module path: original module path}`` for a config; a parameter ``<path>.<rest>`` maps by
 its longest mapped prefix (:func:`to_original`), so block internals that share names (attention
 ``transformer_blocks``, ``proj_in``...) need no entry of their own.
@@ -11,7 +15,8 @@ UNet rules (``L`` = layers_per_block; ``input_blocks`` / ``output_blocks`` count
 and resamplers in one sequence):
 
 * ``conv_in`` = ``input_blocks.0.0``, ``time_embedding.linear_{1,2}`` = ``time_embed.{0,2}``,
-  ``conv_norm_out`` = ``out.0``, ``conv_out`` = ``out.2``;
+  ``conv_norm_out`` = ``out.0``, ``conv_out`` = ``out.2``; with added embeddings (SDXL)
+  ``add_embedding.linear_{1,2}`` = ``label_emb.0.{0,2}``;
 * down block ``b``, layer ``l``: ``input_blocks.{1 + b(L+1) + l}`` ``.0`` (resnet) / ``.1`` (attention);
   its downsampler ``input_blocks.{1 + b(L+1) + L}.0.op``;
 * mid block: ``middle_block.0`` resnet, ``.1`` attention, ``.2`` resnet;
@@ -31,12 +36,14 @@ OpenCLIP rules: ``embeddings.token_embedding`` = ``token_embedding``,
 ``embeddings.position_embedding.weight`` = ``positional_embedding``, ``final_layer_norm`` =
 ``ln_final``, ``encoder.layers.i`` = ``transformer.resblocks.i`` with ``layer_norm{1,2}`` =
 ``ln_{1,2}``, ``mlp.fc{1,2}`` = ``mlp.c_{fc,proj}``, ``self_attn.out_proj`` = ``attn.out_proj`` and
-``self_attn.{q,k,v}_proj`` = thirds of ``attn.in_proj_{weight,bias}``.
+``self_attn.{q,k,v}_proj`` = thirds of ``attn.in_proj_{weight,bias}``; ``text_projection.weight``
+(``CLIPTextModelWithProjection``) = ``text_projection`` transposed (OpenCLIP multiplies ``x @ P``).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +52,41 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
+OPENCLIP_PROJECTION = "text_projection"
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: pipeline component, its tokenizer, where and how it is stored."""
+
+    component: str
+    tokenizer: str
+    prefix: str
+    key_layout: str  # "clip" (transformers names) or "openclip"
+    model_class: str  # the class name (diffusekit.models.clip_text, named as transformers names it)
+    tokenizer_family: str  # the shipped CLIP tokenizer: "sd1" (pads with <|endoftext|>) or "sd2" (pads with "!")
+
+
+#: The text encoders of each single-file family (a folder of shipped configs in ``assets/configs``).
+FAMILY_TEXT_ENCODERS: dict[str, tuple[TextEncoderSlot, ...]] = {
+    "sd1": (TextEncoderSlot("text_encoder", "tokenizer", CLIP_PREFIX, "clip", "CLIPTextModel", "sd1"),),
+    "sd2": (TextEncoderSlot("text_encoder", "tokenizer", OPENCLIP_PREFIX, "openclip", "CLIPTextModel", "sd2"),),
+    "sdxl": (TextEncoderSlot("text_encoder", "tokenizer", SDXL_CLIP_PREFIX, "clip", "CLIPTextModel", "sd1"),
+             TextEncoderSlot("text_encoder_2", "tokenizer_2", SDXL_OPENCLIP_PREFIX, "openclip",
+                             "CLIPTextModelWithProjection", "sd2")),
+    "sdxl_refiner": (TextEncoderSlot("text_encoder_2", "tokenizer_2", REFINER_OPENCLIP_PREFIX, "openclip",
+                                     "CLIPTextModelWithProjection", "sd2"),),
+}
+
+
+def family_of_prefixes(keys) -> str | None:
+    """The family whose text-encoder prefixes the checkpoint ``keys`` hold (None: no text encoder)."""
+    keys = list(keys)
+    return next((family for family, slots in FAMILY_TEXT_ENCODERS.items()
+                 if all(any(k.startswith(slot.prefix) for k in keys) for slot in slots)), None)
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -71,6 +113,8 @@ def unet_name_map(config) -> dict[str, str]:
     layers = _layers_per_block(config)
     names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if config.get("addition_embed_type") is not None:
+        names.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     downs, ups = config["down_block_types"], config["up_block_types"]
     for b, kind in enumerate(downs):
         for layer in range(layers):
@@ -153,6 +197,43 @@ def openclip_name(key: str) -> tuple[str, int | None] | None:
     if module in _OPENCLIP_LAYER:
         return f"{block}.{_OPENCLIP_LAYER[module]}.{kind}", None
     return None
+
+
+def from_openclip(model_keys, openclip: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(our text-encoder tensors, our keys missing)`` from OpenCLIP tensors (prefix removed)."""
+    result, missing = {}, []
+    for key in model_keys:
+        if key == f"{OPENCLIP_PROJECTION}.weight" and OPENCLIP_PROJECTION in openclip:
+            result[key] = openclip[OPENCLIP_PROJECTION].T.contiguous()
+            continue
+        name = openclip_name(key)
+        if name is None or name[0] not in openclip:
+            missing.append(key)
+            continue
+        tensor = openclip[name[0]]
+        result[key] = tensor.chunk(3)[name[1]] if name[1] is not None else tensor
+    return result, missing
+
+
+def to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP tensors (no prefix) of our text-encoder state dict; ValueError for unmapped keys."""
+    result: dict[str, torch.Tensor] = {}
+    thirds: dict[str, list] = {}
+    for key, tensor in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key == f"{OPENCLIP_PROJECTION}.weight":
+            result[OPENCLIP_PROJECTION] = tensor.T.contiguous()
+            continue
+        name = openclip_name(key)
+        if name is None:
+            raise ValueError(f"text encoder key {key!r} has no OpenCLIP name")
+        if name[1] is None:
+            result[name[0]] = tensor
+        else:
+            thirds.setdefault(name[0], [None, None, None])[name[1]] = tensor
+    result.update({name: torch.cat(parts) for name, parts in thirds.items()})
+    return result
 
 
 def ema_key(key: str) -> str:

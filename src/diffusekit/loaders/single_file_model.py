@@ -75,15 +75,19 @@ def use_ema(state: dict[str, torch.Tensor], extract_ema: bool | None, source) ->
     return result
 
 
+#: UNet-only files: the family by cross-attention width (anything else is SD 1.x).
+_CROSS_ATTENTION_FAMILIES = {2048: "sdxl", 1280: "sdxl_refiner", 1024: "sd2"}
+
+
 def detect_family(state: dict[str, torch.Tensor]) -> str:
-    """``"sd2"`` for OpenCLIP text encoders or 1024-wide cross-attention, else ``"sd1"``."""
-    if any(k.startswith(layout.OPENCLIP_PREFIX) for k in state):
-        return "sd2"
-    if any(k.startswith(layout.CLIP_PREFIX) for k in state):
-        return "sd1"
+    """The family (a folder of shipped configs) by the text-encoder prefixes the checkpoint holds
+    (:data:`~.single_file_layout.FAMILY_TEXT_ENCODERS`), else by the UNet's cross-attention width."""
+    family = layout.family_of_prefixes(state)
+    if family is not None:
+        return family
     for key, tensor in state.items():
         if key.endswith("attn2.to_k.weight") and tensor.ndim == 2:
-            return "sd2" if tensor.shape[1] == 1024 else "sd1"
+            return _CROSS_ATTENTION_FAMILIES.get(tensor.shape[1], "sd1")
     return "sd1"
 
 

@@ -6,7 +6,11 @@ Formats read:
 * A1111: ``{"string_to_param": {"*": tensor}, "name": token, ...}`` (``.pt`` pickles are read with
   ``weights_only=True``) and ``{"emb_params": tensor}`` (safetensors; the token defaults to the file
   name, as A1111 does);
-* a bare tensor (``token=`` required).
+* a bare tensor (``token=`` required);
+* A1111 SDXL: ``{"clip_l": tensor, "clip_g": tensor}`` (token from the file name): ``clip_l`` goes to
+  ``text_encoder`` / ``tokenizer`` and ``clip_g`` to ``text_encoder_2`` / ``tokenizer_2``; with
+  ``text_encoder=`` given, the entry whose width fits it. The reference's way, one call per encoder
+  with ``state["clip_g"], text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2``, works too.
 
 An embedding of n > 1 vectors adds the tokens ``token, token_1, ... token_{n-1}``, and
 :func:`convert_prompt` rewrites ``token`` in a prompt to ``"token token_1 ... token_{n-1}"``, as the
@@ -114,16 +118,15 @@ class TextualInversionLoaderMixin:
                                tokenizer=None, text_encoder=None, weight_name: str | None = None,
                                **kwargs: Any) -> None:
         """Add the token(s) of one or more embedding files (or dicts/tensors) to the tokenizer and
-        the text encoder's input embeddings."""
+        the text encoder's input embeddings (SDXL files: to both pairs; see the module docstring).
+        Everything is checked before anything is added."""
         hub = split_hub_kwargs(kwargs)
         kwargs.pop("use_safetensors", None)
         if kwargs:
             raise TypeError(f"load_textual_inversion got unexpected arguments {sorted(kwargs)}")
+        explicit = tokenizer is not None or text_encoder is not None
         tokenizer = tokenizer or getattr(self, "tokenizer", None)
         text_encoder = text_encoder or getattr(self, "text_encoder", None)
-        if tokenizer is None or text_encoder is None:
-            raise ValueError("load_textual_inversion needs a tokenizer and a text encoder (pass tokenizer=, "
-                             "text_encoder= or use a pipeline that has them)")
         sources = pretrained_model_name_or_path if isinstance(pretrained_model_name_or_path, list) \
             else [pretrained_model_name_or_path]
         tokens = token if isinstance(token, list) else [token] * len(sources)
@@ -132,34 +135,78 @@ class TextualInversionLoaderMixin:
         if len(tokens) != len(sources):
             raise ValueError(f"{len(sources)} embeddings but {len(tokens)} tokens; pass one token per embedding")
 
-        vocab = tokenizer.get_vocab()
-        new_tokens: list[str] = []
-        vectors: list[torch.Tensor] = []
-        dim = text_encoder.get_input_embeddings().weight.shape[-1]
+        pairs = {"first": (tokenizer, text_encoder)}
+        if not explicit:
+            pairs["second"] = (getattr(self, "tokenizer_2", None), getattr(self, "text_encoder_2", None))
+        pairs = {name: pair for name, pair in pairs.items() if None not in pair}
+        entries: dict[str, list] = {name: [] for name in pairs}
         for source, wanted in zip(sources, tokens):
             state, where, file_token = read_embedding_file(source, weight_name, **hub)
-            name, embedding = token_and_embedding(state, wanted, where, file_token)
-            check_token(name, tokenizer, where)
-            if not torch.isfinite(embedding).all():
-                raise WeightsError(f"{where}: the embedding of token {name!r} holds NaN or infinite values")
-            names, rows = expand_tokens(name, embedding)
-            clash = [n for n in names if n in vocab or n in new_tokens or f"{name}_1" in vocab]
-            if clash:
-                raise ValueError(f"{where}: token {name!r} is already in the tokenizer's vocabulary ({clash}); "
-                                 "choose another token= name")
-            if embedding.shape[-1] != dim:
-                raise ValueError(f"{where}: embedding size {embedding.shape[-1]} does not match the text encoder's "
-                                 f"{dim}")
-            new_tokens += names
-            vectors += rows
+            for pair, part in _split_dual(state, where, pairs, explicit).items():
+                entries[pair].append((part, where, file_token, wanted))
+        plans = [(pairs[name], _plan_tokens(items, *pairs[name])) for name, items in entries.items() if items]
+        for (pair_tokenizer, pair_encoder), (new_tokens, vectors) in plans:
+            _add_tokens(pair_tokenizer, pair_encoder, new_tokens, vectors)
 
-        tokenizer.add_tokens(new_tokens)
-        text_encoder.resize_token_embeddings(len(tokenizer))
-        weight = text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            for name, vector in zip(new_tokens, vectors):
-                weight[tokenizer.convert_tokens_to_ids(name)] = vector.to(device=weight.device, dtype=weight.dtype)
-        logger.info("loaded textual inversion tokens %s", new_tokens)
+
+#: A1111 SDXL embedding keys -> the tokenizer/text-encoder pair they belong to
+_DUAL_KEYS = {"clip_l": "first", "clip_g": "second"}
+
+
+def _split_dual(state, where: str, pairs: dict, explicit: bool) -> dict:
+    """``{pair name: embedding state}``: an SDXL ``clip_l``/``clip_g`` file split over the pairs the
+    pipeline has (with an explicit text encoder: only the entry as wide as it), anything else to the
+    first pair."""
+    dual = isinstance(state, dict) and set(state) == set(_DUAL_KEYS)
+    if not pairs or ("first" not in pairs and (explicit or not dual)):
+        raise ValueError("load_textual_inversion needs a tokenizer and a text encoder (pass tokenizer=, "
+                         "text_encoder= or use a pipeline that has them)")
+    if not dual:
+        return {"first": state}
+    if not explicit:
+        missing = [key for key, pair in _DUAL_KEYS.items() if pair not in pairs]
+        if missing:
+            logger.warning("%s: the pipeline has no text encoder for the embedding's %s; not loaded", where, missing)
+        return {pair: {"emb_params": state[key]} for key, pair in _DUAL_KEYS.items() if pair in pairs}
+    dim = pairs["first"][1].get_input_embeddings().weight.shape[-1]
+    fitting = [key for key in _DUAL_KEYS if isinstance(state[key], torch.Tensor) and state[key].shape[-1] == dim]
+    if len(fitting) != 1:
+        raise ValueError(f"{where}: {len(fitting)} of the SDXL embedding's entries (clip_l, clip_g) are {dim} wide "
+                         "like the given text encoder; pass state['clip_l'] or state['clip_g'] itself")
+    return {"first": {"emb_params": state[fitting[0]]}}  # A1111's format: the token is the file's name
+
+
+def _plan_tokens(items: list, tokenizer, text_encoder) -> tuple[list[str], list[torch.Tensor]]:
+    """The new token names and vectors of ``items`` ((state, source, file token, wanted token)), checked."""
+    vocab = tokenizer.get_vocab()
+    new_tokens: list[str] = []
+    vectors: list[torch.Tensor] = []
+    dim = text_encoder.get_input_embeddings().weight.shape[-1]
+    for state, where, file_token, wanted in items:
+        name, embedding = token_and_embedding(state, wanted, where, file_token)
+        check_token(name, tokenizer, where)
+        if not torch.isfinite(embedding).all():
+            raise WeightsError(f"{where}: the embedding of token {name!r} holds NaN or infinite values")
+        names, rows = expand_tokens(name, embedding)
+        clash = [n for n in names if n in vocab or n in new_tokens or f"{name}_1" in vocab]
+        if clash:
+            raise ValueError(f"{where}: token {name!r} is already in the tokenizer's vocabulary ({clash}); "
+                             "choose another token= name")
+        if embedding.shape[-1] != dim:
+            raise ValueError(f"{where}: embedding size {embedding.shape[-1]} does not match the text encoder's {dim}")
+        new_tokens += names
+        vectors += rows
+    return new_tokens, vectors
+
+
+def _add_tokens(tokenizer, text_encoder, new_tokens: list[str], vectors: list[torch.Tensor]) -> None:
+    tokenizer.add_tokens(new_tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, vector in zip(new_tokens, vectors):
+            weight[tokenizer.convert_tokens_to_ids(name)] = vector.to(device=weight.device, dtype=weight.dtype)
+    logger.info("loaded textual inversion tokens %s", new_tokens)
 
 
 __all__ = ["TextualInversionLoaderMixin", "convert_prompt", "token_and_embedding"]
