@@ -1,6 +1,6 @@
 """The CLIP tokenizer shipped with diffusekit (SD 1.x and 2.x), usable offline.
 
-``clip_tokenizer("sd1")`` / ``clip_tokenizer("sd2")`` return a transformers ``CLIPTokenizer`` built
+``clip_tokenizer("sd1")`` / ``clip_tokenizer("sd2")`` return a ``CLIPTokenizer`` (diffusekit's) built
 from ``diffusekit/assets/tokenizers/clip`` (49408 tokens; SD 2.x pads with ``!``). The gzipped
 files are written once to ``$DIFFUSEKIT_CACHE`` (default ``$XDG_CACHE_HOME/diffusekit`` or
 ``~/.cache/diffusekit``; the temp folder when that is not writable), in a folder named by a hash of
@@ -77,8 +77,9 @@ def clip_tokenizer_folder(family: str = "sd1") -> Path:
 
 
 def clip_tokenizer(family: str = "sd1"):
-    """A new transformers ``CLIPTokenizer`` of SD 1.x (pad ``<|endoftext|>``) or SD 2.x (pad ``!``)."""
-    from transformers import CLIPTokenizer
+    """A new ``CLIPTokenizer`` (diffusekit's, :mod:`diffusekit.tokenization`) of SD 1.x (pad
+    ``<|endoftext|>``) or SD 2.x (pad ``!``)."""
+    from ..tokenization import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(clip_tokenizer_folder(family))
 
