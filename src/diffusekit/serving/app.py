@@ -52,8 +52,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
-        location = [str(part) for part in first["loc"][1:]] or ["body"]
-        field = ".".join(location)
+        location = [str(part) for part in first["loc"][1:]]
+        field = ".".join(location) if location and first["type"] != "json_invalid" else "body"
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
         return _error(422, "invalid_field", f"{field}: {message}", field)
 

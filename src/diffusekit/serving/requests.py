@@ -96,13 +96,13 @@ def check_request(request: JobRequest, models: dict[str, ServedModel], limits: L
     """The job's stored parameters (model name, seed chosen, input images saved under ``inputs`` by
     hash) and its step count; FieldError naming the first field that cannot be used."""
     model = choose_model(models, request.model)
+    _check_text(request, limits)
     given = request.model_dump(exclude_none=True, exclude_defaults=True)
     for name, parameter in _NEEDS.items():
         if name in given and parameter not in model.accepted:
             raise FieldError(name, f"model {model.name!r} ({type(model.pipe).__name__}) does not take {name}")
     if request.loras:
         raise FieldError("loras[0].name", f"unknown LoRA {request.loras[0].name!r}; this server serves no LoRAs")
-    _check_text(request, limits)
     _check_numbers(request, model, limits)
     params = given | {"model": model.name, "n": request.n, "seed": _seed(request.seed)}
     if request.class_label is not None:
