@@ -20,7 +20,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serving"))
 from servers import thread_server  # noqa: E402
 
-POLL_S = 0.05
+POLL_S = 0.25  # a client polling four times a second
 DEADLINE_S = 600.0
 
 

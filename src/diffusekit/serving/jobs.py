@@ -133,12 +133,13 @@ class JobStore:
         where, args = ("WHERE status = ?", (status,)) if status else ("", ())
         return [_job(r) for r in self._rows(f"SELECT * FROM jobs {where} ORDER BY seq DESC LIMIT ?", (*args, limit))]
 
-    def position(self, job_id: str) -> int | None:
+    def position(self, job: dict[str, Any]) -> int | None:
         """How many pending jobs run before this one; None when it is not pending."""
+        if job["status"] not in PENDING:
+            return None
         rows = self._rows(f"SELECT COUNT(*) FROM jobs WHERE status IN {PENDING} AND seq < "
-                          f"(SELECT seq FROM jobs WHERE id = ? AND status IN {PENDING})", (job_id,))
-        job = self.get(job_id)
-        return rows[0][0] if job and job["status"] in PENDING else None
+                          "(SELECT seq FROM jobs WHERE id = ?)", (job["id"],))
+        return rows[0][0]
 
     def counts(self) -> dict[str, int]:
         return {r["status"]: r["n"] for r in self._rows("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}

@@ -67,7 +67,7 @@ class Service:
         job = self.store.get(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        return job_view(job) | {"queue_position": self.store.position(job_id)}
+        return job_view(job) | {"queue_position": self.store.position(job)}
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a pending job now, or ask the running one to stop at its next step."""

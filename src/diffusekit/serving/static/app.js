@@ -86,7 +86,7 @@ function setProgress(step, total, text) {
   $("progress").max = total || 1;
   $("progress").value = step;
   $("progress-text").textContent = text;
-  window.progressLog = (window.progressLog || []).concat([step]);
+  window.progressLog = (window.progressLog || []).concat([[step, total]]);  // read by the browser test
 }
 
 // Follow one job's events: a fetch stream, so the Authorization header goes along (EventSource cannot send it).
