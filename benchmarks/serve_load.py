@@ -1,5 +1,5 @@
 """Load test of ``diffusekit serve`` (bounded, loopback only): N clients submit a digits job each at
-once and poll it to its end. Reports lost/duplicated jobs, 5xx answers, p50/p95 latencies of
+once and poll it to its end, against a server process (``diffusekit serve``, one torch thread). Reports lost/duplicated jobs, 5xx answers, p50/p95 latencies of
 submitting and of completion, and throughput.
 
     python benchmarks/serve_load.py [--clients 50] [--steps 10]
@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serving"))
-from servers import thread_server  # noqa: E402
+from servers import process_server  # noqa: E402
 
 POLL_S = 0.25  # a client polling four times a second
 DEADLINE_S = 600.0
@@ -77,23 +77,32 @@ def run_load(url: str, clients: int, steps: int) -> dict:
     }
 
 
+def direct_jobs_per_s(steps: int, count: int = 20) -> float:
+    """The ceiling: the same jobs called directly (no HTTP, no store), one torch thread, in this process."""
+    import torch
+
+    from diffusekit.cli_generate import generate_files
+    from diffusekit.serving.models import generate_options, job_pipeline, load_models
+
+    torch.set_num_threads(1)
+    model = load_models([], "cpu")["digits"]
+    with tempfile.TemporaryDirectory() as out:
+        began = time.perf_counter()
+        for i in range(count):
+            options = generate_options(model, {"class_label": i % 10, "steps": steps, "seed": i, "n": 1},
+                                       Path(out) / str(i), {})
+            generate_files(job_pipeline(model, options), options, model.loaded)
+        return count / (time.perf_counter() - began)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     args = parser.parse_args()
-    import torch
-
-    from diffusekit.serving.app import create_app
-    from diffusekit.serving.models import load_models
-    from diffusekit.serving.service import Settings
-
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as data:
-        app = create_app(Settings(data_dir=Path(data), max_queue=max(64, args.clients)), load_models([], "cpu"))
-        with thread_server(app) as url:
-            figures = run_load(url, args.clients, args.steps)
+    with tempfile.TemporaryDirectory() as data, process_server(Path(data)) as (url, process):
+        figures = run_load(url, args.clients, args.steps)
+    figures["direct_jobs_per_s"] = direct_jobs_per_s(args.steps)
     for key, value in figures.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
 

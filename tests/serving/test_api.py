@@ -298,6 +298,7 @@ def test_a1111_txt2img_takes_the_whole_default_schema(client):
     ({"sampler_name": "Magic"}, "sampler_name"), ({"scheduler": "Exponential"}, "scheduler"),
     ({"cfg_scale": "x"}, "cfg_scale"), ({"batch_size": 9}, "batch_size"), ({"steps": 99}, "steps"),
     ({"prompt": "cat"}, "prompt"), ({"width": 64, "height": 64}, "width"),
+    ({"negative_prompt": "blurry"}, "negative_prompt"),
 ])
 def test_a1111_unsupported_values_are_422_naming_the_field(client, change, field):
     answer = client.post("/sdapi/v1/txt2img", json={**A1111_DEFAULTS, "prompt": "1", "steps": 2, **change})

@@ -99,6 +99,8 @@ def job_request(body: dict[str, Any], models: dict[str, ServedModel], img2img: b
                               "guidance_scale": body.get("cfg_scale"), "seed": body.get("seed"),
                               "scheduler": sampler, **_size(body, model)}
     if model.classes is not None:  # the digits model: the prompt is the class
+        if body.get("negative_prompt"):
+            raise FieldError("negative_prompt", f"model {model.name!r} is class-conditional: no negative prompt")
         fields["class_label"] = body.get("prompt") or None
     else:
         fields.update(prompt=body.get("prompt"), negative_prompt=body.get("negative_prompt") or None)
