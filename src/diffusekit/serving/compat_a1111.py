@@ -139,7 +139,7 @@ async def img2img(request: Request, body: dict[str, Any] = Body(...)) -> dict:
 async def progress(request: Request) -> dict:
     service = request.app.state.service
     running = service.worker.running
-    job = service.store.get(running) if running else None
+    job = service.job(running) if running else None
     step, total = (job["progress"]["step"], job["progress"]["total"]) if job else (0, 0)
     counts = service.store.counts()
     return {"progress": step / total if total else 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,

@@ -108,14 +108,13 @@ class JobStore:
                              "WHERE id = ?", (time.time(), row["id"]))
         return self.get(row["id"])
 
-    def progress(self, job_id: str, step: int, total: int) -> None:
-        self._write("UPDATE jobs SET step = ?, total = ? WHERE id = ?", (step, total, job_id))
-
-    def finish(self, job_id: str, status: str, images: list[dict] | None = None,
+    def finish(self, job_id: str, status: str, step: int, images: list[dict] | None = None,
                error: dict[str, str] | None = None) -> None:
-        """Record a job's end (succeeded, failed or cancelled)."""
-        self._write("UPDATE jobs SET status = ?, images = ?, error = ?, finished = ? WHERE id = ?",
-                    (status, json.dumps(images or []), json.dumps(error) if error else None, time.time(), job_id))
+        """Record a job's end (succeeded, failed or cancelled) and the steps it ran (progress while it
+        runs is kept in memory by the worker: one disk sync per step would slow jobs down)."""
+        self._write("UPDATE jobs SET status = ?, step = ?, images = ?, error = ?, finished = ? WHERE id = ?",
+                    (status, step, json.dumps(images or []), json.dumps(error) if error else None, time.time(),
+                     job_id))
 
     def cancel_pending(self, job_id: str) -> bool:
         """Cancel a job that has not started; False when it is no longer pending."""

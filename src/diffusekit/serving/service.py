@@ -67,6 +67,8 @@ class Service:
         job = self.store.get(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
+        if job["status"] == "running" and self.worker.running == job_id:
+            job["progress"]["step"] = self.worker.step
         return job_view(job) | {"queue_position": self.store.position(job)}
 
     def cancel(self, job_id: str) -> dict[str, Any]:

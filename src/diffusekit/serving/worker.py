@@ -38,6 +38,7 @@ class Worker:
         self.store, self.models, self.events, self.data_dir = store, models, events, data_dir
         self.step_hook = step_hook
         self.running: str | None = None
+        self.step = 0  # of the running job
         self._cancelled: set[str] = set()
         self._wake = threading.Condition()
         self._stop = False
@@ -69,7 +70,7 @@ class Worker:
                     if not self._stop:
                         self._wake.wait(IDLE_WAIT_S)
                 continue
-            self.running = job["id"]
+            self.running, self.step = job["id"], 0
             try:
                 self._run(job)
             finally:
@@ -89,7 +90,7 @@ class Worker:
             self._end(job_id, "succeeded", images=images)
 
     def _end(self, job_id: str, status: str, **result) -> None:
-        self.store.finish(job_id, status, **result)
+        self.store.finish(job_id, status, self.step, **result)
         self.events.publish(job_id, status, job_view(self.store.get(job_id)))
 
     def _generate(self, job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -115,7 +116,7 @@ class Worker:
             if job_id in self._cancelled:
                 raise JobCancelled(job_id)
             done = min(step + 1, total)
-            self.store.progress(job_id, done, total)
+            self.step = done
             self.events.publish(job_id, "progress", {"step": done, "total": total})
             if self.step_hook is not None:
                 self.step_hook(job, done)
