@@ -140,6 +140,8 @@ async def progress(request: Request) -> dict:
     service = request.app.state.service
     running = service.worker.running
     job = service.job(running) if running else None
+    if job is not None and job["status"] != "running":  # it has just ended
+        job, running = None, None
     step, total = (job["progress"]["step"], job["progress"]["total"]) if job else (0, 0)
     counts = service.store.counts()
     return {"progress": step / total if total else 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
