@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 from fastapi import HTTPException
 
 #: Paths anyone may read: the health check and the page's static files (no data in them).
-PUBLIC_PATHS = ("/health", "/", "/static/")
+PUBLIC_PATHS = ("/health", "/")
+PUBLIC_PREFIX = "/static/"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -39,7 +40,7 @@ def _host_name(value: str) -> str:
 
 
 def _is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS[:2] or path.startswith(PUBLIC_PATHS[2])
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX)
 
 
 class Guard:
