@@ -17,6 +17,7 @@ from servers import thread_server, wait_job
 
 LIMITS = Limits(max_body_bytes=4096, max_n=4, max_steps=50, max_pixels=64 * 64, max_prompt_chars=50)
 BLOCKED_SEEDS = (900, 901, 902, 903)
+FAILING_SEED = 904
 
 
 class Gate:
@@ -28,6 +29,8 @@ class Gate:
 
     def __call__(self, job, step):
         seed = job["params"]["seed"]
+        if seed == FAILING_SEED:
+            raise RuntimeError("the pipeline broke")
         if seed in self.events:
             self.reached[seed].set()
             assert self.events[seed].wait(30), "the test never released the job"
@@ -114,6 +117,14 @@ def test_images_equal_the_command_lines(client, tmp_path):
         assert served.tobytes() == local.tobytes()
         assert json.loads(served.text["diffusekit"]) == json.loads(local.text["diffusekit"])
         assert served.text["parameters"] == local.text["parameters"]
+
+
+def test_a_failing_job_fails_alone(client):
+    failed = wait_job(client, submit(client, seed=FAILING_SEED)["id"])
+    assert failed["status"] == "failed" and failed["images"] == []
+    assert failed["error"] == {"code": "internal_error", "message": "RuntimeError: the pipeline broke"}
+    assert [e[1] for e in events_of(client, failed["id"])][-1] == "failed"
+    assert wait_job(client, submit(client, seed=8)["id"])["status"] == "succeeded"
 
 
 def test_list_filters_and_unknown_ids(client):
