@@ -17,7 +17,8 @@ def test_wheel_ships_assets_and_the_installed_copy_generates(tmp_path):
         archive.extractall(tmp_path / "site")
     for needed in ("diffusekit/assets/digits/model_index.json",
                    "diffusekit/assets/digits/unet/diffusion_pytorch_model.safetensors",
-                   "diffusekit/assets/tokenizers/clip/vocab.json.gz"):
+                   "diffusekit/assets/tokenizers/clip/vocab.json.gz", "diffusekit/serving/static/index.html",
+                   "diffusekit/serving/static/app.js", "diffusekit/serving/static/app.css"):
         assert needed in names
     code = ("import diffusekit, torch; from diffusekit.embedded import load_embedded_pipeline;"
             "pipe = load_embedded_pipeline();"

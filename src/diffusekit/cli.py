@@ -1,4 +1,4 @@
-"""The ``diffusekit`` command line: generate, info, schedulers, demo, convert, train.
+"""The ``diffusekit`` command line: generate, info, schedulers, demo, convert, train, serve.
 
 User errors (bad options, missing files, unreadable inputs) print one ``error: ...`` line and exit
 with status 2; ``--debug`` shows the traceback instead.
@@ -134,6 +134,12 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_serve(args: argparse.Namespace) -> int:
+    from .serving.server import command_serve as serve
+
+    return serve(args)
+
+
 # -- parser ----------------------------------------------------------------------------------------
 
 def _version() -> str:
@@ -189,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.config import add_train_arguments  # argparse only: no torch at parse time
 
     add_train_arguments(command("train", "train a UNet2DModel pipeline", command_train))
+
+    from .serving.server import add_serve_arguments  # argparse only: no torch or FastAPI at parse time
+
+    add_serve_arguments(command("serve", "serve models over HTTP: job queue, live progress, a web page",
+                                command_serve))
     return parser
 
 

@@ -416,6 +416,29 @@ def _write_grid(images, out: Path, record: dict, labels) -> Path:
     return save_png(make_image_grid(images, rows, cols), free_path(out, f"{record['seed']}-grid", ".png"), entry)
 
 
+def generate_files(pipe, args: argparse.Namespace, loaded: dict, **call_options) -> list[Path]:
+    """Call ``pipe`` as ``generate`` does (labels, seeds ``seed + i``, options) and write its files, with
+    their records, into ``args.out``; ``call_options`` go to the call as they are (a step callback)."""
+    import torch
+
+    labels = class_labels(pipe, args)
+    seed = args.seed if args.seed is not None and args.seed >= 0 else secrets.randbelow(2**32)
+    count = len(labels) if labels else args.batch or 1
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]  # image i: seed + i
+    kwargs = call_arguments(pipe, args, labels, generators[0] if count == 1 else generators)
+    resolved = resolved_values(pipe, args, kwargs)
+    output = pipe(**kwargs, **call_options)
+    record = {**_base_record(pipe, args, loaded, seed, count), **resolved}
+    out = make_out(args.out)
+    if hasattr(output, "audios"):
+        from .pipelines.dance_diffusion import write_wav
+
+        rate = pipe.unet.config.sample_rate
+        return [write_wav(free_path(out, f"{seed}-{i}", ".wav"), audio, rate) for i, audio in enumerate(output.audios)]
+    return _write_images(output.images, out, record, labels, class_names(args.model) if labels else None,
+                         getattr(args, "only_index", None), getattr(args, "grid", False))
+
+
 def command_generate(args: argparse.Namespace) -> int:
     """Run ``diffusekit generate``; print each file written."""
     if args.prompts:
@@ -427,28 +450,9 @@ def command_generate(args: argparse.Namespace) -> int:
     check_options(args)
     set_threads(args.threads)
     device = check_device(args.device)
-    import torch
-
     pipe, loaded = load_pipeline(args, device)
     pipe.set_progress_bar_config(**progress_bar_options("sampling"))
-    labels = class_labels(pipe, args)
-    seed = args.seed if args.seed is not None and args.seed >= 0 else secrets.randbelow(2**32)
-    count = len(labels) if labels else args.batch or 1
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]  # image i: seed + i
-    kwargs = call_arguments(pipe, args, labels, generators[0] if count == 1 else generators)
-    resolved = resolved_values(pipe, args, kwargs)
-    output = pipe(**kwargs)
-    record = {**_base_record(pipe, args, loaded, seed, count), **resolved}
-    out = make_out(args.out)
-    if hasattr(output, "audios"):
-        from .pipelines.dance_diffusion import write_wav
-
-        rate = pipe.unet.config.sample_rate
-        written = [write_wav(free_path(out, f"{seed}-{i}", ".wav"), audio, rate) for i, audio in enumerate(output.audios)]
-    else:
-        written = _write_images(output.images, out, record, labels, class_names(args.model) if labels else None,
-                                getattr(args, "only_index", None), args.grid)
-    for path in written:
+    for path in generate_files(pipe, args, loaded):
         print(path)
     return 0
 

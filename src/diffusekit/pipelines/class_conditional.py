@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -149,8 +149,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
     ):
         """One image per entry of ``class_labels``. ``guidance_scale`` 1 turns guidance off, 0 is unconditional.
+        ``callback_on_step_end(pipe, step, t, {"image": image})`` runs after each step and may return a
+        replacement image (an exception it raises stops the call).
 
         Guidance stops below ``guidance_stop_timestep`` (a training timestep; 0 guides every step): at
         low noise the class is settled and guidance only amplifies pixel noise into speckle.
@@ -163,7 +166,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         image = initial_noise(shape, generator, self.device, self.unet.dtype, latents=latents, scale=scale)
         step_options = _step_options(scheduler, generator=generator, eta=eta)
         other = type(scheduler).__name__ in _OTHER_PARAMETRISATIONS
-        for t in self.progress_bar(scheduler.timesteps):
+        for step, t in enumerate(self.progress_bar(scheduler.timesteps)):
             if other:
                 prediction, extra = self._predict_other(scheduler, image, t, labels, guidance_scale, guidance_stop_timestep)
             else:
@@ -171,6 +174,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 prediction = self._predict(model_input, t, labels, guidance_scale, guidance_stop_timestep)
                 extra = {}
             image = scheduler.step(prediction, t, image, **step_options, **extra).prev_sample
+            if callback_on_step_end is not None:
+                image = (callback_on_step_end(self, step, t, {"image": image}) or {}).get("image", image)
         images = postprocess_images(image, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
