@@ -31,11 +31,9 @@ def _first_generators(generator: Generator, count: int) -> Generator:
     return generator[:count] if isinstance(generator, (list, tuple)) else generator
 
 
-class StableDiffusionInpaintPipeline(StableDiffusionBase):
-    """Text-guided inpainting with Stable Diffusion. Components as :class:`StableDiffusionPipeline`;
-    the UNet takes 9 input channels (an inpainting checkpoint) or 4 (a text-to-image checkpoint)."""
-
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+class InpaintingSteps:
+    """The latents, mask and checks of inpainting, shared by the SD and SDXL pipelines (which set
+    ``_vae_force_upcast``: whether the VAE config's ``force_upcast`` applies to encoding)."""
 
     def _latent_channels(self) -> int:
         return self.vae.config.latent_channels
@@ -44,27 +42,34 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         """Pixels to scaled latents; a tensor that already has the latent channel count is kept."""
         if images.shape[1] == self._latent_channels():
             return images
-        return encode_images(self.vae, images, _first_generators(generator, images.shape[0]))
+        return encode_images(self.vae, images, _first_generators(generator, images.shape[0]),
+                             force_upcast=self._vae_force_upcast)
 
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
                         dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None,
                         image: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                        is_strength_max: bool = True, return_image_latents: bool = False, scheduler=None):
+                        is_strength_max: bool = True, return_image_latents: bool = False, scheduler=None,
+                        add_noise: bool = True):
         """``(latents, noise, image latents or None)``.
 
         At full strength the latents are pure noise (times ``init_noise_sigma``); below it, the
-        image's latents noised to ``timestep``. Given ``latents`` are taken as the noise.
-        ``scheduler``: the call's scheduler (default: the pipeline's).
+        image's latents noised to ``timestep``. Given ``latents`` are taken as the noise. Without
+        ``add_noise`` (an SDXL refiner taking over the base's latents) the latents are the image's
+        and the noise (for the 4-channel blend) is drawn fresh. ``scheduler``: the call's scheduler
+        (default: the pipeline's).
         """
         scheduler = scheduler or self.scheduler
         shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor,
                  int(width) // self.vae_scale_factor)
         check_generators(generator, batch_size)
         image_latents = None
-        if return_image_latents or (latents is None and not is_strength_max):
+        if return_image_latents or not add_noise or (latents is None and not is_strength_max):
             image_latents = self._encode(image.to(device=device, dtype=dtype), generator)
             image_latents = image_latents.repeat(batch_size // image_latents.shape[0], 1, 1, 1)
-        if latents is None:
+        if not add_noise:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = image_latents
+        elif latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if is_strength_max:
                 latents = noise * scheduler.init_noise_sigma
@@ -107,6 +112,35 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                                  f"{type(image).__name__} and {type(mask_image).__name__}")
             if output_type != "pil":
                 raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
+
+
+    def check_unet_channels(self, mask: torch.Tensor, masked_image_latents: torch.Tensor) -> None:
+        """A 9-channel UNet must take latents + mask + masked image latents; others must take 4."""
+        num_channels_unet = self.unet.config.in_channels
+        if num_channels_unet == 9:
+            total = self._latent_channels() + mask.shape[1] + masked_image_latents.shape[1]
+            if total != num_channels_unet:
+                raise ValueError(f"the unet takes {num_channels_unet} channels but latents, mask and masked image "
+                                 f"latents give {total}; check the unet config and mask_image")
+        elif num_channels_unet != 4:
+            raise ValueError(f"the unet must take 4 or 9 input channels, not {num_channels_unet}")
+
+    def keep_unmasked(self, state, latents: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor,
+                      mask: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
+        """A 4-channel UNet's latents after loop step ``step``: outside the mask, the image's latents
+        noised to the next timestep (clean after the last step)."""
+        keep = image_latents
+        if step < len(timesteps) - 1:
+            keep = state.scheduler.add_noise(image_latents, noise, timesteps[step + 1:step + 2])
+        repaint = mask.chunk(2)[0] if self.guided(state) else mask
+        return (1 - repaint) * keep + repaint * latents
+
+
+class StableDiffusionInpaintPipeline(InpaintingSteps, StableDiffusionBase):
+    """Text-guided inpainting with Stable Diffusion. Components as :class:`StableDiffusionPipeline`;
+    the UNet takes 9 input channels (an inpainting checkpoint) or 4 (a text-to-image checkpoint)."""
+
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
     @torch.no_grad()
     @pipeline_call
@@ -186,8 +220,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         init_image = preprocess_images(image, height, width, multiple=self.vae_scale_factor,
                                        latent_channels=self._latent_channels(), resize_mode=resize_mode,
                                        crops_coords=crops_coords).to(torch.float32)
-        num_channels_unet = self.unet.config.in_channels
-        blend = num_channels_unet == 4
+        blend = self.unet.config.in_channels == 4
         latents, noise, image_latents = self.prepare_latents(
             batch_size, self._latent_channels(), height, width, prompt_embeds.dtype, device, generator, latents,
             init_image, latent_timestep, is_strength_max=strength == 1.0, return_image_latents=blend,
@@ -199,13 +232,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             mask_condition, masked_image, batch_size, height, width, prompt_embeds.dtype, device, generator,
             self.guided(state),
         )
-        if num_channels_unet == 9:
-            total = self._latent_channels() + mask.shape[1] + masked_image_latents.shape[1]
-            if total != num_channels_unet:
-                raise ValueError(f"the unet takes {num_channels_unet} channels but latents, mask and masked image "
-                                 f"latents give {total}; check the unet config and mask_image")
-        elif not blend:
-            raise ValueError(f"the unet must take 4 or 9 input channels, not {num_channels_unet}")
+        self.check_unet_channels(mask, masked_image_latents)
         extra_step = step_kwargs(scheduler, generator, eta)
         timestep_cond = self.timestep_cond(guidance_scale, batch_size, device, latents.dtype)
 
@@ -220,11 +247,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                 noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond, extra_channels=extra)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
                 if blend:  # outside the mask: the image's latents at the next step's noise level
-                    keep = image_latents
-                    if i < len(timesteps) - 1:
-                        keep = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-                    repaint = mask.chunk(2)[0] if self.guided(state) else mask
-                    latents = (1 - repaint) * keep + repaint * latents
+                    latents = self.keep_unmasked(state, latents, image_latents, noise, mask, timesteps, i)
                 if state.callback is not None:
                     tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

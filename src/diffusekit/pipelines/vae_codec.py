@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -34,23 +35,46 @@ def latent_sample(encoder_output, generator: Generator = None, sample_mode: str 
     raise ValueError(f"{type(encoder_output).__name__} holds neither latent_dist nor latents")
 
 
+@contextlib.contextmanager
+def vae_in_float32(vae, when: bool = True):
+    """Run the block with ``vae`` moved to float32 (when ``when``), then move it back to its dtype."""
+    dtype = vae.dtype
+    if not when or dtype == torch.float32:
+        yield vae
+        return
+    vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        vae.to(dtype)
+
+
+def _upcast_requested(vae, force_upcast: bool) -> bool:
+    """Whether the caller honours the VAE config's ``force_upcast`` (SDXL does, SD does not) and it is set."""
+    return force_upcast and bool(getattr(vae.config, "force_upcast", False))
+
+
 def encode_images(vae, images: torch.Tensor, generator: Generator = None, sample_mode: str = "sample",
-                  shift_factor: float = 0.0) -> torch.Tensor:
+                  shift_factor: float = 0.0, force_upcast: bool = False) -> torch.Tensor:
     """Images in [-1, 1] (N, C, H, W) to scaled latents: ``(latents - shift_factor) * scaling_factor``
-    (FLUX and SD3 pass their VAE's ``shift_factor``).
+    (FLUX and SD3 pass their VAE's ``shift_factor``). With ``force_upcast`` and the VAE config's
+    ``force_upcast`` set, the VAE encodes in float32 (the latents come back in its dtype).
 
     With a list of generators, image i is encoded alone and sampled with generator i (the
     reference's order of random draws); the list must hold one generator per image.
     """
-    images = images.to(device=vae.device, dtype=vae.dtype)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != images.shape[0]:
-            raise ValueError(f"generator is a list of {len(generator)} generators, but there are "
-                             f"{images.shape[0]} images to encode")
-        latents = torch.cat([latent_sample(vae.encode(images[i:i + 1]), g, sample_mode)
-                             for i, g in enumerate(generator)])
-    else:
-        latents = latent_sample(vae.encode(images), generator, sample_mode)
+    if isinstance(generator, (list, tuple)) and len(generator) != images.shape[0]:
+        raise ValueError(f"generator is a list of {len(generator)} generators, but there are "
+                         f"{images.shape[0]} images to encode")
+    dtype = vae.dtype
+    with vae_in_float32(vae, _upcast_requested(vae, force_upcast)):
+        images = images.to(device=vae.device, dtype=vae.dtype)
+        if isinstance(generator, (list, tuple)):
+            latents = torch.cat([latent_sample(vae.encode(images[i:i + 1]), g, sample_mode)
+                                 for i, g in enumerate(generator)])
+        else:
+            latents = latent_sample(vae.encode(images), generator, sample_mode)
+    latents = latents.to(dtype)
     if shift_factor:
         latents = latents - shift_factor
     return vae.config.scaling_factor * latents
@@ -60,8 +84,12 @@ def _finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def decode_latents(vae, latents: torch.Tensor, generator: Generator = None, shift_factor: float = 0.0) -> torch.Tensor:
+def decode_latents(vae, latents: torch.Tensor, generator: Generator = None, shift_factor: float = 0.0,
+                   force_upcast: bool = False) -> torch.Tensor:
     """Scaled latents to images in [-1, 1] (``vae.decode(latents / scaling_factor + shift_factor)``).
+
+    With ``force_upcast`` and the VAE config's ``force_upcast`` set, a float16 VAE decodes in float32
+    from the start (as SDXL's reference does).
 
     If the VAE runs in float16 and the decoded image holds NaN/inf, it is decoded again with the
     VAE temporarily upcast to float32 (the image is returned in float32), and one warning names
@@ -70,6 +98,8 @@ def decode_latents(vae, latents: torch.Tensor, generator: Generator = None, shif
     scaled = latents / vae.config.scaling_factor
     if shift_factor:
         scaled = scaled + shift_factor
+    if vae.dtype == torch.float16 and _upcast_requested(vae, force_upcast):
+        return _decode_float32(vae, scaled, generator)
     image = vae.decode(scaled.to(vae.dtype), return_dict=False, generator=generator)[0]
     if vae.dtype != torch.float16 or _finite(image):
         return image
@@ -80,10 +110,9 @@ def decode_latents(vae, latents: torch.Tensor, generator: Generator = None, shif
     logger.warning("the VAE decoder overflowed in float16 (NaN/inf in the decoded image, which would come out "
                    "black); decoded again with the VAE in float32. Use a float32 VAE or an fp16-safe VAE to "
                    "skip the second pass.")
-    dtype = vae.dtype
-    vae.to(torch.float32)
-    try:
-        image = vae.decode(scaled.float(), return_dict=False, generator=generator)[0]
-    finally:
-        vae.to(dtype)
-    return image
+    return _decode_float32(vae, scaled, generator)
+
+
+def _decode_float32(vae, scaled: torch.Tensor, generator: Generator) -> torch.Tensor:
+    with vae_in_float32(vae):
+        return vae.decode(scaled.float(), return_dict=False, generator=generator)[0]
