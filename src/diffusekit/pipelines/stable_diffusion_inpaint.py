@@ -82,18 +82,31 @@ class InpaintingSteps:
             latents = noise * scheduler.init_noise_sigma
         return latents, noise, image_latents
 
-    def prepare_mask_latents(self, mask: torch.Tensor, masked_image: torch.Tensor, batch_size: int, height: int,
-                             width: int, dtype: torch.dtype, device, generator: Generator,
-                             do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask at latent size and the masked image's latents, repeated to the batch (and
-        doubled for guidance)."""
+    def masked_image(self, init_image: torch.Tensor, mask_condition: torch.Tensor,
+                     masked_image_latents: torch.Tensor | None) -> torch.Tensor | None:
+        """What the UNet sees of the image: ``masked_image_latents`` if given, else the image where
+        the mask keeps it; None when the image is already latents (a refiner's hand-off)."""
+        if masked_image_latents is not None:
+            return masked_image_latents
+        if init_image.shape[1] == self._latent_channels():
+            return None
+        return init_image * (mask_condition < 0.5)
+
+    def prepare_mask_latents(self, mask: torch.Tensor, masked_image: torch.Tensor | None, batch_size: int,
+                             height: int, width: int, dtype: torch.dtype, device, generator: Generator,
+                             do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mask at latent size and the masked image's latents (None without a masked image),
+        repeated to the batch (and doubled for guidance)."""
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        mask = torch.nn.functional.interpolate(mask, size=size).to(device=device, dtype=dtype)
+        mask = _repeat_to(torch.nn.functional.interpolate(mask, size=size).to(device=device, dtype=dtype),
+                          batch_size, "mask_image")
+        mask = torch.cat([mask] * 2) if do_classifier_free_guidance else mask
+        if masked_image is None:
+            return mask, None
         masked_latents = self._encode(masked_image.to(device=device, dtype=dtype), generator)
-        mask = _repeat_to(mask, batch_size, "mask_image")
         masked_latents = _repeat_to(masked_latents, batch_size, "image")
         if do_classifier_free_guidance:
-            mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
+            masked_latents = torch.cat([masked_latents] * 2)
         return mask, masked_latents.to(device=device, dtype=dtype)
 
     def check_inpaint_inputs(self, image, mask_image, strength: float, padding_mask_crop: int | None,
@@ -117,6 +130,9 @@ class InpaintingSteps:
     def check_unet_channels(self, mask: torch.Tensor, masked_image_latents: torch.Tensor) -> None:
         """A 9-channel UNet must take latents + mask + masked image latents; others must take 4."""
         num_channels_unet = self.unet.config.in_channels
+        if num_channels_unet == 9 and masked_image_latents is None:
+            raise ValueError("a 9-channel inpainting unet needs the masked image: image is latents, so pass "
+                             "masked_image_latents too")
         if num_channels_unet == 9:
             total = self._latent_channels() + mask.shape[1] + masked_image_latents.shape[1]
             if total != num_channels_unet:
@@ -227,7 +243,7 @@ class StableDiffusionInpaintPipeline(InpaintingSteps, StableDiffusionBase):
             scheduler=scheduler,
         )
         mask_condition = preprocess_mask(mask_image, height, width, self.vae_scale_factor, resize_mode, crops_coords)
-        masked_image = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        masked_image = self.masked_image(init_image, mask_condition, masked_image_latents)
         mask, masked_image_latents = self.prepare_mask_latents(
             mask_condition, masked_image, batch_size, height, width, prompt_embeds.dtype, device, generator,
             self.guided(state),

@@ -40,6 +40,13 @@ class RefinerConditioning:
     """Time ids of the SDXL img2img and inpainting pipelines: sizes, or with
     ``requires_aesthetics_score`` (the refiner) sizes and an aesthetic score."""
 
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 image_encoder=None, feature_extractor=None, requires_aesthetics_score: bool = False,
+                 force_zeros_for_empty_prompt: bool = True, add_watermarker: bool | None = None) -> None:
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
+                         feature_extractor, force_zeros_for_empty_prompt, add_watermarker)
+        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
+
     def image_time_ids(self, height: int, width: int, projection_dim: int, dtype: torch.dtype, original_size,
                        crops_coords_top_left, target_size, aesthetic_score: float, negative_aesthetic_score: float,
                        negative_original_size, negative_crops_coords_top_left, negative_target_size):
@@ -63,13 +70,6 @@ class StableDiffusionXLImg2ImgPipeline(RefinerConditioning, ImageToImageLatents,
     (``requires_aesthetics_score=True``, only ``text_encoder_2``), which takes the base's latents
     with ``denoising_start``. Components as
     :class:`~diffusekit.pipelines.stable_diffusion_xl_common.StableDiffusionXLBase`."""
-
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-                 image_encoder=None, feature_extractor=None, requires_aesthetics_score: bool = False,
-                 force_zeros_for_empty_prompt: bool = True, add_watermarker: bool | None = None) -> None:
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
-                         feature_extractor, force_zeros_for_empty_prompt, add_watermarker)
-        self.register_to_config(requires_aesthetics_score=requires_aesthetics_score)
 
     @torch.no_grad()
     @pipeline_call

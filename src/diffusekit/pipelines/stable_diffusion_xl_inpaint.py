@@ -14,8 +14,7 @@ from .image_processing import mask_crop_region, overlay_inpainted, preprocess_im
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_inpaint import InpaintingSteps
 from .stable_diffusion_xl_common import StableDiffusionXLBase
-from .stable_diffusion_xl_img2img import RefinerConditioning, StableDiffusionXLImg2ImgPipeline, check_denoising_range, \
-    image_schedule
+from .stable_diffusion_xl_img2img import RefinerConditioning, check_denoising_range, image_schedule
 from .timesteps import progress_due, step_kwargs, timesteps_until, warmup_steps
 
 
@@ -25,7 +24,6 @@ class StableDiffusionXLInpaintPipeline(RefinerConditioning, InpaintingSteps, Sta
 
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask",
                                "masked_image_latents")
-    __init__ = StableDiffusionXLImg2ImgPipeline.__init__
 
     @torch.no_grad()
     @pipeline_call
@@ -121,7 +119,7 @@ class StableDiffusionXLInpaintPipeline(RefinerConditioning, InpaintingSteps, Sta
             init_image, timesteps[:1].repeat(count), is_strength_max=strength == 1.0, return_image_latents=blend,
             scheduler=scheduler, add_noise=denoising_start is None)
         mask_condition = preprocess_mask(mask_image, height, width, self.vae_scale_factor, resize_mode, crops_coords)
-        masked_image = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        masked_image = self.masked_image(init_image, mask_condition, masked_image_latents)
         mask, masked_image_latents = self.prepare_mask_latents(
             mask_condition, masked_image, count, height, width, prompt_embeds.dtype, device, generator,
             self.guided(state))
