@@ -215,7 +215,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
         if expected != passed:
             hint = "check unet.config.addition_time_embed_dim and text_encoder_2.config.projection_dim"
             if "requires_aesthetics_score" in self.config and abs(expected - passed) == per_id:
-                want = expected > passed
+                want = expected < passed  # one id fewer: the aesthetic score replaces the target size
                 hint = (f"the unet {'takes' if want else 'does not take'} an aesthetic score: load the pipeline "
                         f"with requires_aesthetics_score={want}")
             raise ValueError(f"the unet's added embedding takes {expected} values but the time ids and pooled text "

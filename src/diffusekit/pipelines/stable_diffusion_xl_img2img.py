@@ -29,11 +29,17 @@ def check_denoising_range(denoising_start: float | None, denoising_end: float | 
 def image_schedule(scheduler, num_inference_steps: int, strength: float, denoising_start: float | None, device,
                    timesteps: list[int] | None = None, sigmas: list[float] | None = None):
     """``(timesteps, steps left)`` of SDXL image-to-image and inpainting: the tail after
-    ``denoising_start`` when it is in effect (a refiner), else the tail that ``strength`` keeps."""
+    ``denoising_start`` when it is in effect (a refiner), else the tail that ``strength`` keeps;
+    ValueError when no step is left."""
     _, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
     if is_denoising_fraction(denoising_start):
-        return timesteps_from(scheduler, denoising_start)
-    return timesteps_for_strength(scheduler, num_inference_steps, strength)
+        timesteps, num_inference_steps = timesteps_from(scheduler, denoising_start)
+    else:
+        timesteps, num_inference_steps = timesteps_for_strength(scheduler, num_inference_steps, strength)
+    if num_inference_steps < 1:
+        raise ValueError(f"strength={strength} (denoising_start={denoising_start}) leaves {num_inference_steps} of "
+                         "the denoising steps; raise strength or num_inference_steps")
+    return timesteps, num_inference_steps
 
 
 class RefinerConditioning:

@@ -101,9 +101,6 @@ class StableDiffusionXLInpaintPipeline(RefinerConditioning, InpaintingSteps, Sta
         scheduler = state.scheduler
         timesteps, num_inference_steps = image_schedule(scheduler, num_inference_steps, strength, denoising_start,
                                                         device, timesteps, sigmas)
-        if num_inference_steps < 1:
-            raise ValueError(f"strength={strength} leaves {num_inference_steps} of the denoising steps; "
-                             "raise strength or num_inference_steps")
 
         # 3. image, starting latents and mask
         crops_coords, resize_mode = None, "default"
