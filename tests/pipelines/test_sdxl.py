@@ -137,3 +137,29 @@ def test_a1111_weighting_through_both_encoders(pipe):
     long_prompt = "the (cat:1.3) and [dog] " * 30
     out = _run(pipe, prompt=long_prompt, prompt_2="a dog", negative_prompt="the", prompt_weighting="a1111")
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_readme_sdxl_examples(xl_parts, tmp_path, monkeypatch):
+    """The README's SDXL blocks run as written (tiny local folders, CPU, float32, fewer steps)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "StableDiffusionXL" in b]
+    assert len(blocks) == 2
+    StableDiffusionXLPipeline(**xl_parts).save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    refiner = {**xl_parts, "text_encoder": None, "tokenizer": None,
+               "unet": UNet2DConditionModel(**REFINER_UNET_CONFIG).eval()}
+    StableDiffusionXLImg2ImgPipeline(**refiner, requires_aesthetics_score=True).save_pretrained(tmp_path / "refiner")
+    replacements = {'"stabilityai/stable-diffusion-xl-base-1.0"': repr(str(tmp_path / "base")),
+                    '"stabilityai/stable-diffusion-xl-refiner-1.0"': repr(str(tmp_path / "refiner")),
+                    'torch.float16': 'torch.float32', '.to("cuda")': '', 'num_inference_steps=40': 'num_inference_steps=5'}
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    for block in blocks:
+        for old, new in replacements.items():
+            block = block.replace(old, new)
+        exec(block, scope)
+    assert (tmp_path / "astronaut.png").is_file() and scope["latents"].shape == (1, 4, 16, 16)
+    assert scope["image"].size == (32, 32) and scope["refiner"].vae is scope["pipe"].vae
