@@ -148,7 +148,8 @@ def test_force_zeros_off_and_prompt_embeds(base, parts, tmp_path_factory):
 def test_refiner_aesthetic_score(refiner):
     ours, ref = refiner
     assert ours.text_encoder is None and ours.config.requires_aesthetics_score is True
-    kwargs = dict(prompt="the cat", image=_image(), strength=0.6, num_inference_steps=4, aesthetic_score=7.5,
+    kwargs = dict(prompt="the cat", prompt_2="ignored without the first encoder", negative_prompt="a dog",
+                  image=_image(), strength=0.6, num_inference_steps=4, aesthetic_score=7.5,
                   negative_aesthetic_score=1.5, negative_original_size=(16, 16), num_images_per_prompt=2)
     _close(_run(ours, **kwargs), _run(ref, **kwargs))
 

@@ -127,10 +127,12 @@ class StableDiffusionXLBase(StableDiffusionBase):
                 pooled = out[0]
         return torch.cat(states, dim=-1), pooled
 
-    def _window_count(self, text_lists: Sequence[list[str]]) -> int:
-        """The most 77-token windows any of the texts needs (A1111 weighting)."""
+    def _window_count(self, *groups: Sequence[list[str]]) -> int:
+        """The most 77-token windows any of the texts needs (A1111 weighting); each group holds
+        one list of texts per encoder."""
+        pairs = self._text_encoders()
         return max(len(prompt_encoding.weighted_token_windows(tokenizer, text))
-                   for texts, (tokenizer, _) in zip(text_lists, self._text_encoders()) for text in texts)
+                   for group in groups for texts, (tokenizer, _) in zip(group, pairs) for text in texts)
 
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt: int = 1,
                       do_classifier_free_guidance: bool = True, negative_prompt=None, negative_prompt_2=None,
@@ -159,7 +161,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
             if prompt_embeds is None:
                 text_lists = [_as_list(prompt), _as_list(prompt_2 or prompt)]
                 if prompt_weighting == "a1111":
-                    windows = self._window_count(text_lists + (uncond or []))
+                    windows = self._window_count(text_lists, *([uncond] if uncond else []))
                 prompt_embeds, pooled_prompt_embeds = self._encode_texts(
                     text_lists, clip_skip, pooled_prompt_embeds, prompt_weighting=prompt_weighting,
                     num_windows=windows)

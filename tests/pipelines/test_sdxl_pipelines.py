@@ -137,6 +137,8 @@ def test_a1111_weighting_through_both_encoders(pipe):
     long_prompt = "the (cat:1.3) and [dog] " * 30
     out = _run(pipe, prompt=long_prompt, prompt_2="a dog", negative_prompt="the", prompt_weighting="a1111")
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    long_negative = _run(pipe, prompt="a cat", negative_prompt=long_prompt, prompt_weighting="a1111")
+    assert np.isfinite(long_negative).all()
 
 
 def test_readme_sdxl_examples(xl_parts, tmp_path, monkeypatch):
