@@ -95,6 +95,7 @@ def test_callback_sees_and_replaces_the_added_conditioning(pipe):
     seen = []
 
     def look(p, i, t, tensors):
+        assert p.denoising_end is None and p.num_timesteps == 2
         seen.append({k: v.clone() for k, v in tensors.items()})
         return {}
 

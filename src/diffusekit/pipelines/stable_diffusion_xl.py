@@ -78,6 +78,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
                                  output_type, guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
         self.check_xl_prompts(prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        state.denoising_end = denoising_end
         batch_size = prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
 

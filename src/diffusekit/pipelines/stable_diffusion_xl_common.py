@@ -21,7 +21,7 @@ from PIL import Image
 from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .call_checks import check_prompt_text
-from .call_state import CallState
+from .call_state import CallField, CallState
 from .image_processing import postprocess_images
 from .pipeline_utils import DiffusionPipeline
 from .stable_diffusion_common import StableDiffusionBase
@@ -69,6 +69,8 @@ class StableDiffusionXLBase(StableDiffusionBase):
     #: The base pipeline repeats ``[negative, positive]`` time ids per image (interleaved); the
     #: img2img and inpainting pipelines put all negative rows first (as the reference does).
     _interleaved_time_ids = False
+    denoising_start = CallField("denoising_start")
+    denoising_end = CallField("denoising_end")
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
                  image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt: bool = True,

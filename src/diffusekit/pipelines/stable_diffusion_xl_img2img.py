@@ -137,6 +137,7 @@ class StableDiffusionXLImg2ImgPipeline(RefinerConditioning, ImageToImageLatents,
                                  output_type, guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
         self.check_xl_prompts(prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        state.denoising_start, state.denoising_end = denoising_start, denoising_end
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         count = batch_size * num_images_per_prompt
         device = self._execution_device
