@@ -166,3 +166,33 @@ def test_readme_sdxl_examples(xl_parts, tmp_path, monkeypatch):
         exec(block, scope)
     assert (tmp_path / "astronaut.png").is_file() and scope["latents"].shape == (1, 4, 16, 16)
     assert scope["image"].size == (32, 32) and scope["refiner"].vae is scope["pipe"].vae
+
+
+def test_threads_keep_their_own_added_conditioning(pipe):
+    """Two threads sharing the pipeline, each with its own micro-conditioning, get the images of
+    the same calls run alone (the added conditioning lives in each call's state)."""
+    import threading
+
+    calls = [dict(crops_coords_top_left=(0, 0), seed=1), dict(crops_coords_top_left=(16, 8), seed=2)]
+
+    def call(options):
+        options = dict(options)
+        generator = torch.Generator().manual_seed(options.pop("seed"))
+        return pipe("the cat", num_inference_steps=3, output_type="np", generator=generator, **options).images
+
+    alone = [call(options) for options in calls]
+    results: list = [None, None]
+    barrier = threading.Barrier(2)
+
+    def worker(index):
+        barrier.wait()
+        results[index] = call(calls[index])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert np.abs(alone[0] - alone[1]).max() > 1e-4
+    for got, expected in zip(results, alone):
+        np.testing.assert_array_equal(got, expected)
