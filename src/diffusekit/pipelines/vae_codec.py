@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import torch
 
 from ..utils import Generator
 
 logger = logging.getLogger(__name__)
+#: Upcasting moves the (shared) VAE to float32 for a moment: encoding and decoding hold this lock, so
+#: that a call in another thread never sees the VAE in the other dtype.
+VAE_LOCK = threading.RLock()
 
 
 def vae_scale_factor(vae) -> int:
@@ -66,6 +70,12 @@ def encode_images(vae, images: torch.Tensor, generator: Generator = None, sample
     if isinstance(generator, (list, tuple)) and len(generator) != images.shape[0]:
         raise ValueError(f"generator is a list of {len(generator)} generators, but there are "
                          f"{images.shape[0]} images to encode")
+    with VAE_LOCK:
+        return _encode(vae, images, generator, sample_mode, shift_factor, force_upcast)
+
+
+def _encode(vae, images: torch.Tensor, generator: Generator, sample_mode: str, shift_factor: float,
+            force_upcast: bool) -> torch.Tensor:
     dtype = vae.dtype
     with vae_in_float32(vae, _upcast_requested(vae, force_upcast)):
         images = images.to(device=vae.device, dtype=vae.dtype)
@@ -95,6 +105,11 @@ def decode_latents(vae, latents: torch.Tensor, generator: Generator = None, shif
     VAE temporarily upcast to float32 (the image is returned in float32), and one warning names
     the cause. Non-finite latents cannot be fixed this way; they are reported instead.
     """
+    with VAE_LOCK:
+        return _decode(vae, latents, generator, shift_factor, force_upcast)
+
+
+def _decode(vae, latents: torch.Tensor, generator: Generator, shift_factor: float, force_upcast: bool) -> torch.Tensor:
     scaled = latents / vae.config.scaling_factor
     if shift_factor:
         scaled = scaled + shift_factor
