@@ -193,6 +193,21 @@ def test_inpaint_refiner_hand_off(inpaint):
     _close(*outputs)
 
 
+def test_vae_latents_mean_and_std(parts, tmp_path_factory):
+    """A VAE config with latents_mean / latents_std: decoding and img2img encoding normalise with them."""
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKL(**VAE_CONFIG, latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(2.0, 0.5, 1.5, 1.0))
+    for name in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"):
+        ours, ref = _pair(_save(tmp_path_factory, "stats", name, **dict(parts, vae=vae)), name)
+        assert ours.vae.config.latents_mean == [0.1, -0.2, 0.3, 0.0]
+        kwargs = dict(prompt="the cat")
+        if name != "StableDiffusionXLPipeline":
+            kwargs.update(image=_image(), strength=0.7, num_inference_steps=4)
+        if name == "StableDiffusionXLInpaintPipeline":
+            kwargs.update(mask_image=_mask())
+        _close(_run(ours, **kwargs), _run(ref, **kwargs))
+
+
 def test_our_save_loads_in_the_reference(base_folder, tmp_path):
     ours = diffusekit.StableDiffusionXLPipeline.from_pretrained(base_folder)
     ours.set_progress_bar_config(disable=True)

@@ -35,7 +35,8 @@ class ImageToImageLatents:
             check_generators(generator, batch_size)
             if isinstance(generator, (list, tuple)):
                 image = _repeat_to(image, batch_size, "image")
-            init_latents = encode_images(self.vae, image, generator, force_upcast=self._vae_force_upcast)
+            init_latents = encode_images(self.vae, image, generator, force_upcast=self._vae_force_upcast,
+                                         use_stats=self._vae_latent_stats)
         init_latents = _repeat_to(init_latents, batch_size, "image")
         if not add_noise:
             return init_latents

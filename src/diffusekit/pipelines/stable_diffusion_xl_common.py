@@ -66,6 +66,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
     _exclude_from_cpu_offload = ()
     _vae_force_upcast = True
+    _vae_latent_stats = True  # but inpainting encodes without them, as the reference does
     #: The base pipeline repeats ``[negative, positive]`` time ids per image (interleaved); the
     #: img2img and inpainting pipelines put all negative rows first (as the reference does).
     _interleaved_time_ids = False
@@ -255,12 +256,13 @@ class StableDiffusionXLBase(StableDiffusionBase):
 
     def latents_to_output(self, latents: torch.Tensor, output_type: str, generator: Generator = None,
                           dtype: torch.dtype | None = None):
-        """Decode (a float16 VAE with ``force_upcast`` decodes in float32; see
+        """Decode (a float16 VAE with ``force_upcast`` decodes in float32, latents are normalised
+        with the VAE config's ``latents_mean`` / ``latents_std`` when it has them; see
         :func:`~diffusekit.pipelines.vae_codec.decode_latents`) and convert to ``output_type``;
         ``latent`` returns the latents unchanged. Returns ``(images, None)`` (no safety checker)."""
         if output_type == "latent":
             return latents, None
-        image = decode_latents(self.vae, latents, force_upcast=True)
+        image = decode_latents(self.vae, latents, force_upcast=True, use_stats=self._vae_latent_stats)
         return postprocess_images(image, output_type), None
 
     def _finish_call(self, images, nsfw: None, return_dict: bool):
