@@ -9,8 +9,12 @@ Sections: import (fresh processes: time and peak RSS), scheduler (step and set_t
 parity tests' tiny Stable Diffusion pipeline, equal output checked), sd15_load (from_pretrained of
 an SD 1.5-size fp16 pipeline with random weights, saved by the reference: ~2 GB under --cache),
 cold_start (import + from_pretrained in fresh processes, taken in turn: the SD 1.5-size pipeline
-and a reduced-width FLUX.1-architecture pipeline in bf16, ~1 GB more under --cache), and, only where CUDA is available, gpu_sd15 (512x512, 50 steps, fp16, batch 1 and 8, guided;
-eager and torch.compile) and gpu_sdxl_unet (one SDXL-size UNet forward). Peak memory is measured
+and a reduced-width FLUX.1-architecture pipeline in bf16, ~1 GB more under --cache),
+sdxl_load (the same for an SDXL-size base pipeline: ~7 GB), sdxl_unet_parity (the real SDXL base
+UNet config in float32, one CPU forward against the reference: ~10 GB of RAM, a few minutes), and,
+only where CUDA is available, gpu_sd15 (512x512, 50 steps, fp16, batch 1 and 8, guided; eager and
+torch.compile), gpu_sdxl_unet (one SDXL-size UNet forward) and gpu_sdxl (SDXL-size pipeline,
+1024x1024, 30 steps, fp16, batch 1; eager and compiled). Peak memory is measured
 in fresh processes (RSS) or with torch.cuda.max_memory_allocated (VRAM).
 
 Ours and the reference run alternately in the same process; figures are medians. Ratios are
@@ -352,9 +356,7 @@ def _flux_small_folder(root: Path) -> Path:
 
     tiny = _tiny_sd_folder(root)
     torch.manual_seed(0)
-    text_config = transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                              num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77,
-                                              projection_dim=768)
+    text_config = transformers.CLIPTextConfig(**CLIP_L)
     t5_config = transformers.T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=6, num_heads=16,
                                       feed_forward_proj="gated-gelu", dropout_rate=0.0)
     pipe = diffusers.FluxPipeline(
@@ -365,6 +367,40 @@ def _flux_small_folder(root: Path) -> Path:
         text_encoder_2=transformers.T5EncoderModel(t5_config).to(torch.bfloat16),
         tokenizer_2=tiny_t5_tokenizer(),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                  vocab_size=49408, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+
+
+def _sdxl_folder(root: Path) -> Path:
+    """An SDXL-size base pipeline with random weights in float16, saved by the reference (~7 GB).
+    Built with float16 as the default dtype, one component at a time (peak ~5 GB, not 14)."""
+    import diffusers
+    import transformers
+
+    folder = root / "sdxl-random-fp16"
+    if (folder / "model_index.json").exists():
+        return folder
+    tiny = _tiny_sd_folder(root)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tiny / "tokenizer")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        parts = dict(vae=diffusers.AutoencoderKL(**SDXL_VAE),
+                     text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_L)),
+                     text_encoder_2=transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**CLIP_BIG_G)),
+                     unet=diffusers.UNet2DConditionModel(**SDXL_UNET))
+    finally:
+        torch.set_default_dtype(default)
+    pipe = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer,
+                                               scheduler=diffusers.EulerDiscreteScheduler(), add_watermarker=False)
     pipe.save_pretrained(folder)
     return folder
 
@@ -398,6 +434,46 @@ def bench_cold_start(root: Path) -> None:
         record(f"import + from_pretrained {label} (fresh process)", t_ours, t_ref)
         record(f"import + from_pretrained {label} peak RSS", mb_ours, mb_ref, unit="MB")
 
+def load_sdxl(library: str, folder: str):
+    return _library(library).StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+
+
+def bench_sdxl_load(root: Path) -> None:
+    folder = _sdxl_folder(root)
+    loads = [lambda lib=lib: load_sdxl(lib, str(folder)) for lib in ("diffusekit", "diffusers")]
+    record("from_pretrained SDXL-size fp16", *timed_pair(*loads, repeat=3))
+    record("from_pretrained SDXL-size fp16 peak RSS", *peak_rss("load_sdxl", str(folder)), unit="MB")
+
+
+def bench_sdxl_unet_parity(root: Path) -> None:
+    """The real SDXL base UNet config with random float32 weights (~10 GB, shared by both models),
+    one CPU forward at 32x32 latents; fails above 1e-4 relative difference."""
+    import diffusers
+
+    import diffusekit
+    from diffusekit.models.layers import building_for_load
+
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DConditionModel(**SDXL_UNET).eval()
+    with building_for_load("meta"):
+        ours = diffusekit.UNet2DConditionModel(**SDXL_UNET).eval()
+    ours.load_state_dict(reference.state_dict(), assign=True)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 32, 32, generator=generator)
+    text = torch.randn(1, 77, 2048, generator=generator)
+    added = {"text_embeds": torch.randn(1, 1280, generator=generator),
+             "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]])}
+    outputs, times = [], []
+    with torch.no_grad():
+        for model in (ours, reference):
+            start = time.perf_counter()
+            outputs.append(model(sample, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample)
+            times.append(time.perf_counter() - start)
+    relative = float((outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max())
+    record("SDXL base UNet fp32 forward 32x32 latents (CPU)", *times, max_rel_diff=relative)
+    if relative > 1e-4:
+        raise RuntimeError(f"SDXL UNet differs from the reference by {relative:.2e} (relative), above 1e-4")
+
 
 # -- GPU -------------------------------------------------------------------------------------------
 
@@ -419,29 +495,39 @@ def _cuda_timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float, fl
     return statistics.median(times[0]), statistics.median(times[1]), peaks[0], peaks[1]
 
 
-def bench_gpu_sd15(root: Path) -> None:
-    """SD 1.5-size text-to-image, 512x512, 50 steps, fp16, guidance 7.5, batch 1 and 8; eager and compiled."""
+def _gpu_text_to_image(loader, folder: Path, label: str, size: int, steps: int, guidance: float,
+                       batches: tuple[int, ...]) -> None:
+    """Ours and the reference (``loader(library, folder)``) on CUDA, eager then with a compiled UNet."""
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
-    folder = _sd15_folder(root)
-    pipes = [load_sd15(lib, str(folder)).to("cuda") for lib in ("diffusekit", "diffusers")]
+    pipes = [loader(lib, str(folder)).to("cuda") for lib in ("diffusekit", "diffusers")]
     for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
     for mode in ("eager", "compile"):
         if mode == "compile":
             for pipe in pipes:
                 pipe.unet = torch.compile(pipe.unet)
-        for batch in (1, 8):
+        for batch in batches:
             def make(pipe):
-                return lambda: pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5, height=512,
-                                    width=512, num_images_per_prompt=batch, output_type="np",
+                return lambda: pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=guidance,
+                                    height=size, width=size, num_images_per_prompt=batch, output_type="np",
                                     generator=torch.Generator("cuda").manual_seed(0)).images
             runs = [make(pipe) for pipe in pipes]
             diff = float(abs(runs[0]() - runs[1]()).max())
             t_ours, t_ref, vram_ours, vram_ref = _cuda_timed_pair(*runs)
-            name = f"GPU SD1.5 512px 50 steps fp16 batch {batch} ({mode})"
+            name = f"GPU {label} {size}px {steps} steps fp16 batch {batch} ({mode})"
             record(name, t_ours, t_ref, max_abs_diff=diff)
             record(f"{name} peak VRAM", vram_ours, vram_ref, unit="MB")
+
+
+def bench_gpu_sd15(root: Path) -> None:
+    """SD 1.5-size text-to-image, 512x512, 50 steps, fp16, guidance 7.5, batch 1 and 8; eager and compiled."""
+    _gpu_text_to_image(load_sd15, _sd15_folder(root), "SD1.5", 512, 50, 7.5, (1, 8))
+
+
+def bench_gpu_sdxl(root: Path) -> None:
+    """SDXL-size text-to-image (random weights), 1024x1024, 30 steps, fp16, guidance 5, batch 1; eager and compiled."""
+    _gpu_text_to_image(load_sdxl, _sdxl_folder(root), "SDXL", 1024, 30, 5.0, (1,))
 
 
 def bench_gpu_sdxl_unet(root: Path) -> None:
@@ -483,9 +569,12 @@ SECTIONS = {
     "sd15_load": bench_sd15_load,
     "cold_start": bench_cold_start,
     "gpu_sd15": bench_gpu_sd15,
+    "sdxl_load": bench_sdxl_load,
+    "sdxl_unet_parity": bench_sdxl_unet_parity,
     "gpu_sdxl_unet": bench_gpu_sdxl_unet,
+    "gpu_sdxl": bench_gpu_sdxl,
 }
-GPU_SECTIONS = ("gpu_sd15", "gpu_sdxl_unet")
+GPU_SECTIONS = ("gpu_sd15", "gpu_sdxl_unet", "gpu_sdxl")
 
 
 def main() -> None:

@@ -81,6 +81,9 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionImg2ImgPipeline": "pipelines.stable_diffusion_img2img",
     "StableDiffusionInpaintPipeline": "pipelines.stable_diffusion_inpaint",
     "StableDiffusionDepth2ImgPipeline": "pipelines.stable_diffusion_depth2img",
+    "StableDiffusionXLPipeline": "pipelines.stable_diffusion_xl",
+    "StableDiffusionXLImg2ImgPipeline": "pipelines.stable_diffusion_xl_img2img",
+    "StableDiffusionXLInpaintPipeline": "pipelines.stable_diffusion_xl_inpaint",
     "FluxPipeline": "pipelines.flux",
     "FluxImg2ImgPipeline": "pipelines.flux_img2img",
 }

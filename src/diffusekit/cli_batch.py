@@ -127,8 +127,8 @@ def command_batch(args: argparse.Namespace) -> int:
                                make_out, resolved_values)
     from .cli_system import check_device, progress_bar_options, set_threads
 
-    if args.from_image or args.prompt or args.image or args.mask or args.batch or args.grid:
-        raise CommandError("--prompts takes no --from, --prompt, --image, --mask, --batch or --grid "
+    if args.from_image or args.prompt or args.image or args.mask or args.batch or args.grid or args.refiner:
+        raise CommandError("--prompts takes no --from, --prompt, --image, --mask, --batch, --grid or --refiner "
                            "(give per-line parameters in a .jsonl file)")
     jobs = read_jobs(args.prompts)
     check_options(args)

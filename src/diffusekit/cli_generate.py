@@ -22,7 +22,9 @@ from .training.config import CLASS_LABELS_FILE
 EMBEDDED_MODEL = "diffusekit:digits"
 #: Record keys that ``--from`` copies onto options the command line leaves unset.
 REPLAYED_OPTIONS = ("model", "prompt", "negative_prompt", "steps", "guidance", "strength", "height", "width",
-                    "seed", "dtype")
+                    "seed", "dtype", "refiner", "refiner_start")
+#: Where the SDXL refiner takes over from the base (``--refiner-start``), as a fraction of the schedule.
+DEFAULT_REFINER_START = 0.8
 
 
 # -- output files --------------------------------------------------------------------------------
@@ -98,6 +100,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise CommandError(f"--{name} must be a finite number, got {value}")
     if args.strength is not None and not 0.0 <= args.strength <= 1.0:
         raise CommandError(f"--strength must lie in [0, 1], got {args.strength}")
+    if args.refiner_start is not None:
+        if args.refiner is None:
+            raise CommandError("--refiner-start needs --refiner (the model that finishes the image)")
+        if not 0.0 < args.refiner_start < 1.0:
+            raise CommandError(f"--refiner-start must lie strictly between 0 and 1, got {args.refiner_start}")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -112,6 +119,11 @@ def _check_files(args: argparse.Namespace) -> None:
             _check_image_file(option, path)
     if args.model not in (None, EMBEDDED_MODEL):
         check_local(args.model)
+    if args.refiner is not None:
+        try:
+            check_local(args.refiner)
+        except FileNotFoundError as err:
+            raise CommandError(f"--refiner {err}") from None
     for option, paths in (("--lora", [_parse_lora(spec)[0] for spec in args.lora or []]),
                           ("--embedding", args.embedding or [])):
         for path in paths:
@@ -237,22 +249,52 @@ def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
         pipe = diffusekit.DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
     pipe.scheduler = _scheduler(pipe, args)
     loaded = {"loras": _load_loras(pipe, args.lora or []), "embeddings": _load_embeddings(pipe, args.embedding or [])}
-    return _choose_task(pipe, args).to(device), loaded
+    return _choose_task(pipe, args.image is not None, args.mask is not None).to(device), loaded
 
 
-def _choose_task(pipe, args: argparse.Namespace):
-    """Pick the task from the inputs: a mask means inpainting, an image means image-to-image."""
+def load_refiner(args: argparse.Namespace, base, device):
+    """The ``--refiner`` pipeline for the task (image-to-image, or inpainting with ``--mask``), or None."""
+    if args.refiner is None:
+        return None
+    import torch
+
     import diffusekit
 
-    if args.image is None:
+    from .pipelines.stable_diffusion_xl_common import StableDiffusionXLBase
+
+    if not isinstance(base, StableDiffusionXLBase):
+        raise CommandError(f"--refiner: {type(base).__name__} is not an SDXL pipeline; the refiner takes over "
+                           "SDXL latents only")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    refiner = diffusekit.DiffusionPipeline.from_pretrained(args.refiner, torch_dtype=dtype)
+    if not isinstance(refiner, StableDiffusionXLBase):
+        raise CommandError(f"--refiner {args.refiner}: {type(refiner).__name__} is not an SDXL pipeline")
+    return _choose_task(refiner, True, args.mask is not None).to(device)
+
+
+_TASKS = {  # (family, inpainting) -> the pipeline class of the task
+    ("sd", False): "StableDiffusionImg2ImgPipeline", ("sd", True): "StableDiffusionInpaintPipeline",
+    ("sdxl", False): "StableDiffusionXLImg2ImgPipeline", ("sdxl", True): "StableDiffusionXLInpaintPipeline",
+}
+
+
+def _choose_task(pipe, from_image: bool, inpainting: bool):
+    """Pick the task from the inputs: a mask means inpainting, an image means image-to-image. The
+    task's pipeline takes the components and the pipeline options (``requires_aesthetics_score``...)."""
+    import diffusekit
+
+    from .pipelines.stable_diffusion_xl_common import StableDiffusionXLBase
+
+    if not from_image:
         return pipe
-    name = "StableDiffusionInpaintPipeline" if args.mask else "StableDiffusionImg2ImgPipeline"
-    task_cls = getattr(diffusekit, name)
+    family = "sdxl" if isinstance(pipe, StableDiffusionXLBase) else "sd"
+    task_cls = getattr(diffusekit, _TASKS[family, inpainting])
     if isinstance(pipe, task_cls):
         return pipe
     params = inspect.signature(task_cls.__init__).parameters
+    options = {k: v for k, v in pipe.config.items() if k in params and not isinstance(v, (list, tuple))}
     components = {k: v for k, v in pipe.components.items() if k in params}
-    return task_cls(**components)
+    return task_cls(**options, **components)
 
 
 def model_record(model: str | None) -> str:
@@ -384,7 +426,22 @@ def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count:
         "image": file_record(args.image) if args.image else None,
         "mask": file_record(args.mask) if args.mask else None,
         "dtype": str(pipe.dtype).removeprefix("torch."), "device": str(pipe.device), **loaded,
+        "refiner": model_record(args.refiner) if args.refiner else None,
+        "refiner_start": _refiner_start(args) if args.refiner else None,
     }
+
+
+def _refiner_start(args: argparse.Namespace) -> float:
+    return DEFAULT_REFINER_START if args.refiner_start is None else args.refiner_start
+
+
+def run_with_refiner(pipe, refiner, args: argparse.Namespace, kwargs: dict[str, Any], generators):
+    """The base up to ``--refiner-start`` of the schedule (latents out), then the refiner from there."""
+    start = _refiner_start(args)
+    latents = pipe(**kwargs, denoising_end=start, output_type="latent").images
+    accepted = inspect.signature(refiner.__call__).parameters
+    refined = {k: v for k, v in kwargs.items() if k in accepted and k not in ("image", "strength", "generator")}
+    return refiner(**refined, image=latents, denoising_start=start, generator=generators)
 
 
 def _write_images(images, out: Path, record: dict, labels, names, keep, grid: bool) -> list[Path]:
@@ -416,18 +473,25 @@ def _write_grid(images, out: Path, record: dict, labels) -> Path:
     return save_png(make_image_grid(images, rows, cols), free_path(out, f"{record['seed']}-grid", ".png"), entry)
 
 
-def generate_files(pipe, args: argparse.Namespace, loaded: dict, **call_options) -> list[Path]:
-    """Call ``pipe`` as ``generate`` does (labels, seeds ``seed + i``, options) and write its files, with
-    their records, into ``args.out``; ``call_options`` go to the call as they are (a step callback)."""
+def generate_files(pipe, args: argparse.Namespace, loaded: dict, refiner=None, **call_options) -> list[Path]:
+    """Call ``pipe`` as ``generate`` does (labels, seeds ``seed + i``, options; then ``refiner`` on its
+    latents when given) and write its files, with their records, into ``args.out``; ``call_options``
+    go to the call as they are (a step callback)."""
     import torch
 
     labels = class_labels(pipe, args)
     seed = args.seed if args.seed is not None and args.seed >= 0 else secrets.randbelow(2**32)
     count = len(labels) if labels else args.batch or 1
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]  # image i: seed + i
-    kwargs = call_arguments(pipe, args, labels, generators[0] if count == 1 else generators)
+    def seeded():  # image i: seed + i (the refiner gets generators of the same seeds)
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
+        return generators[0] if count == 1 else generators
+
+    kwargs = call_arguments(pipe, args, labels, seeded())
     resolved = resolved_values(pipe, args, kwargs)
-    output = pipe(**kwargs, **call_options)
+    if refiner is None:
+        output = pipe(**kwargs, **call_options)
+    else:
+        output = run_with_refiner(pipe, refiner, args, {**kwargs, **call_options}, seeded())
     record = {**_base_record(pipe, args, loaded, seed, count), **resolved}
     out = make_out(args.out)
     if hasattr(output, "audios"):
@@ -451,8 +515,11 @@ def command_generate(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = check_device(args.device)
     pipe, loaded = load_pipeline(args, device)
-    pipe.set_progress_bar_config(**progress_bar_options("sampling"))
-    for path in generate_files(pipe, args, loaded):
+    refiner = load_refiner(args, pipe, device)
+    for stage in (pipe, refiner):
+        if stage is not None:
+            stage.set_progress_bar_config(**progress_bar_options("sampling"))
+    for path in generate_files(pipe, args, loaded, refiner):
         print(path)
     return 0
 
@@ -471,6 +538,9 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--image", help="input image: image-to-image (or inpainting with --mask)")
     gen.add_argument("--mask", help="mask image for inpainting (white = repaint)")
     gen.add_argument("--strength", type=float, help="image-to-image strength in [0, 1] (default: the pipeline's)")
+    gen.add_argument("--refiner", metavar="MODEL", help="an SDXL refiner (folder or Hub id) that finishes the image")
+    gen.add_argument("--refiner-start", type=float, metavar="FRACTION",
+                     help=f"where the refiner takes over, in (0, 1) (default: {DEFAULT_REFINER_START})")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     gen.add_argument("--height", type=int, help="default: the model's size")
     gen.add_argument("--width", type=int, help="default: the model's size")

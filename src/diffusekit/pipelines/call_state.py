@@ -37,6 +37,8 @@ class CallState:
     callback: Callable | None = None
     callback_names: Sequence[str] = ()
     num_timesteps: int | None = None
+    denoising_start: float | None = None
+    denoising_end: float | None = None
     current_timestep: Any = None
     interrupt: bool = False
 

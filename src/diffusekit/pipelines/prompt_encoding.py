@@ -100,11 +100,16 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: b
 
 
 def run_text_encoder(text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     clip_skip: int | None = None) -> torch.Tensor:
+                     clip_skip: int | None = None, penultimate: bool = False) -> torch.Tensor:
     """Token ids to hidden states: the last layer's, or with ``clip_skip = k`` the output of the
-    k-th layer from the end passed through the final layer norm (k = 1: the penultimate layer)."""
+    k-th layer from the end passed through the final layer norm (k = 1: the penultimate layer).
+    ``penultimate`` (SDXL): the output of layer ``k + 1`` from the end (k = 0 by default: the
+    penultimate layer), without the final layer norm."""
     device = text_encoder.device
     mask = attention_mask.to(device) if attention_mask is not None else None
+    if penultimate:
+        out = text_encoder(input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-((clip_skip or 0) + 2)]
     if clip_skip is None:
         return text_encoder(input_ids.to(device), attention_mask=mask)[0]
     out = text_encoder(input_ids.to(device), attention_mask=mask, output_hidden_states=True)
@@ -267,12 +272,12 @@ def empty_window(tokenizer) -> tuple[list[int], list[float]]:
 
 
 def encode_weighted_text(text_encoder, tokenizer, texts: Sequence[str], clip_skip: int | None = None,
-                         num_windows: int | None = None) -> torch.Tensor:
+                         num_windows: int | None = None, penultimate: bool = False) -> torch.Tensor:
     """Encode A1111-weighted prompts of any length: (batch, 77 * windows, dim).
 
     The rule, per prompt and per 77-token window (see :func:`weighted_token_windows`):
     ``e`` = the text encoder's hidden states for the window (with ``clip_skip`` as in
-    :func:`run_text_encoder`), ``w`` = the per-token weights;
+    :func:`run_text_encoder`, ``penultimate`` too), ``w`` = the per-token weights;
     ``e_w = e * w[:, None]``, then ``e_w * (mean(e) / mean(e_w))`` where each mean is taken over all
     tokens and channels of that window (the factor is 1 where a mean is ~0, see
     :func:`mean_restoring_factor`). The windows' results are concatenated along the tokens.
@@ -291,7 +296,7 @@ def encode_weighted_text(text_encoder, tokenizer, texts: Sequence[str], clip_ski
     device = text_encoder.device
     ids = torch.tensor([ids for ids, _ in windows], device=device)
     weights = torch.tensor([weights for _, weights in windows], device=device)
-    embeds = run_text_encoder(text_encoder, ids, clip_skip=clip_skip)  # all windows in one batch
+    embeds = run_text_encoder(text_encoder, ids, clip_skip=clip_skip, penultimate=penultimate)  # one batch
     weighted = embeds * weights[:, :, None].to(embeds.dtype)
     rescaled = weighted * mean_restoring_factor(embeds, weighted).to(embeds.dtype)
     return rescaled.reshape(len(per_text), count * rescaled.shape[1], rescaled.shape[2])

@@ -66,6 +66,12 @@ class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, L
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
     _exclude_from_cpu_offload = ("safety_checker",)
+    #: Whether the VAE config's ``force_upcast`` makes a half-precision VAE encode/decode in float32
+    #: (the reference's SD pipelines ignore it; SDXL's honour it).
+    _vae_force_upcast = False
+    #: Whether latents are normalised with the VAE config's ``latents_mean`` / ``latents_std`` when
+    #: decoding and image-to-image encoding (SDXL's reference does it, SD's does not).
+    _vae_latent_stats = False
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                  image_encoder=None, requires_safety_checker: bool = True) -> None:

@@ -17,16 +17,16 @@ from .timesteps import progress_due, retrieve_timesteps, step_kwargs, timesteps_
 from .vae_codec import encode_images
 
 
-class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
-    """Noise an input image part of the way (``strength``) and denoise it towards ``prompt``
-    (SDEdit, Meng et al., 2021). Components as :class:`StableDiffusionPipeline`."""
+class ImageToImageLatents:
+    """The starting latents of image-to-image, shared by the SD and SDXL pipelines (which set
+    ``_vae_force_upcast``: whether the VAE config's ``force_upcast`` applies to encoding)."""
 
     def prepare_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch_size: int,
                         num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator = None,
-                        scheduler=None):
+                        scheduler=None, add_noise: bool = True):
         """Encode ``image`` (or take it as latents when it has the latent channel count), repeat it to
-        the batch, and noise it to ``timestep`` with ``scheduler`` (default: the pipeline's); random
-        draws in the reference's order."""
+        the batch, and (with ``add_noise``) noise it to ``timestep`` with ``scheduler`` (default: the
+        pipeline's); random draws in the reference's order."""
         image = image.to(device=device, dtype=dtype)
         batch_size = batch_size * num_images_per_prompt
         if image.shape[1] == self.vae.config.latent_channels:
@@ -35,10 +35,18 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             check_generators(generator, batch_size)
             if isinstance(generator, (list, tuple)):
                 image = _repeat_to(image, batch_size, "image")
-            init_latents = encode_images(self.vae, image, generator)
+            init_latents = encode_images(self.vae, image, generator, force_upcast=self._vae_force_upcast,
+                                         use_stats=self._vae_latent_stats)
         init_latents = _repeat_to(init_latents, batch_size, "image")
+        if not add_noise:
+            return init_latents
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
         return (scheduler or self.scheduler).add_noise(init_latents, noise, timestep)
+
+
+class StableDiffusionImg2ImgPipeline(ImageToImageLatents, StableDiffusionBase):
+    """Noise an input image part of the way (``strength``) and denoise it towards ``prompt``
+    (SDEdit, Meng et al., 2021). Components as :class:`StableDiffusionPipeline`."""
 
     def noised_image_latents(self, scheduler, image, strength: float, num_inference_steps: int, batch_size: int,
                              num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator,

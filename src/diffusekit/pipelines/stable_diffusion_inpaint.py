@@ -31,11 +31,9 @@ def _first_generators(generator: Generator, count: int) -> Generator:
     return generator[:count] if isinstance(generator, (list, tuple)) else generator
 
 
-class StableDiffusionInpaintPipeline(StableDiffusionBase):
-    """Text-guided inpainting with Stable Diffusion. Components as :class:`StableDiffusionPipeline`;
-    the UNet takes 9 input channels (an inpainting checkpoint) or 4 (a text-to-image checkpoint)."""
-
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+class InpaintingSteps:
+    """The latents, mask and checks of inpainting, shared by the SD and SDXL pipelines (which set
+    ``_vae_force_upcast``: whether the VAE config's ``force_upcast`` applies to encoding)."""
 
     def _latent_channels(self) -> int:
         return self.vae.config.latent_channels
@@ -44,27 +42,34 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         """Pixels to scaled latents; a tensor that already has the latent channel count is kept."""
         if images.shape[1] == self._latent_channels():
             return images
-        return encode_images(self.vae, images, _first_generators(generator, images.shape[0]))
+        return encode_images(self.vae, images, _first_generators(generator, images.shape[0]),
+                             force_upcast=self._vae_force_upcast)
 
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
                         dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None,
                         image: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                        is_strength_max: bool = True, return_image_latents: bool = False, scheduler=None):
+                        is_strength_max: bool = True, return_image_latents: bool = False, scheduler=None,
+                        add_noise: bool = True):
         """``(latents, noise, image latents or None)``.
 
         At full strength the latents are pure noise (times ``init_noise_sigma``); below it, the
-        image's latents noised to ``timestep``. Given ``latents`` are taken as the noise.
-        ``scheduler``: the call's scheduler (default: the pipeline's).
+        image's latents noised to ``timestep``. Given ``latents`` are taken as the noise. Without
+        ``add_noise`` (an SDXL refiner taking over the base's latents) the latents are the image's
+        and the noise (for the 4-channel blend) is drawn fresh. ``scheduler``: the call's scheduler
+        (default: the pipeline's).
         """
         scheduler = scheduler or self.scheduler
         shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor,
                  int(width) // self.vae_scale_factor)
         check_generators(generator, batch_size)
         image_latents = None
-        if return_image_latents or (latents is None and not is_strength_max):
+        if return_image_latents or not add_noise or (latents is None and not is_strength_max):
             image_latents = self._encode(image.to(device=device, dtype=dtype), generator)
             image_latents = image_latents.repeat(batch_size // image_latents.shape[0], 1, 1, 1)
-        if latents is None:
+        if not add_noise:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = image_latents
+        elif latents is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             if is_strength_max:
                 latents = noise * scheduler.init_noise_sigma
@@ -77,18 +82,31 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             latents = noise * scheduler.init_noise_sigma
         return latents, noise, image_latents
 
-    def prepare_mask_latents(self, mask: torch.Tensor, masked_image: torch.Tensor, batch_size: int, height: int,
-                             width: int, dtype: torch.dtype, device, generator: Generator,
-                             do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask at latent size and the masked image's latents, repeated to the batch (and
-        doubled for guidance)."""
+    def masked_image(self, init_image: torch.Tensor, mask_condition: torch.Tensor,
+                     masked_image_latents: torch.Tensor | None) -> torch.Tensor | None:
+        """What the UNet sees of the image: ``masked_image_latents`` if given, else the image where
+        the mask keeps it; None when the image is already latents (a refiner's hand-off)."""
+        if masked_image_latents is not None:
+            return masked_image_latents
+        if init_image.shape[1] == self._latent_channels():
+            return None
+        return init_image * (mask_condition < 0.5)
+
+    def prepare_mask_latents(self, mask: torch.Tensor, masked_image: torch.Tensor | None, batch_size: int,
+                             height: int, width: int, dtype: torch.dtype, device, generator: Generator,
+                             do_classifier_free_guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The mask at latent size and the masked image's latents (None without a masked image),
+        repeated to the batch (and doubled for guidance)."""
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        mask = torch.nn.functional.interpolate(mask, size=size).to(device=device, dtype=dtype)
+        mask = _repeat_to(torch.nn.functional.interpolate(mask, size=size).to(device=device, dtype=dtype),
+                          batch_size, "mask_image")
+        mask = torch.cat([mask] * 2) if do_classifier_free_guidance else mask
+        if masked_image is None:
+            return mask, None
         masked_latents = self._encode(masked_image.to(device=device, dtype=dtype), generator)
-        mask = _repeat_to(mask, batch_size, "mask_image")
         masked_latents = _repeat_to(masked_latents, batch_size, "image")
         if do_classifier_free_guidance:
-            mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
+            masked_latents = torch.cat([masked_latents] * 2)
         return mask, masked_latents.to(device=device, dtype=dtype)
 
     def check_inpaint_inputs(self, image, mask_image, strength: float, padding_mask_crop: int | None,
@@ -107,6 +125,38 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                                  f"{type(image).__name__} and {type(mask_image).__name__}")
             if output_type != "pil":
                 raise ValueError(f"padding_mask_crop needs output_type='pil', got {output_type!r}")
+
+
+    def check_unet_channels(self, mask: torch.Tensor, masked_image_latents: torch.Tensor) -> None:
+        """A 9-channel UNet must take latents + mask + masked image latents; others must take 4."""
+        num_channels_unet = self.unet.config.in_channels
+        if num_channels_unet == 9 and masked_image_latents is None:
+            raise ValueError("a 9-channel inpainting unet needs the masked image: image is latents, so pass "
+                             "masked_image_latents too")
+        if num_channels_unet == 9:
+            total = self._latent_channels() + mask.shape[1] + masked_image_latents.shape[1]
+            if total != num_channels_unet:
+                raise ValueError(f"the unet takes {num_channels_unet} channels but latents, mask and masked image "
+                                 f"latents give {total}; check the unet config and mask_image")
+        elif num_channels_unet != 4:
+            raise ValueError(f"the unet must take 4 or 9 input channels, not {num_channels_unet}")
+
+    def keep_unmasked(self, state, latents: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor,
+                      mask: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
+        """A 4-channel UNet's latents after loop step ``step``: outside the mask, the image's latents
+        noised to the next timestep (clean after the last step)."""
+        keep = image_latents
+        if step < len(timesteps) - 1:
+            keep = state.scheduler.add_noise(image_latents, noise, timesteps[step + 1:step + 2])
+        repaint = mask.chunk(2)[0] if self.guided(state) else mask
+        return (1 - repaint) * keep + repaint * latents
+
+
+class StableDiffusionInpaintPipeline(InpaintingSteps, StableDiffusionBase):
+    """Text-guided inpainting with Stable Diffusion. Components as :class:`StableDiffusionPipeline`;
+    the UNet takes 9 input channels (an inpainting checkpoint) or 4 (a text-to-image checkpoint)."""
+
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
     @torch.no_grad()
     @pipeline_call
@@ -186,26 +236,19 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         init_image = preprocess_images(image, height, width, multiple=self.vae_scale_factor,
                                        latent_channels=self._latent_channels(), resize_mode=resize_mode,
                                        crops_coords=crops_coords).to(torch.float32)
-        num_channels_unet = self.unet.config.in_channels
-        blend = num_channels_unet == 4
+        blend = self.unet.config.in_channels == 4
         latents, noise, image_latents = self.prepare_latents(
             batch_size, self._latent_channels(), height, width, prompt_embeds.dtype, device, generator, latents,
             init_image, latent_timestep, is_strength_max=strength == 1.0, return_image_latents=blend,
             scheduler=scheduler,
         )
         mask_condition = preprocess_mask(mask_image, height, width, self.vae_scale_factor, resize_mode, crops_coords)
-        masked_image = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        masked_image = self.masked_image(init_image, mask_condition, masked_image_latents)
         mask, masked_image_latents = self.prepare_mask_latents(
             mask_condition, masked_image, batch_size, height, width, prompt_embeds.dtype, device, generator,
             self.guided(state),
         )
-        if num_channels_unet == 9:
-            total = self._latent_channels() + mask.shape[1] + masked_image_latents.shape[1]
-            if total != num_channels_unet:
-                raise ValueError(f"the unet takes {num_channels_unet} channels but latents, mask and masked image "
-                                 f"latents give {total}; check the unet config and mask_image")
-        elif not blend:
-            raise ValueError(f"the unet must take 4 or 9 input channels, not {num_channels_unet}")
+        self.check_unet_channels(mask, masked_image_latents)
         extra_step = step_kwargs(scheduler, generator, eta)
         timestep_cond = self.timestep_cond(guidance_scale, batch_size, device, latents.dtype)
 
@@ -220,11 +263,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
                 noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond, extra_channels=extra)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
                 if blend:  # outside the mask: the image's latents at the next step's noise level
-                    keep = image_latents
-                    if i < len(timesteps) - 1:
-                        keep = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-                    repaint = mask.chunk(2)[0] if self.guided(state) else mask
-                    latents = (1 - repaint) * keep + repaint * latents
+                    latents = self.keep_unmasked(state, latents, image_latents, noise, mask, timesteps, i)
                 if state.callback is not None:
                     tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

@@ -70,3 +70,40 @@ def progress_due(step: int, timesteps: torch.Tensor, warmup: int, scheduler) -> 
     """Whether the progress bar advances after loop step ``step``: the last step, and after the
     warm-up every ``scheduler.order``-th model call."""
     return step == len(timesteps) - 1 or (step + 1 > warmup and (step + 1) % scheduler.order == 0)
+
+
+def is_denoising_fraction(value: Any) -> bool:
+    """Whether ``denoising_start`` / ``denoising_end`` is in effect: a float strictly between 0 and 1
+    (the reference ignores anything else)."""
+    return isinstance(value, float) and 0 < value < 1
+
+
+def _cutoff_timestep(scheduler, fraction: float) -> int:
+    """The training timestep at which ``fraction`` of the denoising is done."""
+    train_steps = scheduler.config.num_train_timesteps
+    return int(round(train_steps - fraction * train_steps))
+
+
+def timesteps_until(scheduler, timesteps: torch.Tensor, num_inference_steps: int,
+                    denoising_end: float | None) -> tuple[torch.Tensor, int]:
+    """``(timesteps, steps)`` up to ``denoising_end`` of the denoising (the base half of a
+    base-to-refiner hand-off); unchanged when the fraction is not in effect."""
+    if not is_denoising_fraction(denoising_end):
+        return timesteps, num_inference_steps
+    cutoff = _cutoff_timestep(scheduler, denoising_end)
+    count = int(sum(1 for t in timesteps if t >= cutoff))
+    return timesteps[:count], count
+
+
+def timesteps_from(scheduler, denoising_start: float) -> tuple[torch.Tensor, int]:
+    """The tail of ``scheduler``'s schedule that starts after ``denoising_start`` of the denoising
+    (the refiner half of a hand-off); tells the scheduler where it begins. A second-order scheduler
+    gets one step more when the count is even, so that it starts on a full step."""
+    cutoff = _cutoff_timestep(scheduler, denoising_start)
+    count = int((scheduler.timesteps < cutoff).sum().item())
+    if scheduler.order == 2 and count % 2 == 0:
+        count += 1
+    start = len(scheduler.timesteps) - count
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:], count

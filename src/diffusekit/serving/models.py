@@ -99,7 +99,7 @@ def generate_options(model: ServedModel, params: dict[str, Any], out: Path, file
         height=params.get("height"), width=params.get("width"), seed=params["seed"], batch=params.get("n", 1),
         class_label=None if label is None else str(label), scheduler=params.get("scheduler"),
         image=files.get("image"), mask=files.get("mask_image"), lora=[], embedding=[], dtype=None,
-        out=str(out), grid=False)
+        out=str(out), grid=False, refiner=None, refiner_start=None)
 
 
 def job_pipeline(model: ServedModel, options: argparse.Namespace):
@@ -108,5 +108,5 @@ def job_pipeline(model: ServedModel, options: argparse.Namespace):
 
     pipe = copy.copy(model.pipe)
     pipe.scheduler = _scheduler(model.pipe, options)
-    return _choose_task(pipe, options)
+    return _choose_task(pipe, options.image is not None, options.mask is not None)
 
