@@ -10,7 +10,7 @@ from diffusekit import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMod
 from diffusekit.loaders.single_file import pipeline_to_original, text_encoder_from_single_file
 from diffusekit.models import clip_text
 from sd_components import VAE_CONFIG
-from sdxl_standin import SDXLStandIn
+from diffusekit import StableDiffusionXLImg2ImgPipeline
 
 UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, down_block_types=("DownBlock2D",
             "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
@@ -46,7 +46,7 @@ def written(request, tmp_path_factory):
 
 def test_shipped_tokenizers_and_pipeline_options_fill_what_the_folder_lacks(written):
     kind, parts, folder, path = written
-    pipe = SDXLStandIn.from_single_file(path, config=folder)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(path, config=folder)
     for name, model in parts.items():
         loaded = getattr(pipe, name)
         if model is None:
@@ -61,7 +61,7 @@ def test_shipped_tokenizers_and_pipeline_options_fill_what_the_folder_lacks(writ
     else:  # the shipped sdxl_refiner/model_index.json
         assert pipe.tokenizer is None
         assert pipe.config.requires_aesthetics_score is True and pipe.config.force_zeros_for_empty_prompt is False
-    chosen = SDXLStandIn.from_single_file(path, config=folder, requires_aesthetics_score=False)
+    chosen = StableDiffusionXLImg2ImgPipeline.from_single_file(path, config=folder, requires_aesthetics_score=False)
     assert chosen.config.requires_aesthetics_score is False  # given options win
 
 

@@ -13,7 +13,7 @@ from diffusekit.loaders.single_file import pipeline_to_original
 from diffusekit.models import clip_text
 from diffusekit.weights import WeightsError
 from sdxl_loader_parts import save_reference_sdxl
-from sdxl_standin import SDXLStandIn
+from diffusekit import StableDiffusionXLImg2ImgPipeline
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -24,7 +24,7 @@ def sdxl(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     folder = save_reference_sdxl(root / "folder", refiner=request.param == "refiner")
     path = root / "model.safetensors"
-    save_file(pipeline_to_original(SDXLStandIn.from_pretrained(folder)), str(path))
+    save_file(pipeline_to_original(StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)), str(path))
     return request.param, folder, path
 
 
@@ -56,8 +56,8 @@ def test_the_file_is_in_the_original_layout_the_reference_reads(sdxl):
 
 def test_single_file_loads_equal_to_the_folder(sdxl):
     kind, folder, path = sdxl
-    ours = SDXLStandIn.from_single_file(path, config=folder)
-    _assert_same_models(ours, SDXLStandIn.from_pretrained(folder))
+    ours = StableDiffusionXLImg2ImgPipeline.from_single_file(path, config=folder)
+    _assert_same_models(ours, StableDiffusionXLImg2ImgPipeline.from_pretrained(folder))
     assert isinstance(ours.text_encoder_2, clip_text.CLIPTextModelWithProjection)
     assert type(ours.scheduler).__name__ == "EulerDiscreteScheduler"
     assert ours.scheduler.config.timestep_spacing == "leading"
@@ -74,20 +74,16 @@ def test_missing_projection_names_the_file_and_key(sdxl, tmp_path):
     del state[prefix + "text_projection"]
     save_file(state, str(tmp_path / "broken.safetensors"))
     with pytest.raises(WeightsError, match=r"broken\.safetensors.*text_encoder_2.*text_projection\.weight"):
-        SDXLStandIn.from_single_file(tmp_path / "broken.safetensors", config=folder)
+        StableDiffusionXLImg2ImgPipeline.from_single_file(tmp_path / "broken.safetensors", config=folder)
 
 
-def test_convert_both_directions(sdxl, tmp_path, monkeypatch):
+def test_convert_both_directions(sdxl, tmp_path):
     """file -> folder -> file gives the same tensors; the CLI runs the same conversion."""
     kind, folder, path = sdxl
-    target = "StableDiffusionXLPipeline" if kind == "base" else "StableDiffusionXLImg2ImgPipeline"
-    monkeypatch.setattr(diffusekit, target, SDXLStandIn, raising=False)  # until the SDXL pipelines land
-    monkeypatch.setattr(diffusekit, "SDXLStandIn", SDXLStandIn, raising=False)
-    monkeypatch.setattr(diffusekit, "__all__", [*diffusekit.__all__, "SDXLStandIn"])
     from diffusekit.cli import main
 
     assert main(["convert", str(path), str(tmp_path / "folder"), "--config", str(folder)]) == 0
-    _assert_same_models(SDXLStandIn.from_pretrained(tmp_path / "folder"), SDXLStandIn.from_pretrained(folder))
+    _assert_same_models(StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "folder"), StableDiffusionXLImg2ImgPipeline.from_pretrained(folder))
     assert main(["convert", str(tmp_path / "folder"), str(tmp_path / "again.safetensors")]) == 0
     original, again = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
     assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)

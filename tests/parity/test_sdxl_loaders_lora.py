@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl_loader_parts import save_reference_sdxl
-from sdxl_standin import SDXLStandIn
+from diffusekit import StableDiffusionXLImg2ImgPipeline
 
 pytest.importorskip("peft")  # the reference's LoRA backend
 
@@ -109,7 +109,7 @@ def _states(pipe) -> dict:
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "kohya_sgm"])
 def test_lora_matches_reference_scaled_fused_and_unloads_exactly(base_folder, layout, tmp_path):
-    ours = SDXLStandIn.from_pretrained(base_folder)
+    ours = StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder)
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(base_folder)
     before, before_outputs = _states(ours), _outputs(ours)
     path = tmp_path / "lora.safetensors"
@@ -141,8 +141,8 @@ def test_lora_matches_reference_scaled_fused_and_unloads_exactly(base_folder, la
 def test_kohya_layouts_equal_the_peft_layout_on_every_target(base_folder, layout):
     """Including what the reference's kohya reader drops (text-encoder attention, add_embedding in
     diffusers names): here every key applies, as the same LoRA in the peft layout."""
-    tensors = _tensors(SDXLStandIn.from_pretrained(base_folder))
-    kohya, peft = SDXLStandIn.from_pretrained(base_folder), SDXLStandIn.from_pretrained(base_folder)
+    tensors = _tensors(StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder))
+    kohya, peft = StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder), StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder)
     kohya.load_lora_weights(_file(tensors, layout))
     peft.load_lora_weights(_file(tensors, "peft"))
     _close(_outputs(kohya), _outputs(peft), tol=0)
@@ -170,7 +170,7 @@ def test_sdxl_embedding_file_loads_into_both_encoders_as_the_reference(base_fold
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    ours, explicit = SDXLStandIn.from_pretrained(base_folder), SDXLStandIn.from_pretrained(base_folder)
+    ours, explicit = StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder), StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder)
     ref = diffusers.StableDiffusionXLPipeline.from_pretrained(base_folder)
     ours.load_textual_inversion(path)
     for pipe in (ref, explicit):
@@ -187,7 +187,7 @@ def test_sdxl_embedding_file_loads_into_both_encoders_as_the_reference(base_fold
     assert torch.equal(ours.text_encoder_2.get_input_embeddings().weight[row], state["clip_g"][1])
 
     # the whole file with one pair given: the entry as wide as that text encoder
-    one = SDXLStandIn.from_pretrained(base_folder)
+    one = StableDiffusionXLImg2ImgPipeline.from_pretrained(base_folder)
     one.load_textual_inversion(path, text_encoder=one.text_encoder_2, tokenizer=one.tokenizer_2)
     assert "sdxltoy" in one.tokenizer_2.get_vocab() and "sdxltoy" not in one.tokenizer.get_vocab()
     _close(_encode(one, prompt)[1:], expected[1:], tol=0)
