@@ -83,3 +83,24 @@ def test_refiner_option_errors(folders, tmp_path, capsys, extra, message):
     extra = [e.format(base=folders[0], refiner=folders[1]) for e in extra]
     assert main(["generate", str(folders[0]), "--prompt", "a", "--out", str(tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_single_files_are_picked_by_family(folders, tmp_path, capsys):
+    """An SDXL base and refiner as original-layout files: generate reads the family from the keys and
+    makes the images their folders make."""
+    from safetensors.torch import save_file
+
+    from diffusekit.loaders.single_file import pipeline_to_original
+
+    base_folder, refiner_folder, base, refiner = folders
+    files = tmp_path / "base.safetensors", tmp_path / "refiner.safetensors"
+    for pipe, path in zip((base, refiner), files):
+        save_file({k: v.contiguous() for k, v in pipeline_to_original(pipe).items()}, str(path))
+    common = ["--prompt", "a cat", "--steps", "4", "--height", "32", "--width", "32", "--seed", "3"]
+    (from_folder,) = _generate(capsys, base_folder, *common, "--refiner", refiner_folder, "--out", tmp_path / "a")
+    (from_file,) = _generate(capsys, files[0], "--config", base_folder, *common, "--refiner", refiner_folder,
+                             "--out", tmp_path / "b")
+    assert read_png_parameters(from_file)["pipeline"] == "StableDiffusionXLPipeline"
+    np.testing.assert_array_equal(np.asarray(Image.open(from_file)), np.asarray(Image.open(from_folder)))
+    assert main(["generate", str(base_folder), "--config", str(base_folder), *common, "--out", str(tmp_path)]) == 2
+    assert "--config is for single-file models" in capsys.readouterr().err

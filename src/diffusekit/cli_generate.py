@@ -23,6 +23,8 @@ EMBEDDED_MODEL = "diffusekit:digits"
 #: Record keys that ``--from`` copies onto options the command line leaves unset.
 REPLAYED_OPTIONS = ("model", "prompt", "negative_prompt", "steps", "guidance", "strength", "height", "width",
                     "seed", "dtype", "refiner", "refiner_start")
+#: File endings of single-file checkpoints that ``generate`` loads as a whole pipeline.
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: Where the SDXL refiner takes over from the base (``--refiner-start``), as a fraction of the schedule.
 DEFAULT_REFINER_START = 0.8
 
@@ -236,8 +238,6 @@ def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
     """The pipeline (scheduler, LoRAs, embeddings applied) on ``device``, and the record of what was loaded."""
     import torch
 
-    import diffusekit
-
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model in (None, EMBEDDED_MODEL):
         from .embedded import load_embedded_pipeline
@@ -246,10 +246,25 @@ def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
-        pipe = diffusekit.DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = open_pipeline(args.model, dtype, getattr(args, "config", None))
     pipe.scheduler = _scheduler(pipe, args)
     loaded = {"loras": _load_loras(pipe, args.lora or []), "embeddings": _load_embeddings(pipe, args.embedding or [])}
     return _choose_task(pipe, args.image is not None, args.mask is not None).to(device), loaded
+
+
+def open_pipeline(model: str, dtype=None, config: str | None = None):
+    """A pipeline from a folder or Hub id, or from one original-layout checkpoint file (the family
+    read from its keys: SD 1.x/2.x, SDXL base or refiner; ``config``: a folder with the component
+    configs, default the shipped ones)."""
+    import diffusekit
+
+    if Path(model).suffix in SINGLE_FILE_SUFFIXES and Path(model).is_file():
+        from .loaders.single_file import pipeline_from_single_file
+
+        return pipeline_from_single_file(model, torch_dtype=dtype, config=config)
+    if config is not None:
+        raise CommandError("--config is for single-file models (.safetensors/.ckpt); a folder has its own configs")
+    return diffusekit.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
 
 
 def load_refiner(args: argparse.Namespace, base, device):
@@ -258,15 +273,13 @@ def load_refiner(args: argparse.Namespace, base, device):
         return None
     import torch
 
-    import diffusekit
-
     from .pipelines.stable_diffusion_xl_common import StableDiffusionXLBase
 
     if not isinstance(base, StableDiffusionXLBase):
         raise CommandError(f"--refiner: {type(base).__name__} is not an SDXL pipeline; the refiner takes over "
                            "SDXL latents only")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    refiner = diffusekit.DiffusionPipeline.from_pretrained(args.refiner, torch_dtype=dtype)
+    refiner = open_pipeline(args.refiner, dtype)
     if not isinstance(refiner, StableDiffusionXLBase):
         raise CommandError(f"--refiner {args.refiner}: {type(refiner).__name__} is not an SDXL pipeline")
     return _choose_task(refiner, True, args.mask is not None).to(device)
@@ -528,6 +541,9 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     """The ``diffusekit generate`` options; unset ones stay None (pipeline defaults, or ``--from``'s record)."""
     gen.add_argument("model", nargs="?",
                      help=f"pipeline folder or Hub id (default: the embedded digits model, {EMBEDDED_MODEL})")
+    gen.add_argument("--config", metavar="DIR",
+                     help="for a single-file MODEL: a pipeline folder whose component configs to use "
+                          "(default: the shipped configs of the detected family)")
     gen.add_argument("--from", dest="from_image", metavar="IMAGE.png",
                      help="redo an image from the parameters stored in it; options given here override them")
     gen.add_argument("--prompt")

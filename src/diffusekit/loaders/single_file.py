@@ -329,16 +329,25 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, *, half: bo
         else:
             raise ValueError(f"{target}: the single file must end in .safetensors or .ckpt")
         return target
-    state = read_checkpoint(source)
-    name = FAMILY_PIPELINES[detect_family(state)][conv_in_channels(state) == 9]
-    pipeline_cls = getattr(diffusekit, name, None)
-    if pipeline_cls is None:
-        raise ValueError(f"{source}: converting this checkpoint needs {name}, which this diffusekit lacks")
-    pipe = pipeline_cls.from_single_file(source, config=config, tokenizer=tokenizer, prediction_type=prediction_type,
-                                         torch_dtype=dtype, extract_ema=extract_ema)
+    pipe = pipeline_from_single_file(source, config=config, tokenizer=tokenizer, prediction_type=prediction_type,
+                                     torch_dtype=dtype, extract_ema=extract_ema)
     pipe.save_pretrained(target)
     return target
 
 
-__all__ = ["FromSingleFileMixin", "FromOriginalModelMixin", "convert", "pipeline_to_original", "read_checkpoint",
+def pipeline_from_single_file(path: str | os.PathLike, **options):
+    """The pipeline of the checkpoint's family (:data:`FAMILY_PIPELINES`; inpainting for 9-channel
+    UNets) loaded from one original-layout file; ``options`` as in ``from_single_file``."""
+    import diffusekit
+
+    state = read_checkpoint(path)
+    name = FAMILY_PIPELINES[detect_family(state)][conv_in_channels(state) == 9]
+    pipeline_cls = getattr(diffusekit, name, None)
+    if pipeline_cls is None:
+        raise ValueError(f"{path}: this checkpoint needs {name}, which this diffusekit lacks")
+    return pipeline_cls.from_single_file(path, **options)
+
+
+__all__ = ["FromSingleFileMixin", "FromOriginalModelMixin", "convert", "pipeline_from_single_file",
+           "pipeline_to_original", "read_checkpoint",
            "text_encoder_from_single_file"]
