@@ -32,6 +32,8 @@ class ServedModel:
     source: str
     pipe: Any
     loaded: dict = field(default_factory=dict)
+    #: The LoRAs a job may turn on, by name: the file records (path, sha256) of those loaded into ``pipe``.
+    loras: dict[str, dict] = field(default_factory=dict)
 
     @property
     def accepted(self) -> set[str]:
@@ -63,7 +65,19 @@ class ServedModel:
                 "takes_prompt": "prompt" in self.accepted, "takes_image": "image" in self.accepted,
                 "width": width, "height": height, "default_steps": self.default("num_inference_steps"),
                 "default_guidance_scale": self.default("guidance_scale"),
-                "scheduler": type(self.pipe.scheduler).__name__}
+                "scheduler": type(self.pipe.scheduler).__name__, "loras": sorted(self.loras)}
+
+    def use_loras(self, loras: list[dict[str, Any]]) -> dict:
+        """Turn on exactly the job's ``[{name, scale}]`` (none: all off) and return the run's load
+        record. Jobs run one at a time per worker, so switching the shared layers is safe here."""
+        if not self.loras:
+            return self.loaded
+        if loras:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([lora["name"] for lora in loras], [lora["scale"] for lora in loras])
+        else:
+            self.pipe.disable_lora()
+        return {**self.loaded, "loras": [dict(self.loras[lora["name"]], scale=lora["scale"]) for lora in loras]}
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -74,8 +88,9 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return Path(spec.rstrip("/")).name or spec, spec
 
 
-def load_models(specs: list[str], device) -> dict[str, ServedModel]:
-    """Load every ``MODEL`` or ``name=MODEL`` (none: the embedded digits model), keyed by name."""
+def load_models(specs: list[str], device, loras: list[str] = ()) -> dict[str, ServedModel]:
+    """Load every ``MODEL`` or ``name=MODEL`` (none: the embedded digits model), keyed by name, with
+    every ``name=LORA_FILE`` loaded (off) into each model that takes LoRAs."""
     specs = specs or [f"{DEFAULT_MODEL}={EMBEDDED_MODEL}"]
     models: dict[str, ServedModel] = {}
     for spec in specs:
@@ -86,8 +101,28 @@ def load_models(specs: list[str], device) -> dict[str, ServedModel]:
                                      mask=None)
         pipe, loaded = load_pipeline(options, device)
         pipe.set_progress_bar_config(disable=True)
-        models[name] = ServedModel(name, source, pipe, loaded)
+        models[name] = ServedModel(name, source, pipe, loaded, _load_loras(pipe, loras))
+    if loras and not any(model.loras for model in models.values()):
+        raise ValueError(f"--lora: none of the served models takes LoRAs ({', '.join(models)})")
     return models
+
+
+def _load_loras(pipe, specs) -> dict[str, dict]:
+    """Each ``name=PATH`` (or PATH, named after its file) loaded as adapter ``name``, all turned off."""
+    from ..cli_metadata import file_record
+
+    if not specs or not hasattr(pipe, "load_lora_weights"):
+        return {}
+    records = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).stem, spec)
+        if name in records:
+            raise ValueError(f"--lora: the name {name!r} is given twice; name them: NAME=FILE")
+        pipe.load_lora_weights(path, adapter_name=name)
+        records[name] = file_record(path)
+    pipe.disable_lora()
+    return records
 
 
 def generate_options(model: ServedModel, params: dict[str, Any], out: Path, files: dict[str, Path]) -> argparse.Namespace:

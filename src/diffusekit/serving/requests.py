@@ -32,6 +32,10 @@ class Limits:
     max_prompt_chars: int = 2000
 
 
+#: The largest LoRA scale a request may ask for.
+MAX_LORA_SCALE = 10.0
+
+
 class LoraRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -101,10 +105,18 @@ def check_request(request: JobRequest, models: dict[str, ServedModel], limits: L
     for name, parameter in _NEEDS.items():
         if name in given and parameter not in model.accepted:
             raise FieldError(name, f"model {model.name!r} ({type(model.pipe).__name__}) does not take {name}")
-    if request.loras:
-        raise FieldError("loras[0].name", f"unknown LoRA {request.loras[0].name!r}; this server serves no LoRAs")
+    for i, lora in enumerate(request.loras):
+        if lora.name not in model.loras:
+            served = ", ".join(sorted(model.loras)) or "none"
+            raise FieldError(f"loras[{i}].name", f"unknown LoRA {lora.name!r} for model {model.name!r} (served: {served})")
+        if abs(lora.scale) > MAX_LORA_SCALE:
+            raise FieldError(f"loras[{i}].scale", f"{lora.scale}; at most {MAX_LORA_SCALE} in size")
+    if len({lora.name for lora in request.loras}) != len(request.loras):
+        raise FieldError("loras", "a LoRA is named twice")
     _check_numbers(request, model, limits)
     params = given | {"model": model.name, "n": request.n, "seed": _seed(request.seed)}
+    if request.loras:
+        params["loras"] = [lora.model_dump() for lora in request.loras]
     if request.class_label is not None:
         params["class_label"] = _class_label(request.class_label, model)
     if request.scheduler is not None:

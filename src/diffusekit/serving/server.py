@@ -41,7 +41,7 @@ def build(args: argparse.Namespace, step_hook: StepHook | None = None):
     from .models import load_models
 
     settings = settings_from(args)
-    models = load_models(args.models, check_device(args.device))
+    models = load_models(args.models, check_device(args.device), args.lora or [])
     return create_app(settings, models, step_hook), settings
 
 
@@ -71,3 +71,5 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a key")
     parser.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submissions get 429")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
+    parser.add_argument("--lora", action="append", metavar="[NAME=]FILE",
+                        help="a LoRA jobs may turn on by name (loras: [{name, scale}]); repeatable")

@@ -105,7 +105,8 @@ class Worker:
         options = generate_options(model, params, out, files)
         pipe = job_pipeline(model, options)
         extra = {"callback_on_step_end": self._callback(job)} if "callback_on_step_end" in model.accepted else {}
-        paths = generate_files(pipe, options, model.loaded, **extra)
+        loaded = model.use_loras(params.get("loras", []))
+        paths = generate_files(pipe, options, loaded, **extra)
         return [{"url": f"/v1/jobs/{job['id']}/images/{i}", "seed": params["seed"] + i, "file": path.name}
                 for i, path in enumerate(paths)]
 
