@@ -77,3 +77,17 @@ def tiny_safety_config() -> CLIPConfig:
     text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
                 bos_token_id=0, eos_token_id=2, pad_token_id=1)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def save_tiny_sd_folder(folder: Path, tokenizer_folder: Path, seed: int = 0) -> Path:
+    """A tiny diffusekit StableDiffusionPipeline (DDIM, no safety checker) saved into ``folder``."""
+    from diffusekit import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    torch.manual_seed(seed)
+    StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE_CONFIG), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from diffusekit import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusekit import StableDiffusionPipeline
 from diffusekit.cli import main
 from lora_files import kohya_layout, lora_tensors, peft_layout
-from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
+from sd_components import save_tiny_sd_folder
 
 PROMPT = "the cat and dog"
 STEPS, GUIDANCE, SIZE, SEED = 2, 3.0, 32, 7
@@ -20,14 +20,7 @@ STEPS, GUIDANCE, SIZE, SEED = 2, 3.0, 32, 7
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE_CONFIG), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder)
+    folder = save_tiny_sd_folder(tmp_path_factory.mktemp("sd"), tmp_path_factory.mktemp("tokenizer"))
     return folder
 
 

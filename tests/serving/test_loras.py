@@ -5,17 +5,16 @@ import io
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from diffusekit import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusekit import StableDiffusionPipeline
 from diffusekit.cli import main
 from diffusekit.serving.app import create_app
 from diffusekit.serving.models import load_models
 from diffusekit.serving.service import Settings
 from lora_files import lora_tensors, peft_layout
-from sd_components import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
+from sd_components import save_tiny_sd_folder
 from servers import thread_server, wait_job
 
 JOB = dict(prompt="the cat", steps=2, guidance_scale=3.0, width=32, height=32, seed=5)
@@ -23,14 +22,7 @@ JOB = dict(prompt="the cat", steps=2, guidance_scale=3.0, width=32, height=32, s
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    torch.manual_seed(0)
-    StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE_CONFIG), text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder)
+    folder = save_tiny_sd_folder(tmp_path_factory.mktemp("sd"), tmp_path_factory.mktemp("tokenizer"))
     lora = tmp_path_factory.mktemp("lora") / "style.safetensors"
     save_file(peft_layout(lora_tensors(StableDiffusionPipeline.from_pretrained(folder), seed=1)), str(lora))
     models = load_models([f"sd={folder}", "digits=diffusekit:digits"], "cpu", [f"style={lora}"])
