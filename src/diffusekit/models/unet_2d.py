@@ -114,6 +114,7 @@ class UNet2DModel(ModelMixin):
         common = dict(resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
                       resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout, temb_channels=time_embed_dim)
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: the reference's state-dict order
         output_channel = first
         for i, block_type in enumerate(down_block_types):
             input_channel, output_channel = output_channel, block_out_channels[i]
@@ -132,7 +133,6 @@ class UNet2DModel(ModelMixin):
                 attention_head_dim=attention_head_dim or block_out_channels[-1], resnet_groups=norm_num_groups,
                 attn_groups=attn_norm_num_groups, add_attention=add_attention)
 
-        self.up_blocks = nn.ModuleList()
         reversed_channels = list(reversed(block_out_channels))
         output_channel = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):

@@ -282,6 +282,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                       attention_type=attention_type, dropout=dropout)
         self.down_blocks = build_down_blocks(down_block_types, block_out_channels, per_block,
                                              downsample_padding=downsample_padding, **common)
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: the reference's state-dict order
         self.mid_block = build_mid_block(mid_block_type, block_out_channels, per_block,
                                          output_scale_factor=mid_block_scale_factor, **common)
         self.num_upsamplers = n - 1
