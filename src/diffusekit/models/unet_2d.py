@@ -12,6 +12,7 @@ from ..utils import BaseOutput
 from .layers import Conv2d, Embedding, GroupNorm
 from .attention import LEGACY_ATTENTION_RENAMES
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from .attention_processor import AttentionProcessorMixin
 from .modeling import ModelMixin
 from .unet_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
@@ -32,7 +33,7 @@ def timesteps_for_batch(timestep: torch.Tensor | float | int, batch: int, device
     return timestep.expand(batch) if timestep.shape[0] == 1 else timestep
 
 
-class UNet2DModel(ModelMixin):
+class UNet2DModel(ModelMixin, AttentionProcessorMixin):
     """A 2-D UNet mapping a noisy sample and a timestep (and optional class label) to a sample-shaped output.
 
     Config keys follow the reference ``UNet2DModel`` (``down_block_types``, ``block_out_channels``,
