@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -114,3 +115,21 @@ def test_node_id_from_junit_classname():
     assert runner.node_id("tests.schedulers.test_scheduler_ddim.DDIMSchedulerTest", "test_step") == (
         "tests/schedulers/test_scheduler_ddim.py::DDIMSchedulerTest::test_step")
     assert runner.node_id("tests.lora.test_peft_utils", "test_plain[1]") == "tests/lora/test_peft_utils.py::test_plain[1]"
+
+
+def _junit(path: Path, cases: dict[str, str]) -> None:
+    rows = "".join(f'<testcase classname="tests.test_x.T" name="{name}">{body}</testcase>'
+                   for name, body in cases.items())
+    path.write_text(f"<testsuites><testsuite>{rows}</testsuite></testsuites>")
+
+
+def test_runs_of_parts_add_up_and_the_newer_run_of_a_test_wins(tmp_path):
+    assert runner.part_tag([]) == "" and runner.part_tag(["unet_2d.py", "a/b c"]) == "[unet_2d.py+a_b_c]"
+    _junit(tmp_path / "models[a]-standin.xml", {"one": "", "two": "<failure message='old'/>"})
+    _junit(tmp_path / "models[b]-standin.xml", {"two": "", "three": "<skipped/>"})
+    _junit(tmp_path / "modelsx-standin.xml", {"other": ""})  # another subset's name: not read
+    older = tmp_path / "models[a]-standin.xml"
+    os.utime(older, (1, 1))
+    results = runner.read_parts(tmp_path, "models", "standin")
+    assert {node.split("::")[-1]: r["outcome"] for node, r in results.items()} == {
+        "one": "passed", "two": "passed", "three": "skipped"}

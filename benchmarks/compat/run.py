@@ -8,7 +8,8 @@ here. The subset's test files run twice in fresh pytest processes, offline: plai
 tests pass with diffusers) and with ``-p standin_plugin`` (diffusekit's classes standing in, see
 ``standin.py``). Only tests that pass in the baseline count, less those matched by
 ``exclusions.txt`` (tests of the reference's private internals). Failures are grouped by cause.
-Results: ``<out>/<subset>.json`` and a summary on stdout.
+Results: ``<out>/<subset>.json`` (over every run of the subset kept in ``<out>``: runs of parts with
+``--only`` add up) and a summary on stdout.
 """
 
 from __future__ import annotations
@@ -174,21 +175,41 @@ def compare(baseline: dict, standin: dict, exclusions: list[tuple[str, str]]) ->
     }
 
 
+_UNSAFE_IN_NAME = re.compile(r"[^\w.-]")
+
+
+def part_tag(only: list[str]) -> str:
+    """File-name tag of a run over part of a subset: '' for the whole, '[a+b]' for ``--only a --only b``."""
+    return "[" + "+".join(_UNSAFE_IN_NAME.sub("_", o) for o in only) + "]" if only else ""
+
+
+def read_parts(out: Path, subset: str, mode: str) -> dict[str, dict[str, str]]:
+    """Results of every run of ``subset`` in ``mode`` kept in ``out`` (the whole and each part), oldest
+    first so that a newer run of a test wins."""
+    results: dict[str, dict[str, str]] = {}
+    for junit in sorted(out.glob(f"{subset}*-{mode}.xml"), key=lambda p: p.stat().st_mtime):
+        if junit.name == f"{subset}-{mode}.xml" or junit.name.startswith(f"{subset}["):
+            results.update(read_junit(junit))
+    return results
+
+
 def run_subset(checkout: Path, subset: str, out: Path, timeout_s: int, only: list[str]) -> dict:
-    """Both runs of the files of ``subset`` (those naming one of ``only``, if given); the comparison,
-    written to ``<out>/<subset>.json``. A junit file already in ``<out>`` is reused (delete to rerun)."""
+    """Both runs of the files of ``subset`` (those naming one of ``only``, if given) and the comparison
+    over every run of the subset kept in ``out`` (parts add up), written to ``<out>/<subset>.json``.
+    A junit file already in ``<out>`` is reused (delete it to rerun)."""
     files = [f for f in subset_files(checkout / "tests", subset) if not only or any(o in str(f) for o in only)]
-    runs: dict[str, dict] = {}
     notes: dict[str, str] = {}
     for mode in ("baseline", "standin"):
-        junit = out / f"{subset}-{mode}.xml"
+        junit = out / f"{subset}{part_tag(only)}-{mode}.xml"
         if not junit.is_file():
             note = run_pytest(checkout, files, mode == "standin", junit, timeout_s)
             notes.update({mode: note} if note else {})
-        runs[mode] = read_junit(junit) if junit.is_file() else {}
-        print(f"  {mode}: {len(runs[mode])} tests {notes.get(mode, '')}", flush=True)
+        count = len(read_junit(junit)) if junit.is_file() else 0
+        print(f"  {mode}: {count} tests {notes.get(mode, '')}", flush=True)
+    runs = {mode: read_parts(out, subset, mode) for mode in ("baseline", "standin")}
     report = compare(runs["baseline"], runs["standin"], read_exclusions(HERE / "exclusions.txt"))
-    report.update(subset=subset, only=only, files=[str(f.relative_to(checkout)) for f in files], notes=notes)
+    ran = sorted({node.split("::")[0] for node in runs["baseline"]})
+    report.update(subset=subset, only=only, files=ran, notes=notes)
     (out / f"{subset}.json").write_text(json.dumps(report, indent=1, sort_keys=True))
     return report
 

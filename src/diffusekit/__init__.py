@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "FluxTransformer2DModel": "models.transformer_flux",
     "LDMBertModel": "models.ldm_bert",
     "StableDiffusionSafetyChecker": "models.safety_checker",
+    "AttnProcessor": "models.attention_processor",
+    "AttnProcessor2_0": "models.attention_processor",
     # schedulers
     "DDPMScheduler": "schedulers.ddpm",
     "DDIMScheduler": "schedulers.ddim",

@@ -240,7 +240,8 @@ class ConfigMixin:
 
     def register_to_config(self, **values: Any) -> None:
         values.pop("kwargs", None)
-        current = dict(getattr(self, "_internal_dict", {"_class_name": type(self).__name__}))
+        fresh = {"_class_name": type(self).__name__, "_diffusers_version": REFERENCE_VERSION}
+        current = dict(getattr(self, "_internal_dict", fresh))
         current.update(_json_ready(values))
         object.__setattr__(self, "_internal_dict", FrozenDict(current))
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import BaseOutput
+from .attention_processor import AttnProcessor2_0, ProcessorHolder
 from .layers import Conv2d, GroupNorm, LayerNorm, Linear
 from .modeling import maybe_checkpoint
 
@@ -34,8 +35,10 @@ LEGACY_ATTENTION_RENAMES = (
 )
 
 
-class Attention(nn.Module):
-    """Multi-head (self or cross) attention; see the module docstring for the arguments in use."""
+class Attention(ProcessorHolder, nn.Module):
+    """Multi-head (self or cross) attention; see the module docstring for the arguments in use.
+
+    ``forward`` calls ``self.processor`` (see :mod:`.attention_processor`); :meth:`attend` is the default computation."""
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class Attention(nn.Module):
         self.to_v = Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
         self.to_out = nn.ModuleList([Linear(self.inner_dim, out_dim or query_dim, bias=out_bias),
                                      nn.Dropout(dropout)])
+        self.processor = AttnProcessor2_0()
 
     def set_attention_slice(self, slice_size: int | None) -> None:
         """Compute attention ``slice_size`` (batch x head) rows at a time; ``None`` turns slicing off."""
@@ -155,6 +159,12 @@ class Attention(nn.Module):
         temb: torch.Tensor | None = None,
         **cross_attention_kwargs: Any,
     ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, temb=temb, **cross_attention_kwargs)
+
+    def attend(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, **cross_attention_kwargs: Any) -> torch.Tensor:
+        """The default computation (:class:`AttnProcessor2_0`); extra keyword arguments are ignored."""
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         if image_shape is not None:

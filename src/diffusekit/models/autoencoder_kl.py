@@ -12,6 +12,7 @@ from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput, Generator
 from .layers import Conv2d
 from .attention import LEGACY_ATTENTION_RENAMES
+from .attention_processor import AttentionProcessorMixin
 from .modeling import ModelMixin
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, DiagonalGaussianDistribution, Encoder
 
@@ -63,7 +64,7 @@ def _tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile_in:
     return torch.cat(out_rows, dim=2)
 
 
-class AutoencoderKL(ModelMixin, AutoencoderMixin, FromOriginalModelMixin):
+class AutoencoderKL(ModelMixin, AutoencoderMixin, AttentionProcessorMixin, FromOriginalModelMixin):
     """VAE with a diagonal-Gaussian latent: ``encode(x).latent_dist`` and ``decode(z).sample``.
 
     ``quant_conv`` / ``post_quant_conv`` (1x1 convs around the latent) are absent with

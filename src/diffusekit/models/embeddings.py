@@ -106,7 +106,10 @@ class GaussianFourierProjection(nn.Module):
     def __init__(self, embedding_size: int = 256, scale: float = 1.0, set_W_to_weight: bool = True,
                  log: bool = True, flip_sin_to_cos: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(embedding_size, device=load_device()) * scale, requires_grad=False)
+        # with set_W_to_weight the reference draws a first weight and replaces it by a second draw
+        for _ in range(2 if set_W_to_weight else 1):
+            weight = torch.randn(embedding_size, device=load_device()) * scale
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos
 

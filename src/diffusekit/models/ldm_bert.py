@@ -23,7 +23,7 @@ from ..configuration import read_json, register_to_config
 from ..hub import resolve_folder
 from ..utils import BaseOutput
 from ..weights import find_weights, load_weights, save_weights
-from .layers import Embedding, LayerNorm, Linear
+from .layers import Embedding, LayerNorm, Linear, loading
 from .modeling import ModelMixin
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,18 @@ class LDMBertLayer(nn.Module):
         return hidden + F.dropout(mlp, self.dropout, self.training)
 
 
+@torch.no_grad()
+def _init_like_transformers(root: nn.Module, std: float) -> None:
+    """The reference's transformers init, drawn after torch's: linear and embedding weights ~ N(0, std),
+    linear biases 0, module by module. The reference runs it on the encoder once built, then on
+    ``to_logits`` alone (transformers skips modules it has initialised)."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+
+
 class LDMBertEncoder(nn.Module):
     """The weights under ``model.``: token and position embeddings, the layers, a final LayerNorm
     (``LDMBertModel.forward`` runs them)."""
@@ -107,6 +119,8 @@ class LDMBertEncoder(nn.Module):
         self.layers = nn.ModuleList([LDMBertLayer(config) for _ in range(config.encoder_layers)])
         self.layer_norm = LayerNorm(config.d_model)
         self.dropout = config.dropout
+        if not loading():
+            _init_like_transformers(self, config.init_std)
 
 
 class LDMBertModel(ModelMixin):
@@ -114,7 +128,7 @@ class LDMBertModel(ModelMixin):
 
     Config keys and weight names are those of the reference's transformers ``LDMBertConfig`` /
     ``LDMBertModel``. As in the reference, ``encoder_layerdrop``, ``scale_embedding``,
-    ``init_std``, ``classifier_dropout`` and ``use_cache`` are kept in the config but change nothing.
+    ``classifier_dropout`` and ``use_cache`` are kept in the config but change nothing.
     """
 
     #: model_index.json library of this class: the reference's module for it.
@@ -146,6 +160,8 @@ class LDMBertModel(ModelMixin):
             raise ValueError(f"activation_function {activation_function!r} is not one of {sorted(_ACTIVATIONS)}")
         self.model = LDMBertEncoder(self.config)
         self.to_logits = Linear(d_model, vocab_size)
+        if not loading():
+            _init_like_transformers(self.to_logits, init_std)
 
     def forward(
         self,

@@ -34,6 +34,7 @@ from ..configuration import register_to_config
 from .layers import LayerNorm, Linear, RMSNorm
 from .attention import FeedForward, Transformer2DModelOutput
 from .embeddings import CombinedTimestepTextProjEmbeddings, apply_rotary_emb, rotary_frequencies
+from .attention_processor import AttentionProcessorMixin, AttnProcessor2_0, ProcessorHolder
 from .modeling import ModelMixin, maybe_checkpoint
 from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 
@@ -44,8 +45,9 @@ logger = logging.getLogger(__name__)
 JOINT_ATTENTION_KEYS = ("scale", "attention_mask")
 
 
-class FluxAttention(nn.Module):
-    """Multi-head attention with RMSNorm on queries and keys and rotary positions.
+class FluxAttention(ProcessorHolder, nn.Module):
+    """Multi-head attention with RMSNorm on queries and keys and rotary positions; ``forward`` calls
+    ``self.processor`` (see :mod:`.attention_processor`), :meth:`attend` is the default computation.
 
     With ``added_kv_proj_dim`` (double-stream blocks) the text tokens get their own projections
     (``add_q_proj``, ``add_k_proj``, ``add_v_proj``, ``norm_added_q/k``, ``to_add_out``); text and
@@ -81,6 +83,7 @@ class FluxAttention(nn.Module):
             self.add_k_proj = Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
             self.add_v_proj = Linear(added_kv_proj_dim, self.inner_dim, bias=added_proj_bias)
             self.to_add_out = Linear(self.inner_dim, query_dim, bias=out_bias)
+        self.processor = AttnProcessor2_0()
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -109,7 +112,14 @@ class FluxAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+                image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any):
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, image_rotary_emb=image_rotary_emb, **kwargs)
+
+    def attend(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None,
+               image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any):
+        """The default computation (:class:`AttnProcessor2_0`); extra keyword arguments are ignored."""
         query, key, value = map(self._heads, self._project(hidden_states, "to_qkv", ("to_q", "to_k", "to_v")))
         query, key = self.norm_q(query), self.norm_k(key)
         joint = encoder_hidden_states is not None and self.added_kv_proj_dim is not None
@@ -218,7 +228,7 @@ class FluxPosEmbed(nn.Module):
         return torch.cat([cos for cos, _ in parts], dim=-1), torch.cat([sin for _, sin in parts], dim=-1)
 
 
-class FluxTransformer2DModel(ModelMixin):
+class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin):
     """The FLUX.1 transformer; see the module docstring. Defaults are FLUX.1's sizes (dev adds
     ``guidance_embeds=True``)."""
 

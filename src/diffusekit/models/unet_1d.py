@@ -80,6 +80,7 @@ class UNet1DModel(ModelMixin):
             self.time_mlp = TimestepEmbedding(timestep_input_dim, base * 4, act_fn=act_fn, out_dim=base)
 
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: the reference's state-dict order
         output_channel = in_channels
         for i, block_type in enumerate(down_block_types):
             input_channel = output_channel + (extra_in_channels if i == 0 else 0)
@@ -98,7 +99,6 @@ class UNet1DModel(ModelMixin):
 
         reversed_channels = list(reversed(block_out_channels))
         final_up_channels = out_channels if out_block_type is None else base
-        self.up_blocks = nn.ModuleList()
         output_channel = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):
             prev_output_channel = output_channel

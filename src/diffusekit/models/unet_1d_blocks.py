@@ -168,8 +168,9 @@ class AttnDownBlock1D(nn.Module):
         super().__init__()
         mid_channels = mid_channels or out_channels
         self.down = KernelDownsample1D("cubic")
-        self.resnets = _res_stack(in_channels, mid_channels, out_channels, 3)
-        self.attentions = _attn_stack(mid_channels, out_channels, 3)
+        resnets = _res_stack(in_channels, mid_channels, out_channels, 3)
+        self.attentions = _attn_stack(mid_channels, out_channels, 3)  # registered first, as the reference
+        self.resnets = resnets
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None):
         hidden_states = self.down(hidden_states)
@@ -200,9 +201,10 @@ class UNetMidBlock1D(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.down = KernelDownsample1D("cubic")
-        self.resnets = _res_stack(in_channels, mid_channels, out_channels, 6)
-        self.attentions = _attn_stack(mid_channels, out_channels, 6)
         self.up = KernelUpsample1D(kernel="cubic")
+        resnets = _res_stack(in_channels, mid_channels, out_channels, 6)
+        self.attentions = _attn_stack(mid_channels, out_channels, 6)  # registered first, as the reference
+        self.resnets = resnets
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.down(hidden_states)
@@ -217,8 +219,9 @@ class AttnUpBlock1D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None):
         super().__init__()
         mid_channels = mid_channels or out_channels
-        self.resnets = _res_stack(2 * in_channels, mid_channels, out_channels, 3)
-        self.attentions = _attn_stack(mid_channels, out_channels, 3)
+        resnets = _res_stack(2 * in_channels, mid_channels, out_channels, 3)
+        self.attentions = _attn_stack(mid_channels, out_channels, 3)  # registered first, as the reference
+        self.resnets = resnets
         self.up = KernelUpsample1D(kernel="cubic")
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],

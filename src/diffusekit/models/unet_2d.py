@@ -12,6 +12,7 @@ from ..utils import BaseOutput
 from .layers import Conv2d, Embedding, GroupNorm
 from .attention import LEGACY_ATTENTION_RENAMES
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from .attention_processor import AttentionProcessorMixin
 from .modeling import ModelMixin
 from .unet_blocks import UNetMidBlock2D, get_down_block, get_up_block
 
@@ -32,7 +33,7 @@ def timesteps_for_batch(timestep: torch.Tensor | float | int, batch: int, device
     return timestep.expand(batch) if timestep.shape[0] == 1 else timestep
 
 
-class UNet2DModel(ModelMixin):
+class UNet2DModel(ModelMixin, AttentionProcessorMixin):
     """A 2-D UNet mapping a noisy sample and a timestep (and optional class label) to a sample-shaped output.
 
     Config keys follow the reference ``UNet2DModel`` (``down_block_types``, ``block_out_channels``,
@@ -114,6 +115,7 @@ class UNet2DModel(ModelMixin):
         common = dict(resnet_eps=norm_eps, resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
                       resnet_time_scale_shift=resnet_time_scale_shift, dropout=dropout, temb_channels=time_embed_dim)
         self.down_blocks = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: the reference's state-dict order
         output_channel = first
         for i, block_type in enumerate(down_block_types):
             input_channel, output_channel = output_channel, block_out_channels[i]
@@ -132,7 +134,6 @@ class UNet2DModel(ModelMixin):
                 attention_head_dim=attention_head_dim or block_out_channels[-1], resnet_groups=norm_num_groups,
                 attn_groups=attn_norm_num_groups, add_attention=add_attention)
 
-        self.up_blocks = nn.ModuleList()
         reversed_channels = list(reversed(block_out_channels))
         output_channel = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):

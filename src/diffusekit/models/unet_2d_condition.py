@@ -14,6 +14,7 @@ from ..utils import BaseOutput
 from .layers import Conv2d, Embedding, GroupNorm, Linear
 from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
+from .attention_processor import AttentionProcessorMixin
 from .modeling import ModelMixin
 from .unet_2d import timesteps_for_batch
 from .unet_blocks import get_down_block, get_mid_block, get_up_block
@@ -166,7 +167,7 @@ def build_conv_out(channels: int, out_channels: int, kernel: int, *, norm_num_gr
     return norm, act, Conv2d(channels, out_channels, kernel_size=kernel, padding=(kernel - 1) // 2)
 
 
-class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
+class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalModelMixin):
     """A conditional 2-D UNet: noisy latents, timestep and encoder hidden states -> sample-shaped output.
 
     Config keys follow the reference ``UNet2DConditionModel``. ``attention_head_dim`` is, as in the
@@ -282,6 +283,7 @@ class UNet2DConditionModel(ModelMixin, FromOriginalModelMixin):
                       attention_type=attention_type, dropout=dropout)
         self.down_blocks = build_down_blocks(down_block_types, block_out_channels, per_block,
                                              downsample_padding=downsample_padding, **common)
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: the reference's state-dict order
         self.mid_block = build_mid_block(mid_block_type, block_out_channels, per_block,
                                          output_scale_factor=mid_block_scale_factor, **common)
         self.num_upsamplers = n - 1

@@ -61,6 +61,26 @@ def _transformer(channels: int, heads: int, layers: int, cross_dim: int, groups:
                               upcast_attention=upcast)
 
 
+def _interleaved(num_layers: int, make_resnet: Callable[[int], nn.Module],
+                 make_attention: Callable[[int], nn.Module | None] | None = None,
+                 ) -> tuple[nn.ModuleList, nn.ModuleList | None]:
+    """(resnets, attentions or None) built layer by layer, each ResNet then its attention: the
+    reference's creation order, so a seeded build draws the same initial weights."""
+    resnets, attentions = [], []
+    for i in range(num_layers):
+        resnets.append(make_resnet(i))
+        if make_attention is not None:
+            attentions.append(make_attention(i))
+    return nn.ModuleList(resnets), (nn.ModuleList(attentions) if make_attention is not None else None)
+
+
+def _set_layers(block: nn.Module, resnets: nn.ModuleList, attentions: nn.ModuleList | None) -> None:
+    """Register ``attentions`` (when given) before ``resnets``, the reference's state-dict order."""
+    if attentions is not None:
+        block.attentions = attentions
+    block.resnets = resnets
+
+
 def _per_layer(value: int | list[int], num_layers: int) -> list[int]:
     return [value] * num_layers if isinstance(value, int) else list(value)
 
@@ -81,7 +101,9 @@ def _check_attention_type(attention_type: str, dual_cross_attention: bool) -> No
 # -- down blocks ----------------------------------------------------------------------------------
 
 class DownBlock2D(nn.Module):
-    """ResNets, then an optional strided-conv downsampler (``downsample_type="resnet"``: a down ResNet)."""
+    """ResNets, then an optional strided-conv downsampler (``downsample_type="resnet"``: a down ResNet).
+
+    ``make_attention(i)`` (for the subclasses) builds the attention after ResNet ``i``."""
 
     has_cross_attention = False
     with_attention = False
@@ -91,18 +113,20 @@ class DownBlock2D(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int | None, dropout: float = 0.0,
                  num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
                  resnet_act_fn: str = "swish", resnet_groups: int = 32, output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1,
-                 attention_head_dim: int | None = None, downsample_type: str | None = "conv"):
+                 attention_head_dim: int | None = None, downsample_type: str | None = "conv",
+                 make_attention: Callable[[int], nn.Module] | None = None):
         super().__init__()
         if self.checkpointable:
             self.gradient_checkpointing = False
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
                 output_scale_factor)
-        self.resnets = nn.ModuleList(
-            [_resnet(in_channels if i == 0 else out_channels, out_channels, *args) for i in range(num_layers)])
-        if self.with_attention:
-            self.attentions = nn.ModuleList([
-                _pixel_attention(out_channels, attention_head_dim, resnet_eps, resnet_groups, output_scale_factor)
-                for _ in range(num_layers)])
+        if make_attention is None and self.with_attention:
+            def make_attention(i: int) -> nn.Module:
+                return _pixel_attention(out_channels, attention_head_dim, resnet_eps, resnet_groups,
+                                        output_scale_factor)
+        _set_layers(self, *_interleaved(
+            num_layers, lambda i: _resnet(in_channels if i == 0 else out_channels, out_channels, *args),
+            make_attention))
         self.downsample_type = downsample_type if add_downsample else None
         if self.downsample_type == "conv":
             self.downsamplers = _conv_down(out_channels, downsample_padding)
@@ -203,17 +227,16 @@ class CrossAttnDownBlock2D(DownBlock2D):
                  only_cross_attention: bool = False, upcast_attention: bool = False,
                  attention_type: str = "default"):
         _check_attention_type(attention_type, dual_cross_attention)
+        layers = _per_layer(transformer_layers_per_block, num_layers)
         super().__init__(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
                          dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
                          resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
                          resnet_groups=resnet_groups, output_scale_factor=output_scale_factor,
-                         add_downsample=add_downsample, downsample_padding=downsample_padding)
+                         add_downsample=add_downsample, downsample_padding=downsample_padding,
+                         make_attention=lambda i: _transformer(
+                             out_channels, num_attention_heads, layers[i], cross_attention_dim, resnet_groups,
+                             use_linear_projection, only_cross_attention, upcast_attention))
         self.num_attention_heads = num_attention_heads
-        layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.attentions = nn.ModuleList([
-            _transformer(out_channels, num_attention_heads, layers[i], cross_attention_dim, resnet_groups,
-                         use_linear_projection, only_cross_attention, upcast_attention)
-            for i in range(num_layers)])
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -252,11 +275,11 @@ class SkipDownBlock2D(nn.Module):
             return _resnet(cin, out_channels, temb_channels, resnet_eps, min(cin // 4, 32), *tail,
                            groups_out=min(out_channels // 4, 32), **extra)
 
-        self.resnets = nn.ModuleList([resnet(in_channels if i == 0 else out_channels) for i in range(num_layers)])
-        if self.with_attention:
-            self.attentions = nn.ModuleList([
-                _pixel_attention(out_channels, attention_head_dim, resnet_eps, 32, output_scale_factor)
-                for _ in range(num_layers)])
+        def attention(i: int) -> Attention:
+            return _pixel_attention(out_channels, attention_head_dim, resnet_eps, 32, output_scale_factor)
+
+        _set_layers(self, *_interleaved(num_layers, lambda i: resnet(in_channels if i == 0 else out_channels),
+                                        attention if self.with_attention else None))
         if add_downsample:
             self.resnet_down = resnet(out_channels, use_in_shortcut=True, down=True, kernel="fir")
             self.downsamplers = nn.ModuleList([FirDownsample2D(out_channels, out_channels=out_channels)])
@@ -314,11 +337,13 @@ class UNetMidBlock2D(nn.Module):
         args = (temb_channels, resnet_eps, groups, dropout, resnet_time_scale_shift, resnet_act_fn,
                 output_scale_factor)
         self.add_attention = add_attention
-        self.resnets = nn.ModuleList([_resnet(in_channels, in_channels, *args) for _ in range(num_layers + 1)])
-        self.attentions = nn.ModuleList([
-            _pixel_attention(in_channels, attention_head_dim, resnet_eps, attn_groups, output_scale_factor)
-            if add_attention else None
-            for _ in range(num_layers)])
+        first = _resnet(in_channels, in_channels, *args)
+        attentions, resnets = _interleaved(
+            num_layers,
+            lambda i: _pixel_attention(in_channels, attention_head_dim, resnet_eps, attn_groups,
+                                       output_scale_factor) if add_attention else None,
+            lambda i: _resnet(in_channels, in_channels, *args))
+        _set_layers(self, nn.ModuleList([first, *resnets]), attentions)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.resnets[0](hidden_states, temb)
@@ -349,14 +374,14 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.num_attention_heads = num_attention_heads
         common = (temb_channels, resnet_eps)
         tail = (dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        self.resnets = nn.ModuleList(
-            [_resnet(in_channels, out_channels, *common, groups, *tail, groups_out=groups_out)]
-            + [_resnet(out_channels, out_channels, *common, groups_out, *tail) for _ in range(num_layers)])
+        first = _resnet(in_channels, out_channels, *common, groups, *tail, groups_out=groups_out)
         layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.attentions = nn.ModuleList([
-            _transformer(out_channels, num_attention_heads, layers[i], cross_attention_dim, groups_out,
-                         use_linear_projection, False, upcast_attention)
-            for i in range(num_layers)])
+        attentions, resnets = _interleaved(
+            num_layers,
+            lambda i: _transformer(out_channels, num_attention_heads, layers[i], cross_attention_dim, groups_out,
+                                   use_linear_projection, False, upcast_attention),
+            lambda i: _resnet(out_channels, out_channels, *common, groups_out, *tail))
+        _set_layers(self, nn.ModuleList([first, *resnets]), attentions)
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -381,7 +406,9 @@ def _skip_in_channels(i: int, num_layers: int, in_channels: int, prev_output_cha
 
 
 class UpBlock2D(nn.Module):
-    """ResNets fed with the concatenated down-path skips, then an optional upsampler (conv or up ResNet)."""
+    """ResNets fed with the concatenated down-path skips, then an optional upsampler (conv or up ResNet).
+
+    ``make_attention(i)`` (for the subclasses) builds the attention after ResNet ``i``."""
 
     has_cross_attention = False
     with_attention = False
@@ -391,20 +418,22 @@ class UpBlock2D(nn.Module):
                  resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
                  resnet_groups: int = 32, output_scale_factor: float = 1.0,
                  add_upsample: bool = True, attention_head_dim: int | None = None,
-                 upsample_type: str | None = "conv"):
+                 upsample_type: str | None = "conv", make_attention: Callable[[int], nn.Module] | None = None):
         super().__init__()
         self.gradient_checkpointing = False
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
                 output_scale_factor)
         self.resolution_idx = resolution_idx
-        self.resnets = nn.ModuleList([
-            _resnet(sum(_skip_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)),
-                    out_channels, *args)
-            for i in range(num_layers)])
-        if self.with_attention:
-            self.attentions = nn.ModuleList([
-                _pixel_attention(out_channels, attention_head_dim, resnet_eps, resnet_groups, output_scale_factor)
-                for _ in range(num_layers)])
+        if make_attention is None and self.with_attention:
+            def make_attention(i: int) -> nn.Module:
+                return _pixel_attention(out_channels, attention_head_dim, resnet_eps, resnet_groups,
+                                        output_scale_factor)
+
+        def make_resnet(i: int) -> nn.Module:
+            skip_in = _skip_in_channels(i, num_layers, in_channels, prev_output_channel, out_channels)
+            return _resnet(sum(skip_in), out_channels, *args)
+
+        _set_layers(self, *_interleaved(num_layers, make_resnet, make_attention))
         self.upsample_type = upsample_type if add_upsample else None
         if self.upsample_type == "conv":
             self.upsamplers = _conv_up(out_channels)
@@ -468,17 +497,16 @@ class CrossAttnUpBlock2D(UpBlock2D):
                  use_linear_projection: bool = False, only_cross_attention: bool = False,
                  upcast_attention: bool = False, attention_type: str = "default"):
         _check_attention_type(attention_type, dual_cross_attention)
+        layers = _per_layer(transformer_layers_per_block, num_layers)
         super().__init__(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
                          temb_channels=temb_channels, resolution_idx=resolution_idx, dropout=dropout,
                          num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
                          resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
-                         output_scale_factor=output_scale_factor, add_upsample=add_upsample)
+                         output_scale_factor=output_scale_factor, add_upsample=add_upsample,
+                         make_attention=lambda i: _transformer(
+                             out_channels, num_attention_heads, layers[i], cross_attention_dim, resnet_groups,
+                             use_linear_projection, only_cross_attention, upcast_attention))
         self.num_attention_heads = num_attention_heads
-        layers = _per_layer(transformer_layers_per_block, num_layers)
-        self.attentions = nn.ModuleList([
-            _transformer(out_channels, num_attention_heads, layers[i], cross_attention_dim, resnet_groups,
-                         use_linear_projection, only_cross_attention, upcast_attention)
-            for i in range(num_layers)])
 
     def forward(self, hidden_states: torch.Tensor, res_hidden_states_tuple: tuple[torch.Tensor, ...],
                 temb: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
@@ -510,12 +538,13 @@ class UpDecoderBlock2D(nn.Module):
         args = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
                 output_scale_factor)
         self.resolution_idx = resolution_idx
-        self.resnets = nn.ModuleList(
-            [_resnet(in_channels if i == 0 else out_channels, out_channels, *args) for i in range(num_layers)])
-        if self.with_attention:
-            self.attentions = nn.ModuleList([
-                _pixel_attention(out_channels, attention_head_dim, resnet_eps, resnet_groups, output_scale_factor)
-                for _ in range(num_layers)])
+
+        def attention(i: int) -> Attention:
+            return _pixel_attention(out_channels, attention_head_dim, resnet_eps, resnet_groups, output_scale_factor)
+
+        _set_layers(self, *_interleaved(
+            num_layers, lambda i: _resnet(in_channels if i == 0 else out_channels, out_channels, *args),
+            attention if self.with_attention else None))
         self.upsamplers = _conv_up(out_channels) if add_upsample else None
 
     def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -570,10 +599,10 @@ class SkipUpBlock2D(nn.Module):
             groups = min(cin + skip // 4, 32) if self.with_attention else min((cin + skip) // 4, 32)
             resnets.append(_resnet(cin + skip, out_channels, temb_channels, resnet_eps, groups, *tail,
                                    groups_out=groups_out))
-        self.resnets = nn.ModuleList(resnets)
-        if self.with_attention:
-            self.attentions = nn.ModuleList(
-                [_pixel_attention(out_channels, attention_head_dim, resnet_eps, 32, output_scale_factor)])
+        attentions = nn.ModuleList(
+            [_pixel_attention(out_channels, attention_head_dim, resnet_eps, 32, output_scale_factor)]
+        ) if self.with_attention else None
+        _set_layers(self, nn.ModuleList(resnets), attentions)
         self.upsampler = FirUpsample2D(in_channels, out_channels=out_channels)
         if add_upsample:
             self.resnet_up = _resnet(out_channels, out_channels, temb_channels, resnet_eps, groups_out, *tail,

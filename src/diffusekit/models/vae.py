@@ -110,13 +110,13 @@ class Decoder(nn.Module):
             )
         self.gradient_checkpointing = False
         self.conv_in = Conv2d(in_channels, block_out_channels[-1], kernel_size=3, stride=1, padding=1)
+        self.up_blocks = nn.ModuleList()  # registered before mid_block: the reference's state-dict order
         self.mid_block = UNetMidBlock2D(
             in_channels=block_out_channels[-1], resnet_eps=1e-6, resnet_act_fn=act_fn, output_scale_factor=1,
             resnet_time_scale_shift="default", attention_head_dim=block_out_channels[-1],
             resnet_groups=norm_num_groups, temb_channels=None, add_attention=mid_block_add_attention,
         )
         reversed_channels = list(reversed(block_out_channels))
-        self.up_blocks = nn.ModuleList()
         output_channel = reversed_channels[0]
         for i, block_type in enumerate(up_block_types):
             prev_output_channel, output_channel = output_channel, reversed_channels[i]

@@ -10,6 +10,7 @@ from ..configuration import register_to_config
 from ..utils import BaseOutput
 from .layers import Conv2d
 from .attention import LEGACY_ATTENTION_RENAMES
+from .attention_processor import AttentionProcessorMixin
 from .modeling import ModelMixin
 from .vae import AutoencoderMixin, Decoder, DecoderOutput, Encoder, VectorQuantizer, _check_norm_type
 
@@ -21,7 +22,7 @@ class VQEncoderOutput(BaseOutput):
     latents: torch.Tensor
 
 
-class VQModel(ModelMixin, AutoencoderMixin):
+class VQModel(ModelMixin, AutoencoderMixin, AttentionProcessorMixin):
     """VQ-VAE: ``encode(x).latents`` (unquantized), ``decode(h)`` quantizes to the codebook then decodes.
 
     ``decode(h, force_not_quantize=True)`` skips quantization, or, with ``lookup_from_codebook``,

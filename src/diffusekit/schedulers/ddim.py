@@ -81,8 +81,9 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
-            self._init_step_index(timestep)
-        t = self._host_timesteps[self._step_index]
+            self._step_index = self._begin_index if self._begin_index is not None else self._find_index(timestep)
+        # a timestep outside the schedule is stepped from as given, as the reference does (custom loops)
+        t = int(timestep) if self._step_index is None else self._host_timesteps[self._step_index]
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t, alpha_prod_prev = self._alpha(t), self._alpha(prev_t)
         prediction_type = self.config.prediction_type
@@ -100,7 +101,8 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
                 variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                               dtype=model_output.dtype)
             prev_sample = prev_sample + std_dev_t * variance_noise
-        self._step_index = self._step_index + 1 if self._step_index + 1 < len(self._host_timesteps) else None
+        if self._step_index is not None:
+            self._step_index = self._step_index + 1 if self._step_index + 1 < len(self._host_timesteps) else None
         if not return_dict:
             return prev_sample, x0
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

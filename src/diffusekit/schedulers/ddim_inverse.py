@@ -3,6 +3,8 @@ from clean to noisy, to recover the noise latents an image came from."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -34,6 +36,7 @@ class DDIMInverseScheduler(SchedulerMixin):
         clip_sample_range: float = 1.0,
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
+        **kwargs: Any,  # accepted and unused, as the reference (DDIM options such as thresholding)
     ):
         self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(self.config)
         # alpha_bar "before" t=0, where the inversion starts: 1 (a clean sample) or alphas_cumprod[0]

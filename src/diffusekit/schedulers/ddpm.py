@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -10,9 +12,11 @@ from ..utils import randn_tensor
 from . import schedule_math as sm
 from .names import KARRAS_DIFFUSION_SCHEDULERS
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
-from .stepping import StepIndexMixin
+from .stepping import StepIndexMixin, like_timestep
 
 DDPMSchedulerOutput = SchedulerOutput
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+logger = logging.getLogger(__name__)
 
 
 def posterior_variance(alpha_prod_t, alpha_prod_prev):
@@ -47,9 +51,9 @@ class DDPMScheduler(StepIndexMixin, SchedulerMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        variance_types = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-        if variance_type not in variance_types:
-            raise ValueError(f"variance_type must be one of {variance_types}, got {variance_type!r}")
+        if variance_type not in VARIANCE_TYPES:  # the reference steps with the fixed_small variance then
+            logger.warning("variance_type %r is not one of %s; DDPMScheduler uses the fixed_small variance",
+                           variance_type, ", ".join(VARIANCE_TYPES))
         self.betas, self.alphas, self.alphas_cumprod = sm.training_tables(self.config)
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
@@ -87,15 +91,20 @@ class DDPMScheduler(StepIndexMixin, SchedulerMixin):
         self._use_schedule(sm.spaced_timesteps(self.config.timestep_spacing, num_inference_steps,
                                                self.config.num_train_timesteps, self.config.steps_offset), device)
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after ``timestep`` in the schedule (-1 at the end). Reads ``timestep`` on the host."""
-        return self._host_timesteps[self.index_for_timestep(timestep) + 1]
+    def previous_timestep(self, timestep) -> int | torch.Tensor:
+        """The timestep after ``timestep`` in the schedule (-1 at the end); a tensor for a tensor
+        ``timestep``, as the reference. Reads ``timestep`` on the host."""
+        return like_timestep(self._host_timesteps[self.index_for_timestep(timestep) + 1], timestep)
 
     def _alphas_at(self, index: int):
         t, prev_t = self._host_timesteps[index], self._host_timesteps[index + 1]
         return self.alphas_cumprod[t], (self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one), t
 
-    def _get_variance(self, index: int, predicted_variance=None, variance_type: str | None = None):
+    def _get_variance(self, t: int, predicted_variance=None, variance_type: str | None = None):
+        """The step variance at timestep ``t`` (of the schedule) for ``variance_type`` (default: the config's)."""
+        return self._variance_at(self.index_for_timestep(t), predicted_variance, variance_type)
+
+    def _variance_at(self, index: int, predicted_variance=None, variance_type: str | None = None):
         alpha_prod_t, alpha_prod_prev, _ = self._alphas_at(index)
         beta_t = 1 - alpha_prod_t / alpha_prod_prev
         variance = posterior_variance(alpha_prod_t, alpha_prod_prev)
@@ -129,7 +138,7 @@ class DDPMScheduler(StepIndexMixin, SchedulerMixin):
         if t > 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
-            variance = self._get_variance(index, predicted_variance)
+            variance = self._variance_at(index, predicted_variance)
             if self.variance_type == "fixed_small_log":
                 prev_sample = prev_sample + variance * noise
             elif self.variance_type == "learned_range":

@@ -19,6 +19,8 @@ EDM_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
     """DPM-Solver++ multistep for EDM-preconditioned models: reuses the last 1-2 denoised estimates."""
 
+    _missing_timestep_is_last = True
+
     @register_to_config
     def __init__(
         self,

@@ -13,7 +13,7 @@ from ..configuration import register_to_config
 from ..utils import BaseOutput, randn_tensor
 from . import schedule_math as sm
 from .scheduling_utils import SchedulerMixin
-from .stepping import StepIndexMixin
+from .stepping import StepIndexMixin, like_timestep
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +158,12 @@ class LCMScheduler(StepIndexMixin, SchedulerMixin):
             return prev_sample, denoised
         return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
 
-    def previous_timestep(self, timestep) -> int:
-        """The timestep after ``timestep`` in the schedule (-1 at the end). Reads ``timestep`` on the host."""
+    def previous_timestep(self, timestep) -> int | torch.Tensor:
+        """The timestep after ``timestep`` in the schedule (-1 at the end); a tensor for a tensor
+        ``timestep``, as the reference. Reads ``timestep`` on the host."""
         index = self.index_for_timestep(timestep)
-        return self._host_timesteps[index + 1] if index + 1 < len(self._host_timesteps) else -1
+        return like_timestep(self._host_timesteps[index + 1] if index + 1 < len(self._host_timesteps) else -1,
+                             timestep)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return sm.add_noise_alphas(original_samples, noise, timesteps, self.alphas_cumprod)

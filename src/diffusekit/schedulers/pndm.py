@@ -80,8 +80,7 @@ class PNDMScheduler(StepIndexMixin, SchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """A PRK sub-step during warm-up, else a PLMS step."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
+        self._check_timesteps_set()
         if self._step_index is None:  # the one host read: where this loop starts
             self._step_index = self._begin_index if self._begin_index is not None else \
                 self._host_timesteps.index(int(timestep))
@@ -90,8 +89,25 @@ class PNDMScheduler(StepIndexMixin, SchedulerMixin):
             prev_sample = self._step_prk(model_output, t, sample)
         else:
             prev_sample = self._step_plms(model_output, t, sample)
-        self.counter += 1
         self._step_index += 1
+        return self._output(prev_sample, return_dict)
+
+    def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One pseudo Runge-Kutta warm-up sub-step at ``timestep`` (``step`` takes these first)."""
+        self._check_timesteps_set()
+        return self._output(self._step_prk(model_output, int(timestep), sample), return_dict)
+
+    def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One pseudo linear multistep at ``timestep`` (after the 12 warm-up sub-steps unless ``skip_prk_steps``)."""
+        self._check_timesteps_set()
+        return self._output(self._step_plms(model_output, int(timestep), sample), return_dict)
+
+    def _check_timesteps_set(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+
+    def _output(self, prev_sample: torch.Tensor, return_dict: bool):
+        self.counter += 1
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
     def _step_prk(self, model_output, t: int, sample):

@@ -19,6 +19,7 @@ class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
 
     _compatibles = KARRAS_DIFFUSION_SCHEDULERS
     init_noise_sigma = 1.0
+    _missing_timestep_is_last = True
 
     def _init_tables(self) -> None:
         cfg = self.config
@@ -99,15 +100,6 @@ class SolverSchedulerBase(StepIndexMixin, SchedulerMixin):
     def _remember(self, converted: torch.Tensor) -> None:
         """Push a converted model output onto the fixed-length history."""
         self.model_outputs = [*self.model_outputs[1:], converted]
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Position of ``timestep`` in the schedule; a timestep not in it maps to the last step."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(schedule.device)
-        if len((schedule == timestep).nonzero()) == 0:
-            return len(self.timesteps) - 1
-        return super().index_for_timestep(timestep, schedule)
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """These solvers take the sample unscaled."""

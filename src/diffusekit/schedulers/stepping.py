@@ -11,11 +11,18 @@ from __future__ import annotations
 import torch
 
 
+def like_timestep(value: int, timestep) -> int | torch.Tensor:
+    """``value`` as a tensor when ``timestep`` is one (what the reference's ``previous_timestep`` returns)."""
+    return torch.tensor(value) if isinstance(timestep, torch.Tensor) else value
+
+
 class StepIndexMixin:
     """``step_index`` / ``begin_index`` and the timestep -> position lookup."""
 
     _step_index: int | None = None
     _begin_index: int | None = None
+    #: Whether a timestep not in the schedule maps to the last step (else ``index_for_timestep`` refuses it).
+    _missing_timestep_is_last = False
     timesteps: torch.Tensor
 
     @property
@@ -36,16 +43,26 @@ class StepIndexMixin:
         self._step_index = None
         self._begin_index = None
 
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+    def _find_index(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int | None:
         """Position of ``timestep`` in the schedule (the second match when it appears twice, as in
-        second-order schedules). Reads one value back from the device."""
+        second-order schedules), or None when it is not in it. Reads one value back from the device."""
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(schedule.device)
         matches = (schedule == timestep).nonzero()
         if len(matches) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of scheduler.timesteps")
+            return None
         return int(matches[1 if len(matches) > 1 else 0].item())
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule; one not in it is the last step where
+        ``_missing_timestep_is_last`` (the reference's DPM-Solver family), else a ValueError."""
+        index = self._find_index(timestep, schedule_timesteps)
+        if index is not None:
+            return index
+        if self._missing_timestep_is_last:
+            return len(self.timesteps) - 1
+        raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of scheduler.timesteps")
 
     def _init_step_index(self, timestep) -> None:
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
