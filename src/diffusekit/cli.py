@@ -113,6 +113,17 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_generate(args: argparse.Namespace) -> int:
+    """``generate``: one run, or with ``--prompts`` one image per line of a file."""
+    if args.prompts:
+        from .cli_batch import command_batch
+
+        return command_batch(args)
+    from .cli_generate import command_generate as generate
+
+    return generate(args)
+
+
 def command_convert(args: argparse.Namespace) -> int:
     from .loaders.single_file import convert
 
@@ -170,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.set_defaults(func=func)
         return sub_parser
 
-    from .cli_generate import add_generate_arguments, command_generate
+    from .cli_generate import add_generate_arguments
 
     add_generate_arguments(command("generate", "generate images or audio with a pipeline", command_generate))
 

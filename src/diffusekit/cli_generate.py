@@ -518,10 +518,6 @@ def generate_files(pipe, args: argparse.Namespace, loaded: dict, refiner=None, *
 
 def command_generate(args: argparse.Namespace) -> int:
     """Run ``diffusekit generate``; print each file written."""
-    if args.prompts:
-        from .cli_batch import command_batch
-
-        return command_batch(args)
     if args.from_image:
         apply_record(args, args.from_image)
     check_options(args)
@@ -571,4 +567,3 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the model's")
     gen.add_argument("--grid", action="store_true", help="also write a grid of all images")
     gen.add_argument("--out", default="out", help="output folder; files are named SEED-INDEX.png")
-    gen.set_defaults(func=command_generate)
