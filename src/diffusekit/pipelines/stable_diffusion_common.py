@@ -66,6 +66,7 @@ class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, L
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
     _exclude_from_cpu_offload = ("safety_checker",)
+    _lora_loadable_modules = ["unet", "text_encoder"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                  image_encoder=None, requires_safety_checker: bool = True) -> None:
