@@ -22,14 +22,18 @@ FAST_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _WEIGHTS_NAME = "model.safetensors"
 
 
-def load_transformers_component(component_cls: type, path: Path, torch_dtype: torch.dtype | None) -> Any:
-    """``component_cls.from_pretrained(path, dtype=torch_dtype)``, or the equivalent fast path."""
+def load_transformers_component(component_cls: type, path: Path, torch_dtype: torch.dtype | None,
+                                variant: str | None = None) -> Any:
+    """``component_cls.from_pretrained(path, dtype=torch_dtype, variant=variant)``, or the equivalent fast
+    path; a folder without ``variant`` weights loads its default weights."""
     is_module = issubclass(component_cls, torch.nn.Module)
-    if is_module and component_cls.__name__ in FAST_CLASSES:
+    if is_module and variant is None and component_cls.__name__ in FAST_CLASSES:
         model = _load_fast(component_cls, path, torch_dtype)
         if model is not None:
             return model
     options = {"dtype": torch_dtype} if torch_dtype is not None and is_module else {}
+    if is_module and variant is not None and any(f".{variant}." in p.name for p in path.glob("*")):
+        options["variant"] = variant
     return component_cls.from_pretrained(path, **options)
 
 
