@@ -125,6 +125,19 @@ class DiffusionPipeline(ConfigMixin):
             module.to(*args, **kwargs)
         return self
 
+    # -- attention ----------------------------------------------------------------------------
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Compute attention in slices: ``"auto"`` halves the heads' input, ``"max"`` one slice at a
+        time, an int is the slice size. Applies to every model with ``set_attention_slice``."""
+        for component in self.components.values():
+            if isinstance(component, torch.nn.Module) and hasattr(component, "set_attention_slice"):
+                component.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        """Compute attention in one step again."""
+        self.enable_attention_slicing(None)
+
     # -- progress -----------------------------------------------------------------------------
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
