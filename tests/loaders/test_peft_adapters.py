@@ -149,3 +149,17 @@ def test_save_lora_weights_needs_layers_and_writes_prefixed_metadata(tmp_path):
                            unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4})
     state, metadata = Pipe.lora_state_dict(tmp_path, return_lora_metadata=True)
     assert list(state) == ["unet.to_q.lora_A.weight"] and metadata == {"unet.r": 2, "unet.lora_alpha": 4}
+
+
+def test_fused_loras_counts_fused_adapters_of_both_kinds(tmp_path):
+    pipe = Pipe()
+    pipe.text_encoder.add_adapter(_config(), adapter_name="te")
+    pipe.load_lora_weights({"unet.to_q.lora_A.weight": torch.ones(2, 4), "unet.to_q.lora_B.weight": torch.ones(4, 2)},
+                           adapter_name="file")
+    assert pipe.num_fused_loras == 0
+    pipe.fuse_lora(components=["unet"])
+    assert pipe.fused_loras == {"file"}
+    pipe.fuse_lora(components=["text_encoder"])
+    assert pipe.fused_loras == {"file", "te"} and pipe.num_fused_loras == 2
+    pipe.unfuse_lora()
+    assert pipe.num_fused_loras == 0

@@ -46,6 +46,12 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def fused_adapters(model: nn.Module) -> set[str]:
+    """Names of the adapters fused into some weight of ``model``."""
+    names = {n for layer in layers.lora_layers(model) for n in layer.lora_fused}
+    return names | {n for layer in peft_layers(model) for n in layer.merged_adapters}
+
+
 def activate(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
     """Use only ``names`` in ``model``; with ``weights`` (one per name), each times its weight."""
     for layer in layers.lora_layers(model):

@@ -318,6 +318,15 @@ class LoraLoaderMixin:
         return list(dict.fromkeys(n for model in self._lora_models().values()
                                   for n in adapters.active_adapters(model)))
 
+    @property
+    def fused_loras(self) -> set[str]:
+        """Names of the adapters fused into the weights (``fuse_lora``) and not unfused."""
+        return set().union(*(adapters.fused_adapters(m) for m in self._lora_models().values()))
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len(self.fused_loras)
+
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, weight_name: str | None = None, strict: bool = True,
                           **kwargs: Any) -> None:
