@@ -2,8 +2,9 @@
 
 Why not peft for LoRA files: diffusekit only needs inference-time adapters on Linear and Conv2d layers, and a small
 layer of its own keeps loading a LoRA at a few milliseconds, keeps the model's state dict (and so
-``save_pretrained``) unchanged, and makes unloading exact: the original weight tensors are never
-written to. peft is only used by the parity tests, through the reference.
+``save_pretrained``) unchanged, makes unloading exact (the original weight tensors are never
+written to) and keeps per-call scales apart between threads. Adapters made from a peft
+``LoraConfig`` (``model.add_adapter``) are peft's layers; see :mod:`~diffusekit.loaders.peft_adapters`.
 
 How: :func:`add_adapter` switches an existing layer's class to a subclass that mixes in
 :class:`LoraLayer` (``module.__class__`` swap: same object, same parameters, same state-dict keys,
