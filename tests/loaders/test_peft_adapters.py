@@ -163,3 +163,10 @@ def test_fused_loras_counts_fused_adapters_of_both_kinds(tmp_path):
     assert pipe.fused_loras == {"file", "te"} and pipe.num_fused_loras == 2
     pipe.unfuse_lora()
     assert pipe.num_fused_loras == 0
+
+
+def test_set_adapters_with_an_unknown_name_says_which():
+    pipe = Pipe()
+    pipe.unet.add_adapter(_config(), adapter_name="a")
+    with pytest.raises(ValueError, match=r"Adapter name\(s\) \['test'\] not in the list of present adapters: \['a'\]"):
+        pipe.set_adapters("test")

@@ -384,7 +384,7 @@ class LoraLoaderMixin:
         loaded = self._all_adapters()
         missing = [n for n in names if n not in loaded]
         if missing:
-            raise ValueError(f"adapters {missing} are not loaded (loaded: {loaded})")
+            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {loaded}.")
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
