@@ -8,7 +8,6 @@ The call scale of both kinds is in :mod:`~diffusekit.loaders.lora_layers` (``ins
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from . import lora_layers as layers
-from .lora_layers import peft_layers, scaled_peft_layers
+from .lora_layers import peft_layers
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.bin"
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
