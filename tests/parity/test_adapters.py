@@ -125,3 +125,20 @@ def test_save_and_reload_match_the_reference(unets, unet_folder, tmp_path, safe_
     fresh_ours.save_lora_adapter(tmp_path / "again", adapter_name="x")
     resaved = diffusekit.weights.load_file(tmp_path / "again" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(resaved[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("scales", [{"down": 0.0}, {"mid": [2.0], "up": {"block_0": [1.0, 0.0]}},
+                                    {"down": {"block_1": 0.5}, "up": 3.0}])
+def test_block_weights_match_the_reference(unets, scales):
+    ours, ref = unets
+    for model in unets:
+        model.set_adapters("a", weights=[scales])
+    _same(ours, ref)
+
+
+def test_block_weights_errors_match_the_reference(unets):
+    for bad, message in [({"up": {"block_0": [1.0, 2.0, 3.0]}}, "Expected 2 scales for up.block_0, got 3."),
+                         ({"mid": [1.0, 2.0]}, "Expected 1 scales for mid, got 2.")]:
+        for model in unets:
+            with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+                model.set_adapters("a", weights=[bad])

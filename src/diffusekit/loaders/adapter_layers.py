@@ -51,16 +51,56 @@ def fused_adapters(model: nn.Module) -> set[str]:
     return names | {n for layer in peft_layers(model) for n in layer.merged_adapters}
 
 
-def activate(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
+#: A weight for one adapter: one number, or numbers by module-name part (``block_weights``).
+Weight = float | dict[str, float]
+
+
+def _layer_weight(weight: Weight, module_name: str) -> float:
+    if not isinstance(weight, dict):
+        return float(weight)
+    return next((float(w) for part, w in weight.items() if part in module_name), 1.0)
+
+
+def activate(model: nn.Module, names: list[str], weights: list[Weight] | None = None) -> None:
     """Use only ``names`` in ``model``; with ``weights`` (one per name), each times its weight."""
-    for layer in layers.lora_layers(model):
-        layer.lora_active = tuple(n for n in names if n in layer.lora_adapters)
-        if weights is not None:
-            layer.lora_weights.update(zip(names, map(float, weights)))
-    for layer in peft_layers(model):
-        layer.set_adapter(names)
-        for name, weight in zip(names, weights or ()):
-            layer.set_scale(name, float(weight))
+    for module_name, layer in model.named_modules():
+        if isinstance(layer, layers.LoraLayer):
+            layer.lora_active = tuple(n for n in names if n in layer.lora_adapters)
+            layer.lora_weights.update({n: _layer_weight(w, module_name) for n, w in zip(names, weights or ())})
+    tuned = set(map(id, peft_layers(model)))
+    for module_name, layer in model.named_modules():
+        if id(layer) in tuned:
+            layer.set_adapter(names)
+            for name, weight in zip(names, weights or ()):
+                layer.set_scale(name, _layer_weight(weight, module_name))
+
+
+def block_weights(unet: nn.Module, scales: dict, default: float = 1.0) -> dict[str, float]:
+    """UNet block weights as the reference takes them (``{"down": 0.5, "mid": 1.0, "up": {"block_1": [1, 0, 1]}}``)
+    expanded to weights by attention module (``"up_blocks.1.attentions.2": 0.0``)."""
+    if unknown := set(scales) - {"down", "mid", "up"}:
+        raise ValueError(f"block weights take the keys 'down', 'mid' and 'up', got {sorted(unknown)}")
+    mid = scales.get("mid", default)
+    if isinstance(mid, list):
+        if len(mid) != 1:
+            raise ValueError(f"Expected 1 scales for mid, got {len(mid)}.")
+        mid = mid[0]
+    result = {"mid_block.attentions.0": float(mid)}
+    for side in ("down", "up"):
+        blocks = {i: len(b.attentions) for i, b in enumerate(getattr(unet, f"{side}_blocks"))
+                  if getattr(b, "attentions", None) is not None}
+        value = scales.get(side, default)
+        if isinstance(value, dict) and (extra := set(value) - {f"block_{i}" for i in blocks}):
+            raise ValueError(f"Can't set lora scale for layer {side}.{sorted(extra)[0]}. It either doesn't exist in "
+                             f"this unet or it has no attentions.")
+        for i, count in blocks.items():
+            block = value.get(f"block_{i}", default) if isinstance(value, dict) else value
+            values = block if isinstance(block, list) else [block]
+            values = values * count if len(values) == 1 else values
+            if len(values) != count:
+                raise ValueError(f"Expected {count} scales for {side}.block_{i}, got {len(values)}.")
+            result.update({f"{side}_blocks.{i}.attentions.{j}": float(v) for j, v in enumerate(values)})
+    return result
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:

@@ -278,12 +278,17 @@ def load_into_model(model: nn.Module, state: dict, metadata: dict, source: str, 
     load_state({"model": model}, state, prefixed, source, adapter_name, strict, type(model).__name__)
 
 
-def _component_weight(weight: Any, component: str, name: str) -> float:
+def _component_weight(weight: Any, component: str, name: str, model: nn.Module) -> adapters.Weight:
+    """The weight of adapter ``name`` for ``component``: a number, or (UNet) weights by block."""
     if isinstance(weight, dict):
         unknown = set(weight) - set(LORA_COMPONENTS)
         if unknown:
             raise ValueError(f"adapter weight for {name!r} names unknown components {sorted(unknown)}")
         weight = weight.get(component, 1.0)
+    if isinstance(weight, dict):
+        if component != "unet":
+            raise ValueError(f"adapter weight for {name!r}: weights by block are for the unet, not {component}")
+        return adapters.block_weights(model, weight)
     return 1.0 if weight is None else float(weight)
 
 
@@ -389,7 +394,7 @@ class LoraLoaderMixin:
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
         for component, model in self._lora_models().items():
-            adapters.activate(model, names, [_component_weight(w, component, n) for n, w in zip(names, weights)])
+            adapters.activate(model, names, [_component_weight(w, component, n, model) for n, w in zip(names, weights)])
 
     def set_lora_device(self, adapter_names: list[str], device: torch.device | str | int) -> None:
         """Move the named adapters' tensors to ``device`` (the base weights stay where they are)."""

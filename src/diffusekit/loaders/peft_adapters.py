@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import lora_layers as layers
-from .adapter_layers import (active_adapters, activate, adapter_names, adapter_state_dict, delete, fuse,
-                             set_enabled, unfuse, unload, write_lora_file)
+from .adapter_layers import (active_adapters, activate, adapter_names, adapter_state_dict, block_weights, delete,
+                             fuse, set_enabled, unfuse, unload, write_lora_file)
 from .lora import load_into_model, read_lora_file
 from ..hub import split_hub_kwargs
 
@@ -72,9 +72,10 @@ class PeftAdapterMixin:
         if len(weights) != len(names):
             raise ValueError(f"Length of adapter names {len(names)} is not equal to the length of their weights "
                              f"{len(weights)}.")
-        if any(isinstance(w, dict) for w in weights):
-            raise ValueError("per-block adapter weights (dicts) are not supported; give one number per adapter")
-        activate(self, names, [1.0 if w is None else w for w in weights])
+        if any(isinstance(w, dict) for w in weights) and not hasattr(self, "down_blocks"):
+            raise ValueError(f"weights by block (dicts) are for UNets; {type(self).__name__} takes one number per adapter")
+        activate(self, names, [block_weights(self, w) if isinstance(w, dict) else 1.0 if w is None else w
+                               for w in weights])
 
     def active_adapters(self) -> list[str]:
         """Names of the adapters in use."""
