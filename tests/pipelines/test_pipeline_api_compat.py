@@ -21,3 +21,10 @@ def test_attention_slicing_reaches_models_of_any_pipeline():
     pipe.enable_attention_slicing(2)
     pipe.disable_attention_slicing()
     assert unet.slices == ["auto", 2, None]
+
+
+def test_ldm_pipeline_builds_without_its_vqvae():
+    from diffusekit import LDMTextToImagePipeline
+
+    pipe = LDMTextToImagePipeline(vqvae=None, bert=None, tokenizer=None, unet=None, scheduler=None)
+    assert pipe.vae_scale_factor == 8
