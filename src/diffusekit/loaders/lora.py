@@ -43,6 +43,7 @@ from torch import nn
 
 from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, check_safetensors_header, load_file
+from . import adapter_layers as adapters
 from . import lora_layers as layers
 from . import single_file_layout
 from .lora_flux import convert_flux_lora, is_flux_transformer
@@ -50,7 +51,7 @@ from .lora_flux import convert_flux_lora, is_flux_transformer
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-METADATA_KEY = "lora_adapter_metadata"
+METADATA_KEY = adapters.METADATA_KEY
 #: Pipeline components LoRA can target, in the order the denoiser is looked for.
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
@@ -162,8 +163,9 @@ def group_lora_keys(state: dict[str, torch.Tensor], components: list[str]) -> tu
 
 
 def _module_lookup(model: nn.Module) -> dict[str, nn.Module]:
-    """Layer by dotted and underscored name (with ``text_model.`` aliases for text encoders that lack it,
-    and a UNet's original SGM names, ``input_blocks_4_1_...``, which kohya's SDXL LoRAs use)."""
+    """Layer by dotted and underscored name, with ``text_model.`` aliases for text encoders (with and without
+    it: transformers 5 writes peft keys of ``CLIPTextModel`` without it), and a UNet's original SGM
+    names (``input_blocks_4_1_...``, which kohya's SDXL LoRAs use)."""
     lookup: dict[str, nn.Module] = {}
     alias_text_model = not hasattr(model, "text_model") and hasattr(model, "encoder") and hasattr(model, "embeddings")
     original_names = _original_unet_names(model)
@@ -171,8 +173,10 @@ def _module_lookup(model: nn.Module) -> dict[str, nn.Module]:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         names = [name, f"text_model.{name}"] if alias_text_model else [name]
+        names += [name.removeprefix("text_model.")] if name.startswith("text_model.") else []
+        names = [n.removesuffix(".base_layer") for n in names]  # a layer inside a peft wrapper
         if original_names:
-            original = single_file_layout.to_original(f"{name}.weight", original_names)
+            original = single_file_layout.to_original(f"{names[0]}.weight", original_names)
             names += [original.removesuffix(".weight")] if original else []
         for alias in names:
             lookup[alias] = module
@@ -248,37 +252,104 @@ def _clip(keys: list[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def check_adapter_name(name: str, existing: list[str]) -> None:
+    """ValueError when ``name`` is taken, empty or dotted."""
+    if name in existing:
+        raise ValueError(f"adapter name {name!r} is already in use; pick another or delete_adapters it")
+    if not name or "." in name:
+        raise ValueError(f"adapter name must be non-empty and contain no '.', got {name!r}")
+
+
+def load_state(models: dict[str, nn.Module], state: dict, metadata: dict, source: str, adapter_name: str,
+               strict: bool, owner: str) -> None:
+    """Add the LoRA ``state`` to ``models`` (component -> model) as ``adapter_name``, which becomes their
+    active adapter. Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning)."""
+    check_lora_values(state, source)
+    file_keys, origin = sorted(state), {}
+    transformer = models.get("transformer", models.get("model"))
+    if is_flux_transformer(transformer):
+        state, origin = convert_flux_lora(state, transformer, source)
+    grouped, unknown = group_lora_keys(state, list(models))
+    plan, unmatched = plan_adapters(grouped, models, metadata, source)
+    unmatched = list(dict.fromkeys(origin.get(k, k) for k in unknown + unmatched))
+    if not plan:
+        raise WeightsError(f"{source}: no key of this LoRA reaches a layer of {owner} "
+                           f"({len(file_keys)} keys: {_clip(file_keys)})")
+    if unmatched:
+        message = f"{source}: LoRA keys that match no layer: {_clip(sorted(unmatched))}"
+        if strict:
+            raise WeightsError(message + " (pass strict=False to load the rest)")
+        logger.warning("%s; loading the rest", message)
+    for component, targets in plan.items():
+        for module, adapter in targets:
+            layers.add_adapter(module, adapter_name, adapter)
+        layers.install_scale_hook(models[component])
+    for model in models.values():
+        for layer in layers.lora_layers(model):
+            layer.lora_active = (adapter_name,)
+
+
+def load_into_model(model: nn.Module, state: dict, metadata: dict, source: str, adapter_name: str,
+                    strict: bool) -> None:
+    """``model.load_lora_adapter``: ``state`` keys name ``model``'s own modules; ``metadata`` is unprefixed."""
+    check_adapter_name(adapter_name, adapters.adapter_names(model))
+    prefixed = {f"model.{k}": v for k, v in metadata.items()}
+    load_state({"model": model}, state, prefixed, source, adapter_name, strict, type(model).__name__)
+
+
+def _component_weight(weight: Any, component: str, name: str, model: nn.Module) -> adapters.Weight:
+    """The weight of adapter ``name`` for ``component``: a number, or (UNet) weights by block."""
+    if isinstance(weight, dict):
+        unknown = set(weight) - set(LORA_COMPONENTS)
+        if unknown:
+            raise ValueError(f"adapter weight for {name!r} names unknown components {sorted(unknown)}")
+        weight = weight.get(component, 1.0)
+    if isinstance(weight, dict):
+        if component != "unet":
+            raise ValueError(f"adapter weight for {name!r}: weights by block are for the unet, not {component}")
+        return adapters.block_weights(model, weight)
+    return 1.0 if weight is None else float(weight)
+
+
 class LoraLoaderMixin:
     """LoRA adapters on a pipeline's ``unet`` / ``transformer`` and text encoders.
 
-    The mixin needs only the component attributes; it keeps its bookkeeping on the models' layers.
+    The mixin needs only the component attributes; it keeps its bookkeeping on the models' layers
+    (diffusekit's own LoRA layers and peft's, see :mod:`~diffusekit.loaders.peft_adapters`).
     """
 
-    def _lora_models(self) -> dict[str, nn.Module]:
-        return {name: model for name in LORA_COMPONENTS
-                if isinstance(model := getattr(self, name, None), nn.Module)}
+    #: The components LoRA files and adapters can reach (the reference's name, read by its tests).
+    _lora_loadable_modules = list(LORA_COMPONENTS)
+    #: Component names, as the reference's pipelines name them (prefixes in LoRA files).
+    unet_name, transformer_name = "unet", "transformer"
+    text_encoder_name = "text_encoder"
 
-    def _lora_layers(self, components: list[str] | None = None) -> dict[str, list]:
-        models = self._lora_models()
-        names = components or list(models)
-        return {name: layers.lora_layers(models[name]) for name in names if name in models}
+    def _lora_models(self, components: list[str] | None = None) -> dict[str, nn.Module]:
+        models = {name: model for name in LORA_COMPONENTS
+                  if isinstance(model := getattr(self, name, None), nn.Module)}
+        return models if components is None else {n: m for n, m in models.items() if n in components}
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """Adapters loaded per component: ``{"unet": ["a", "b"], "text_encoder": ["a"]}``."""
-        result = {}
-        for component, found in self._lora_layers().items():
-            names = list(dict.fromkeys(n for layer in found for n in layer.lora_adapters))
-            if names:
-                result[component] = names
-        return result
+        found = {name: adapters.adapter_names(model) for name, model in self._lora_models().items()}
+        return {name: names for name, names in found.items() if names}
 
     def _all_adapters(self) -> list[str]:
         return list(dict.fromkeys(n for names in self.get_list_adapters().values() for n in names))
 
     def get_active_adapters(self) -> list[str]:
         """Names of the adapters in use."""
-        return list(dict.fromkeys(n for found in self._lora_layers().values() for layer in found
-                                  for n in layer.lora_active if layer.lora_enabled))
+        return list(dict.fromkeys(n for model in self._lora_models().values()
+                                  for n in adapters.active_adapters(model)))
+
+    @property
+    def fused_loras(self) -> set[str]:
+        """Names of the adapters fused into the weights (``fuse_lora``) and not unfused."""
+        return set().union(*(adapters.fused_adapters(m) for m in self._lora_models().values()))
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len(self.fused_loras)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
                           adapter_name: str | None = None, weight_name: str | None = None, strict: bool = True,
@@ -296,34 +367,40 @@ class LoraLoaderMixin:
             raise TypeError(f"load_lora_weights got unexpected arguments {sorted(kwargs)}")
         existing = self._all_adapters()
         adapter_name = adapter_name or f"default_{len(existing)}"
-        if adapter_name in existing:
-            raise ValueError(f"adapter name {adapter_name!r} is already in use; pick another or delete_adapters it")
-        if not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name must be non-empty and contain no '.', got {adapter_name!r}")
+        check_adapter_name(adapter_name, existing)
         state, metadata, source = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
-        check_lora_values(state, source)
-        models = self._lora_models()
-        file_keys, origin = sorted(state), {}
-        if is_flux_transformer(models.get("transformer")):
-            state, origin = convert_flux_lora(state, models["transformer"], source)
-        grouped, unknown = group_lora_keys(state, list(models))
-        plan, unmatched = plan_adapters(grouped, models, metadata, source)
-        unmatched = list(dict.fromkeys(origin.get(k, k) for k in unknown + unmatched))
-        if not plan:
-            raise WeightsError(f"{source}: no key of this LoRA reaches a layer of {type(self).__name__} "
-                               f"({len(file_keys)} keys: {_clip(file_keys)})")
-        if unmatched:
-            message = f"{source}: LoRA keys that match no layer: {_clip(sorted(unmatched))}"
-            if strict:
-                raise WeightsError(message + " (pass strict=False to load the rest)")
-            logger.warning("%s; loading the rest", message)
-        for component, targets in plan.items():
-            for module, adapter in targets:
-                layers.add_adapter(module, adapter_name, adapter)
-            layers.install_scale_hook(models[component])
-        for found in self._lora_layers().values():
-            for layer in found:
-                layer.lora_active = (adapter_name,)
+        load_state(self._lora_models(), state, metadata, source, adapter_name, strict, type(self).__name__)
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+                        weight_name: str | None = None, return_lora_metadata: bool = False, **kwargs: Any):
+        """The LoRA file's tensors as stored (and its adapter metadata with ``return_lora_metadata=True``)."""
+        hub = split_hub_kwargs(kwargs)
+        state, metadata, _ = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
+        return (state, metadata or None) if return_lora_metadata else state
+
+    @classmethod
+    def save_lora_weights(cls, save_directory: str | os.PathLike, weight_name: str | None = None,
+                          safe_serialization: bool = True, is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write ``<component>_lora_layers`` state dicts (and ``<component>_lora_adapter_metadata``) as one
+        LoRA file, keys prefixed ``<component>.``, as the reference does."""
+        state: dict[str, torch.Tensor] = {}
+        metadata: dict[str, Any] = {}
+        for component in LORA_COMPONENTS:
+            for key, value in (kwargs.pop(f"{component}_lora_layers", None) or {}).items():
+                state[f"{component}.{key}"] = value
+            for key, value in (kwargs.pop(f"{component}_lora_adapter_metadata", None) or {}).items():
+                metadata[f"{component}.{key}"] = value
+        kwargs.pop("save_function", None)
+        if kwargs:
+            raise TypeError(f"save_lora_weights got unexpected arguments {sorted(kwargs)}")
+        if not state:
+            raise ValueError("save_lora_weights needs at least one of " +
+                             ", ".join(f"{c}_lora_layers" for c in LORA_COMPONENTS))
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if is_main_process:
+            adapters.write_lora_file(state, metadata, Path(save_directory), weight_name, safe_serialization)
 
     def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list | dict | None = None) -> None:
         """Use only ``adapter_names``, each times its weight (a float, or ``{"unet": w, "text_encoder": w}``)."""
@@ -331,79 +408,61 @@ class LoraLoaderMixin:
         loaded = self._all_adapters()
         missing = [n for n in names if n not in loaded]
         if missing:
-            raise ValueError(f"adapters {missing} are not loaded (loaded: {loaded})")
+            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {loaded}.")
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
-        for component, found in self._lora_layers().items():
-            for layer in found:
-                layer.lora_active = tuple(n for n in names if n in layer.lora_adapters)
-                for name, weight in zip(names, weights):
-                    if isinstance(weight, dict):
-                        unknown = set(weight) - set(LORA_COMPONENTS)
-                        if unknown:
-                            raise ValueError(f"adapter weight for {name!r} names unknown components {sorted(unknown)}")
-                        weight = weight.get(component, 1.0)
-                    layer.lora_weights[name] = 1.0 if weight is None else float(weight)
+        for component, model in self._lora_models().items():
+            adapters.activate(model, names, [_component_weight(w, component, n, model) for n, w in zip(names, weights)])
+
+    def set_lora_device(self, adapter_names: list[str], device: torch.device | str | int) -> None:
+        """Move the named adapters' tensors to ``device`` (the base weights stay where they are)."""
+        for model in self._lora_models().values():
+            adapters.move_adapters(model, adapter_names, device)
 
     def disable_lora(self) -> None:
-        for found in self._lora_layers().values():
-            for layer in found:
-                layer.lora_enabled = False
+        for model in self._lora_models().values():
+            adapters.set_enabled(model, False)
 
     def enable_lora(self) -> None:
-        for found in self._lora_layers().values():
-            for layer in found:
-                layer.lora_enabled = True
+        for model in self._lora_models().values():
+            adapters.set_enabled(model, True)
 
     def delete_adapters(self, adapter_names: list[str] | str) -> None:
         """Remove adapters (their fused contribution, if any, stays in the weights until ``unfuse_lora``)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for found in self._lora_layers().values():
-            for layer in found:
-                for name in names:
-                    if name in layer.lora_fused:
-                        raise ValueError(f"adapter {name!r} is fused; call unfuse_lora() before deleting it")
-                    layers.remove_adapter(layer, name)
-        self._drop_hooks_without_lora()
+        for model in self._lora_models().values():
+            adapters.delete(model, names)
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter and the LoRA layers. Unfused, the original weights come back exactly;
         fused adapters stay baked into the weights (``fuse_lora(); unload_lora_weights()``), as in the reference."""
-        for found in self._lora_layers().values():
-            for layer in found:
-                layers.remove_lora(layer)
-        self._drop_hooks_without_lora()
-
-    def _drop_hooks_without_lora(self) -> None:
         for model in self._lora_models().values():
-            if not layers.lora_layers(model):
-                layers.remove_scale_hook(model)
+            adapters.unload(model)
 
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
                   adapter_names: list[str] | None = None, **kwargs: Any) -> None:
         """Add the active adapters (or ``adapter_names``) times ``lora_scale`` into the weights of
         ``components`` (default: all LoRA components)."""
-        found = self._lora_layers(components)
-        if components is not None and (unknown := set(components) - set(found)):
+        models = self._lora_models(components)
+        if components is not None and (unknown := set(components) - set(self._lora_loadable_modules)):
             raise ValueError(f"fuse_lora: {sorted(unknown)} are not LoRA components of {type(self).__name__} "
-                             f"(have {sorted(self._lora_models())})")
-        for component_layers in found.values():
-            for layer in component_layers:
-                names = list(adapter_names) if adapter_names is not None else list(layer.lora_active)
-                layer.fuse(names, lora_scale, safe_fusing)
+                             f"(have {self._lora_loadable_modules})")
+        for model in models.values():
+            adapters.fuse(model, lora_scale, safe_fusing, adapter_names)
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs: Any) -> None:
         """Put back the weights from before ``fuse_lora`` exactly."""
-        for component_layers in self._lora_layers(components).values():
-            for layer in component_layers:
-                layer.unfuse()
+        for model in self._lora_models(components).values():
+            adapters.unfuse(model)
 
     def lora_text_encoder_scale(self, scale: float | None):
         """Context manager scaling the text encoders' adapters (``cross_attention_kwargs["scale"]``)."""
         stack = contextlib.ExitStack()
         for name in ("text_encoder", "text_encoder_2"):
-            stack.enter_context(layers.lora_call_scale(getattr(self, name, None), scale))
+            model = getattr(self, name, None)
+            stack.enter_context(layers.lora_call_scale(model, scale))
+            stack.enter_context(layers.scaled_peft_layers(model, scale))
         return stack
 
 

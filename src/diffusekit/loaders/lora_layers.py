@@ -1,9 +1,10 @@
 """LoRA-aware ``nn.Linear`` / ``nn.Conv2d`` layers, injected in place.
 
-Why not peft: diffusekit only needs inference-time adapters on Linear and Conv2d layers, and a small
+Why not peft for LoRA files: diffusekit only needs inference-time adapters on Linear and Conv2d layers, and a small
 layer of its own keeps loading a LoRA at a few milliseconds, keeps the model's state dict (and so
-``save_pretrained``) unchanged, and makes unloading exact: the original weight tensors are never
-written to. peft is only used by the parity tests, through the reference.
+``save_pretrained``) unchanged, makes unloading exact (the original weight tensors are never
+written to) and keeps per-call scales apart between threads. Adapters made from a peft
+``LoraConfig`` (``model.add_adapter``) are peft's layers; see :mod:`~diffusekit.loaders.peft_adapters`.
 
 How: :func:`add_adapter` switches an existing layer's class to a subclass that mixes in
 :class:`LoraLayer` (``module.__class__`` swap: same object, same parameters, same state-dict keys,
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,9 @@ SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_k
 #: The call scale of LoRA layers, by ``id(layer)``, in the running call (1.0 for layers not in it).
 _CALL_SCALES: ContextVar[Mapping[int, float]] = ContextVar("diffusekit_lora_call_scales",
                                                            default=MappingProxyType({}))
-#: Tokens of the scales that :func:`install_scale_hook`'s pre-hooks set, innermost last (None: no scale).
-_HOOK_TOKENS: ContextVar[tuple[Token | None, ...]] = ContextVar("diffusekit_lora_hook_tokens", default=())
+#: What undoes the scales that :func:`install_scale_hook`'s pre-hooks set, innermost last.
+_HOOK_TOKENS: ContextVar[tuple[contextlib.ExitStack | None, ...]] = ContextVar("diffusekit_lora_hook_tokens",
+                                                                     default=())
 
 
 @dataclass
@@ -253,21 +256,50 @@ def _scale_from_call(model: nn.Module, args: tuple, kwargs: dict) -> float | Non
     return None
 
 
+def peft_layers(model: nn.Module) -> list[nn.Module]:
+    """peft's tuner layers in ``model`` (none unless peft is imported)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, tuners.BaseTunerLayer)]
+
+
+
+@contextlib.contextmanager
+def scaled_peft_layers(model: nn.Module | None, scale: float | None) -> Iterator[None]:
+    """Within the block, the active adapters of ``model``'s peft layers act times ``scale``."""
+    found = [] if model is None or scale is None or scale == 1.0 else peft_layers(model)
+    for layer in found:
+        layer.scale_layer(scale)
+    try:
+        yield
+    finally:
+        for layer in found:
+            if scale != 0:
+                layer.unscale_layer(scale)
+            else:
+                for name in layer.active_adapters:
+                    layer.set_scale(name, 1.0)
+
+
 def install_scale_hook(model: nn.Module) -> None:
-    """Make ``model(..., cross_attention_kwargs={"scale": s})`` scale its LoRA layers for that call."""
+    """Make ``model(..., cross_attention_kwargs={"scale": s})`` scale its LoRA layers (and peft's) for that call."""
     if getattr(model, "_lora_scale_hooks", None):
         return
 
     def before(module, args, kwargs):
         scale = _scale_from_call(module, args, kwargs)
-        token = None if scale is None else _set_call_scale(module, scale)
-        _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), token))
+        undo = contextlib.ExitStack()
+        if scale is not None:
+            undo.callback(_CALL_SCALES.reset, _set_call_scale(module, scale))
+            undo.enter_context(scaled_peft_layers(module, scale))
+        _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), undo))
 
     def after(module, args, kwargs, output):
-        *outer, token = _HOOK_TOKENS.get() or (None,)
+        *outer, undo = _HOOK_TOKENS.get() or (None,)
         _HOOK_TOKENS.set(tuple(outer))
-        if token is not None:
-            _CALL_SCALES.reset(token)
+        if undo is not None:
+            undo.close()
 
     model._lora_scale_hooks = (
         model.register_forward_pre_hook(before, with_kwargs=True),

@@ -12,11 +12,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..configuration import ConfigMixin, config_attribute, read_json
 from ..hub import resolve_folder
+from ..loaders.peft_adapters import PeftAdapterMixin
 from ..weights import SAFETENSORS_NAME, WeightsError, find_weights, load_weights, save_weights
 from .layers import building_for_load
 
 
-class ModelMixin(nn.Module, ConfigMixin):
+class ModelMixin(PeftAdapterMixin, nn.Module, ConfigMixin):
     """Adds ``from_pretrained`` / ``save_pretrained`` to a model whose ``__init__`` is config-registered.
 
     Loading builds the module on the meta device and assigns the tensors read from the file, so

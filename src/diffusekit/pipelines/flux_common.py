@@ -112,6 +112,7 @@ class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMi
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->transformer->vae"
     _optional_components = ("image_encoder", "feature_extractor")
     _callback_tensor_inputs = ("latents", "prompt_embeds")
+    _lora_loadable_modules = ["transformer", "text_encoder"]
     #: Default height and width in latent pixels (times the VAE scale factor: 1024 for FLUX.1).
     default_sample_size = 128
 

@@ -24,7 +24,8 @@ class LDMTextToImagePipeline(DiffusionPipeline):
     def __init__(self, vqvae, bert, tokenizer, unet, scheduler) -> None:
         super().__init__()
         self.register_modules(vqvae=vqvae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(vqvae.config.block_out_channels) - 1)
+        # 8 without a vqvae (a pipeline built for its text encoder only), as the reference
+        self.vae_scale_factor = 2 ** (len(vqvae.config.block_out_channels) - 1) if vqvae is not None else 8
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """LDM-BERT embeddings (batch, tokens, d_model) of the prompts, padded to full length."""

@@ -107,25 +107,15 @@ def default_accelerator() -> str:
 
 
 class MemoryMixin:
-    """Attention slicing, VAE slicing/tiling and model CPU offload for pipelines with a UNet and a VAE."""
+    """VAE slicing/tiling and model CPU offload for pipelines with a UNet and a VAE (attention slicing is on
+    every pipeline: ``DiffusionPipeline.enable_attention_slicing``)."""
 
     #: Models in the order they run; any other model component is offloaded after them.
     model_cpu_offload_seq: str = "text_encoder->unet->vae"
     #: Model components kept on the accelerator instead of being offloaded.
     _exclude_from_cpu_offload: tuple[str, ...] = ()
 
-    # -- attention and VAE ----------------------------------------------------------------------
-
-    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
-        """Compute attention in slices: ``"auto"`` halves the heads' input, ``"max"`` one slice at a
-        time, an int is the slice size. Applies to every model with ``set_attention_slice``."""
-        for component in self.components.values():
-            if isinstance(component, nn.Module) and hasattr(component, "set_attention_slice"):
-                component.set_attention_slice(slice_size)
-
-    def disable_attention_slicing(self) -> None:
-        """Compute attention in one step again."""
-        self.enable_attention_slicing(None)
+    # -- VAE ------------------------------------------------------------------------------------
 
     def _vae(self) -> nn.Module:
         vae = getattr(self, "vae", None)

@@ -24,6 +24,7 @@ from ..configuration import ConfigMixin, read_json
 from ..hub import resolve_file, resolve_folder, split_hub_kwargs
 from ..utils import BaseOutput
 from .image_processing import numpy_to_pil
+from .loading_options import check_device_map, check_variant, component_dtype, place_components, requested_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,19 @@ class DiffusionPipeline(ConfigMixin):
             module.to(*args, **kwargs)
         return self
 
+    # -- attention ----------------------------------------------------------------------------
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Compute attention in slices: ``"auto"`` halves the heads' input, ``"max"`` one slice at a
+        time, an int is the slice size. Applies to every model with ``set_attention_slice``."""
+        for component in self.components.values():
+            if isinstance(component, torch.nn.Module) and hasattr(component, "set_attention_slice"):
+                component.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        """Compute attention in one step again."""
+        self.enable_attention_slicing(None)
+
     # -- progress -----------------------------------------------------------------------------
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
@@ -173,19 +187,29 @@ class DiffusionPipeline(ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         """Load a pipeline from a folder or Hub repo with model_index.json.
 
-        Keyword arguments: ``torch_dtype``, ``variant``, ``use_safetensors``, the Hub options
+        Keyword arguments: ``dtype`` (or ``torch_dtype``; one dtype, or a dict by component name with
+        ``"default"`` for the rest), ``variant``, ``use_safetensors``, ``device_map`` (a device, a dict
+        of devices by component, or ``"balanced"`` over the accelerators), the Hub options
         (``revision``, ``cache_dir``, ``local_files_only``, ``token``), components by name to use
         instead of the saved ones (``scheduler=...``, ``safety_checker=None``), and pipeline
-        options such as ``requires_safety_checker``.
+        options such as ``requires_safety_checker``. ``low_cpu_mem_usage`` is accepted: loading
+        never initialises weights it then overwrites.
         """
         hub = split_hub_kwargs(kwargs)
-        options = {key: kwargs.pop(key, None) for key in ("torch_dtype", "variant", "use_safetensors", "copy_weights")}
+        dtype = requested_dtype(kwargs)
+        options = {key: kwargs.pop(key, None) for key in ("variant", "use_safetensors", "copy_weights")}
+        device_map = kwargs.pop("device_map", None)
+        check_device_map(device_map)
         kwargs.pop("low_cpu_mem_usage", None)
 
         index_path = resolve_file(pretrained_model_name_or_path, MODEL_INDEX, **hub)
         index = read_json(index_path)
         pipeline_cls = cls._pipeline_class(index, index_path)
         folder = cls._fetch_folder(pretrained_model_name_or_path, index, options["use_safetensors"], hub)
+        if options["variant"] is not None:
+            saved = [k for k, v in index.items() if k not in kwargs and isinstance(v, list) and len(v) == 2
+                     and _needs_weights(v)]
+            check_variant(folder, saved, options["variant"])
 
         params = inspect.signature(pipeline_cls.__init__).parameters
         arguments: dict[str, Any] = {}
@@ -196,7 +220,8 @@ class DiffusionPipeline(ConfigMixin):
             if name in kwargs:
                 arguments[name] = kwargs.pop(name)
             elif name in index and (is_component or isinstance(index[name], list)):
-                arguments[name] = _load_component(name, index[name], folder, index_path, **options)
+                arguments[name] = _load_component(name, index[name], folder, index_path,
+                                                  torch_dtype=component_dtype(dtype, name), **options)
             elif name in index:
                 arguments[name] = index[name]
             elif param.default is inspect.Parameter.empty and name not in pipeline_cls._optional_components:
@@ -205,7 +230,10 @@ class DiffusionPipeline(ConfigMixin):
                 arguments[name] = None
         if kwargs:
             raise TypeError(f"{pipeline_cls.__name__}.from_pretrained got unexpected arguments {sorted(kwargs)}")
-        return pipeline_cls(**arguments)
+        pipeline = pipeline_cls(**arguments)
+        if device_map is not None:
+            pipeline.hf_device_map = place_components(pipeline.components, device_map)
+        return pipeline
 
     @classmethod
     def _pipeline_class(cls, index: dict, index_path: Path) -> type:
@@ -293,7 +321,7 @@ def _load_component(name: str, entry: Any, folder: Path, index_path: Path, torch
     if entry[0] == "transformers":
         from .transformers_loading import load_transformers_component
 
-        return load_transformers_component(component_cls, path, torch_dtype)
+        return load_transformers_component(component_cls, path, torch_dtype, variant)
     from ..models.modeling import ModelMixin
 
     if issubclass(component_cls, ModelMixin):

@@ -72,6 +72,7 @@ class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, L
     #: Whether latents are normalised with the VAE config's ``latents_mean`` / ``latents_std`` when
     #: decoding and image-to-image encoding (SDXL's reference does it, SD's does not).
     _vae_latent_stats = False
+    _lora_loadable_modules = ["unet", "text_encoder"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                  image_encoder=None, requires_safety_checker: bool = True) -> None:

@@ -35,8 +35,12 @@ def own_class(class_name: str) -> type | None:
     return getattr(importlib.import_module(module), name)
 
 
-def load_transformers_component(component_cls: type, path: Path, torch_dtype: torch.dtype | None) -> Any:
-    """``component_cls.from_pretrained(path)``, in ``torch_dtype`` for modules."""
+def load_transformers_component(component_cls: type, path: Path, torch_dtype: torch.dtype | None,
+                                variant: str | None = None) -> Any:
+    """``component_cls.from_pretrained(path)``, in ``torch_dtype`` for modules, with ``variant``
+    weights where the folder has them (else its default weights)."""
     is_module = issubclass(component_cls, torch.nn.Module)
     options = {"dtype": torch_dtype} if torch_dtype is not None and is_module else {}
+    if is_module and variant is not None and any(f".{variant}." in p.name for p in path.glob("*")):
+        options["variant"] = variant
     return component_cls.from_pretrained(path, **options)
