@@ -23,7 +23,19 @@ def _stand_in_for_lora_capability() -> None:
     lora_base.LoraBaseMixin = LoraLoaderMixin
 
 
+def _stand_in_for_adapter_capability() -> None:
+    """The reference's model tests ask ``issubclass(model_class, PeftAdapterMixin)`` to decide whether a
+    model takes adapters; diffusekit's models take them through its own ``PeftAdapterMixin``, so that
+    class stands in for the check (after the reference's models are built on the real one)."""
+    import diffusers.loaders.peft as peft
+    import diffusers.models.modeling_utils  # noqa: F401
+    from diffusekit.loaders.peft_adapters import PeftAdapterMixin
+
+    peft.PeftAdapterMixin = PeftAdapterMixin
+
+
 _stand_in_for_lora_capability()
+_stand_in_for_adapter_capability()
 
 
 def pytest_report_header() -> str:
