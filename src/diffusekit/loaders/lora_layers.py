@@ -264,7 +264,6 @@ def peft_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, tuners.BaseTunerLayer)]
 
 
-
 @contextlib.contextmanager
 def scaled_peft_layers(model: nn.Module | None, scale: float | None) -> Iterator[None]:
     """Within the block, the active adapters of ``model``'s peft layers act times ``scale``."""
@@ -289,8 +288,8 @@ def install_scale_hook(model: nn.Module) -> None:
 
     def before(module, args, kwargs):
         scale = _scale_from_call(module, args, kwargs)
-        undo = contextlib.ExitStack()
-        if scale is not None:
+        undo = None if scale is None else contextlib.ExitStack()  # most calls give no scale: nothing to undo
+        if undo is not None:
             undo.callback(_CALL_SCALES.reset, _set_call_scale(module, scale))
             undo.enter_context(scaled_peft_layers(module, scale))
         _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), undo))
