@@ -3,7 +3,7 @@
 :class:`BaseJobStore` is the interface the server uses, with the SQL both stores share;
 :class:`JobStore` keeps the jobs in one SQLite file in WAL mode (the embedded default, one server
 per file) and ``jobs_postgres.PostgresJobStore`` in a PostgreSQL database that several server
-processes share (``diffusekit serve --db postgresql://...``). :func:`open_store` picks one.
+processes share (``diffusekit serve --db postgresql://...``); ``service.open_store`` picks one.
 
 Restart rules (:meth:`BaseJobStore.recover`): queued jobs stay queued; a job whose process died
 while running it becomes ``interrupted`` and runs again (its seed is stored, so the images are the
@@ -55,15 +55,6 @@ Execute = Callable[[str, tuple], list]
 
 class QueueFull(Exception):
     """The queue holds ``--max-queue`` pending jobs already."""
-
-
-def open_store(db: str | None, data_dir: Path) -> "BaseJobStore":
-    """The store of ``--db``: a PostgreSQL URL, or None for ``DATA_DIR/jobs.sqlite3``."""
-    if db is None:
-        return JobStore(data_dir / "jobs.sqlite3")
-    from .jobs_postgres import PostgresJobStore
-
-    return PostgresJobStore(db)
 
 
 class BaseJobStore(ABC):

@@ -77,9 +77,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("DIFFUSEKIT_API_KEY"),
                         help="require Authorization: Bearer KEY (default: $DIFFUSEKIT_API_KEY)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a key")
-    parser.add_argument("--db", metavar="postgresql://...",
-                        help="keep the jobs in this PostgreSQL database, shared by several servers (default: SQLite "
-                             "in --data-dir; needs psycopg: pip install 'diffusekit[postgres]')")
+    parser.add_argument("--db", metavar="postgresql://...", default=os.environ.get("DIFFUSEKIT_DB") or None,
+                        help="keep the jobs in this PostgreSQL database, shared by several servers (default: "
+                             "$DIFFUSEKIT_DB, else SQLite in --data-dir; needs pip install 'diffusekit[postgres]')")
     parser.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submissions get 429")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
     parser.add_argument("--lora", action="append", metavar="[NAME=]FILE",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import EventLog
-from .jobs import FINISHED, open_store
+from .jobs import FINISHED, BaseJobStore, JobStore
 from .models import ServedModel
 from .requests import JobRequest, Limits, check_request
 from .worker import StepHook, Worker, job_view
@@ -37,6 +37,15 @@ class Settings:
     limits: Limits = Limits()
     db: str | None = None  # a PostgreSQL URL; None: SQLite in data_dir
     keep_alive_s: float = 15.0
+
+
+def open_store(db: str | None, data_dir: Path) -> BaseJobStore:
+    """The job store of ``--db``: a PostgreSQL URL, or None for the SQLite file ``DATA_DIR/jobs.sqlite3``."""
+    if db is None:
+        return JobStore(data_dir / "jobs.sqlite3")
+    from .jobs_postgres import PostgresJobStore  # psycopg only on this path
+
+    return PostgresJobStore(db)
 
 
 class Service:
