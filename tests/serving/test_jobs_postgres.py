@@ -1,10 +1,11 @@
 """The job store contract, run against SQLite and PostgreSQL; concurrent workers on one database; and
 ``diffusekit serve --db postgresql://...`` end to end.
 
-PostgreSQL: a throwaway server (``initdb`` + ``pg_ctl`` from the PostgreSQL 15 binaries, as the
-``postgres`` user when the tests run as root, on a free loopback port, stopped at the end), or the
-server of ``$DIFFUSEKIT_TEST_POSTGRES_DSN`` (a ``postgresql://`` URL of a role that may create databases). Each test gets a
-fresh database. Without either the PostgreSQL tests fail, naming what to install."""
+PostgreSQL: a throwaway server (``initdb`` + ``pg_ctl`` of the newest installed PostgreSQL, 15 in CI, run
+as the ``postgres`` user when the tests run as root, on a free loopback port, stopped at the end), or
+the server of ``$DIFFUSEKIT_TEST_POSTGRES_DSN`` (a ``postgresql://`` URL of a role that may create
+databases). Each test gets a fresh database. Without either, the PostgreSQL tests fail (not skip),
+naming what to install."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import tempfile
 import threading
 import time
 import uuid
-from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -28,17 +29,19 @@ from diffusekit.serving.jobs import BaseJobStore, JobStore, QueueFull
 from servers import free_port, stop, wait_healthy, wait_job
 
 DSN_VARIABLE = "DIFFUSEKIT_TEST_POSTGRES_DSN"
-BIN_DIRS = ("/usr/lib/postgresql/15/bin",)
+#: Where Debian's packages put the server binaries (postgresql-15: /usr/lib/postgresql/15/bin).
+BIN_GLOB = "/usr/lib/postgresql/*/bin/initdb"
 #: Bound on every start, stop and subprocess wait.
 WAIT_S = 60
 
 
 def _bin_dir() -> Path:
-    for folder in BIN_DIRS:
-        if (Path(folder) / "initdb").is_file():
-            return Path(folder)
-    pytest.fail(f"PostgreSQL server binaries not found (looked for initdb in {', '.join(BIN_DIRS)}): install them "
-                f"(apt-get install -y postgresql-15) or set {DSN_VARIABLE} to a server's URL", pytrace=False)
+    """The newest installed server's binaries."""
+    found = sorted(Path("/").glob(BIN_GLOB.lstrip("/")), key=lambda path: int(path.parts[-3]))
+    if not found:
+        pytest.fail(f"PostgreSQL server binaries not found (no {BIN_GLOB}): install them (apt-get install -y "
+                    f"postgresql-15) or set {DSN_VARIABLE} to a postgresql:// URL", pytrace=False)
+    return found[-1].parent
 
 
 def _as_server_user(command: list[str]) -> list[str]:
