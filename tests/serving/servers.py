@@ -85,11 +85,16 @@ def process_server(data_dir: Path, crash_seed: int | None = None,
             wait_healthy(url, process)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(TIMEOUT_S)
-        process.stderr.close()
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate a server process (killed if it does not exit in time) and close its stderr pipe."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(TIMEOUT_S)
+    process.stderr.close()

@@ -12,6 +12,10 @@ if TYPE_CHECKING:  # the parser imports this module: nothing heavy at import tim
     from .worker import StepHook
 
 
+#: What ``--db`` takes (libpq's URL schemes).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def default_data_dir() -> Path:
     """The per-user data folder: ``$XDG_DATA_HOME/diffusekit/serve`` (``~/.local/share/...``)."""
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
@@ -27,8 +31,11 @@ def settings_from(args: argparse.Namespace) -> "Settings":
     check_bind(args.host, args.api_key, args.insecure)
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if args.db is not None and not args.db.startswith(POSTGRES_SCHEMES):
+        raise ValueError("--db must be a postgresql:// URL (leave it out for the SQLite file in --data-dir)")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    return Settings(data_dir=data_dir, host=args.host, api_key=args.api_key, max_queue=args.max_queue, limits=Limits())
+    return Settings(data_dir=data_dir, host=args.host, api_key=args.api_key, max_queue=args.max_queue, limits=Limits(),
+                    db=args.db)
 
 
 def build(args: argparse.Namespace, step_hook: StepHook | None = None):
@@ -53,7 +60,8 @@ def command_serve(args: argparse.Namespace, step_hook: StepHook | None = None) -
     app, settings = build(args, step_hook)
     import uvicorn
 
-    print(f"serving on http://{args.host}:{args.port}/ (jobs in {settings.data_dir})", flush=True)
+    jobs = "PostgreSQL (--db), images" if settings.db else "jobs"
+    print(f"serving on http://{args.host}:{args.port}/ ({jobs} in {settings.data_dir})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -69,6 +77,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("DIFFUSEKIT_API_KEY"),
                         help="require Authorization: Bearer KEY (default: $DIFFUSEKIT_API_KEY)")
     parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without a key")
+    parser.add_argument("--db", metavar="postgresql://...", default=os.environ.get("DIFFUSEKIT_DB") or None,
+                        help="keep the jobs in this PostgreSQL database, shared by several servers (default: "
+                             "$DIFFUSEKIT_DB, else SQLite in --data-dir; needs pip install 'diffusekit[postgres]')")
     parser.add_argument("--max-queue", type=int, default=64, help="jobs waiting before submissions get 429")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
     parser.add_argument("--lora", action="append", metavar="[NAME=]FILE",

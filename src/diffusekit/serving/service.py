@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import EventLog
-from .jobs import FINISHED, JobStore
+from .jobs import FINISHED, BaseJobStore, JobStore
 from .models import ServedModel
 from .requests import JobRequest, Limits, check_request
 from .worker import StepHook, Worker, job_view
@@ -35,7 +35,17 @@ class Settings:
     api_key: str | None = None
     max_queue: int = 64
     limits: Limits = Limits()
+    db: str | None = None  # a PostgreSQL URL; None: SQLite in data_dir
     keep_alive_s: float = 15.0
+
+
+def open_store(db: str | None, data_dir: Path) -> BaseJobStore:
+    """The job store of ``--db``: a PostgreSQL URL, or None for the SQLite file ``DATA_DIR/jobs.sqlite3``."""
+    if db is None:
+        return JobStore(data_dir / "jobs.sqlite3")
+    from .jobs_postgres import PostgresJobStore  # psycopg only on this path
+
+    return PostgresJobStore(db)
 
 
 class Service:
@@ -43,7 +53,7 @@ class Service:
 
     def __init__(self, settings: Settings, models: dict[str, ServedModel], step_hook: StepHook | None = None) -> None:
         self.settings, self.models = settings, models
-        self.store = JobStore(settings.data_dir / "jobs.sqlite3")
+        self.store = open_store(settings.db, settings.data_dir)
         self.store.recover()
         self.events = EventLog()
         self.worker = Worker(self.store, models, self.events, settings.data_dir, step_hook)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .events import EventLog
-from .jobs import JobStore
+from .jobs import BaseJobStore
 from .models import ServedModel, generate_options, job_pipeline
 
 logger = logging.getLogger("diffusekit.serve")
@@ -33,7 +33,7 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
 class Worker:
     """Runs jobs of ``store`` on ``models`` in a thread; images go to ``data_dir/images/ID``."""
 
-    def __init__(self, store: JobStore, models: dict[str, ServedModel], events: EventLog, data_dir: Path,
+    def __init__(self, store: BaseJobStore, models: dict[str, ServedModel], events: EventLog, data_dir: Path,
                  step_hook: StepHook | None = None) -> None:
         self.store, self.models, self.events, self.data_dir = store, models, events, data_dir
         self.step_hook = step_hook

@@ -24,9 +24,11 @@ def run_train_command(args: argparse.Namespace) -> Path:
     from .loop import train
 
     config = config_from_args(args, resumed_settings(args.resume) if args.resume is not None else None)
-    prepare_output(config.out, config.resume, overwrite=getattr(args, "overwrite", False))
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, the other ranks leave --out alone
+    if main_process:  # before train() makes the process group, so the others cannot write to --out yet
+        prepare_output(config.out, config.resume, overwrite=getattr(args, "overwrite", False))
     out = train(config)
-    if os.environ.get("RANK", "0") == "0":  # one line, also under accelerate launch
+    if main_process:  # one line, also under accelerate launch
         print(f"saved pipeline to {out}")
     return out
 

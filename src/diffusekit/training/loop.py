@@ -76,22 +76,37 @@ def training_targets(scheduler, clean: torch.Tensor, noise: torch.Tensor, timest
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
-def drop_labels(labels: torch.Tensor, null_class: int, prob: float, generator: torch.Generator) -> torch.Tensor:
+def drop_labels(labels: torch.Tensor, null_class: int, prob: float, generator: torch.Generator,
+                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Replace each label by ``null_class`` with probability ``prob`` (classifier-free guidance training)."""
-    drop = torch.rand(labels.shape, generator=generator) < prob
+    drop = own_rows(torch.rand((labels.shape[0] * shard[1],), generator=generator), shard) < prob
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
 
 
+def own_rows(draw: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
+    """Part ``index`` of ``count`` equal parts of a draw made for the whole global batch."""
+    index, count = shard
+    size = draw.shape[0] // count
+    return draw[index * size:(index + 1) * size]
+
+
 def compute_loss(model, scheduler, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
-                 prediction_type: str, null_class: int | None = None, null_class_prob: float = 0.0) -> torch.Tensor:
-    """Mean squared error of the model's prediction at random timesteps; randomness from ``generator`` (CPU)."""
-    batch = images.shape[0]
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    noise = torch.randn(images.shape, generator=generator, dtype=torch.float32).to(images.device, images.dtype)
-    timesteps = timesteps.to(images.device)
+                 prediction_type: str, null_class: int | None = None, null_class_prob: float = 0.0,
+                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Mean squared error of the model's prediction at random timesteps; randomness from ``generator`` (CPU).
+
+    ``images`` is part ``index`` of ``count`` equal parts of a global batch (``shard``; one process:
+    ``(0, 1)``). Timesteps, noise and dropped labels are drawn for the whole global batch and each
+    process keeps its rows, so every sample gets the same draws however the batch is split.
+    """
+    batch, count = images.shape[0], shard[1]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch * count,), generator=generator)
+    noise = torch.randn((batch * count, *images.shape[1:]), generator=generator, dtype=torch.float32)
+    timesteps = own_rows(timesteps, shard).to(images.device)
+    noise = own_rows(noise, shard).to(images.device, images.dtype)
     noisy, target = training_targets(scheduler, images, noise, timesteps, prediction_type)
     if labels is not None and null_class is not None and null_class_prob > 0:
-        labels = drop_labels(labels, null_class, null_class_prob, generator)
+        labels = drop_labels(labels, null_class, null_class_prob, generator, shard)
     prediction = model(noisy, timesteps, class_labels=labels).sample
     return F.mse_loss(prediction.float(), target.float())
 
@@ -209,7 +224,8 @@ def train(config: TrainConfig) -> Path:
         raise ValueError("--class-conditional needs labelled data (class subfolders, labels=, or sklearn-digits)")
 
     noise_scheduler = build_noise_scheduler(config)
-    generators = {"noise": torch.Generator().manual_seed(config.seed * 1_000 + rank)}
+    # The same stream on every process: each draws for the global batch and keeps its rows (compute_loss).
+    generators = {"noise": torch.Generator().manual_seed(config.seed * 1_000)}
     step, order = 0, BatchOrder(len(dataset), config.seed)
     resume_from = find_checkpoint(config.resume) if config.resume is not None else None
     if resume_from is not None:
@@ -274,7 +290,7 @@ def train(config: TrainConfig) -> Path:
                 sync = micro == config.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss = compute_loss(model, noise_scheduler, images, labels, generators["noise"],
-                                        config.prediction_type, null_class, config.null_class_prob)
+                                        config.prediction_type, null_class, config.null_class_prob, (rank, world))
                     accelerator.backward(loss / config.grad_accum)
                 total += loss.detach().float() / config.grad_accum
             if config.max_grad_norm:
@@ -289,7 +305,7 @@ def train(config: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{loss_value:.4f}")
             bar.update()
             if log is not None:
-                log.write(json.dumps({"step": step, "loss": loss_value, "lr": lr}) + "\n")
+                log.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "processes": world}) + "\n")
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 checkpoint()
             if config.sample_every and step % config.sample_every == 0 and accelerator.is_main_process:
