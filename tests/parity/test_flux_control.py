@@ -215,3 +215,83 @@ def test_model_index_loading_both_ways(base, nets, tmp_path):
     again = diffusers.FluxControlNetPipeline.from_pretrained(tmp_path / "ours")
     again.set_progress_bar_config(disable=True)
     _close(_run(again, **kwargs), expected)
+
+
+# -- FluxControlPipeline and control LoRAs --------------------------------------------------------
+
+
+def _control_pipes(base, ref_transformer):
+    transformer = diffusekit.FluxTransformer2DModel.from_config(dict(ref_transformer.config))
+    transformer.load_checked_state_dict(ref_transformer.state_dict())
+    made = []
+    for lib, components, model in ((diffusekit, base[0], transformer), (diffusers, base[1], ref_transformer)):
+        pipe = lib.FluxControlPipeline(**{k: v for k, v in components.items()
+                                          if k not in ("transformer", "image_encoder", "feature_extractor")},
+                                       transformer=model)
+        pipe.set_progress_bar_config(disable=True)
+        made.append(pipe)
+    return made
+
+
+def test_control_pipeline_concatenates_control_latents(base):
+    torch.manual_seed(5)
+    ref_transformer = diffusers.FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "in_channels": 32, "out_channels": 16})
+    ours, ref = _control_pipes(base, ref_transformer)
+    kwargs = dict(prompt="a red cat", control_image=_image(7), guidance_scale=4.0)
+    out = _run(ours, **kwargs)
+    assert out.shape == (1, 32, 32, 3)
+    _close(out, _run(ref, **kwargs))
+    assert not np.allclose(out, _run(ours, **{**kwargs, "control_image": _image(8)}), atol=1e-3)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    kwargs = dict(prompt="the dog", control_image=_image(9, (32, 48)), num_images_per_prompt=2,
+                  **{**SHORT, "height": 32, "width": 48})
+    _close(ours(generator=gens(), **kwargs).images, ref(generator=gens(), **kwargs).images)
+    with pytest.raises(ValueError, match="control_image is required"):
+        ours(prompt="a", **SHORT)
+
+
+def _control_lora(seed: int, in_features: int) -> dict[str, torch.Tensor]:
+    """A control LoRA for the tiny transformer: x_embedder widened to ``in_features``, a q LoRA and a norm."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    return {"transformer.x_embedder.lora_A.weight": rand(4, in_features),
+            "transformer.x_embedder.lora_B.weight": rand(32, 4),
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": rand(4, 32),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": rand(32, 4),
+            "transformer.single_transformer_blocks.0.attn.norm_k.weight": 1 + rand(16)}
+
+
+@pytest.fixture
+def lora_pipes(base, flux_folder):  # noqa: F811
+    """Control pipelines on fresh copies of the plain (in_channels 16) transformer."""
+    return _control_pipes(base, diffusers.FluxTransformer2DModel.from_pretrained(flux_folder / "transformer"))
+
+
+def test_control_lora_widens_x_embedder_and_unloads(lora_pipes, base):
+    ours, ref = lora_pipes
+    plain = diffusekit.FluxPipeline(**{**base[0], "transformer": ours.transformer})
+    plain.set_progress_bar_config(disable=True)
+    before = _run(plain, prompt="a cat")
+    original = ours.transformer.x_embedder.weight
+    lora = _control_lora(0, 32)
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(dict(lora), adapter_name="canny")
+        assert pipe.transformer.config.in_channels == 32 and pipe.transformer.x_embedder.weight.shape == (32, 32)
+    torch.testing.assert_close(ours.transformer.x_embedder.weight[:, :16], original, rtol=0, atol=0)
+    assert not ours.transformer.x_embedder.weight[:, 16:].any()
+    kwargs = dict(prompt="a red cat", control_image=_image(10))
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+
+    regular = {k: v for k, v in _control_lora(1, 16).items() if "norm" not in k}
+    for pipe in (ours, ref):  # a FLUX.1 LoRA after the control LoRA: its x_embedder lora_A is zero-padded
+        pipe.load_lora_weights(regular, adapter_name="style")
+        pipe.set_adapters(["canny", "style"], [1.0, 0.8])
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+
+    ours.unload_lora_weights()
+    ref.unload_lora_weights()
+    assert ours.transformer.config.in_channels == 32  # still wide without reset_to_overwritten_params
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    ours.unload_lora_weights(reset_to_overwritten_params=True)
+    assert ours.transformer.x_embedder.weight is original and ours.transformer.config.in_channels == 16
+    np.testing.assert_array_equal(_run(plain, prompt="a cat"), before)

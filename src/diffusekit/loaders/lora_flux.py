@@ -26,16 +26,35 @@ Rules (a BFL name, dots or underscores, -> layers of ``FluxTransformer2DModel``)
   The result is the same function as the fused LoRA.
 * alpha: the file's ``.alpha``, else the rank, kept per target (scale alpha / rank). The reference
   ignores the alphas of ``final_layer`` keys; they are honoured here.
+
+Control LoRAs (FLUX.1 Canny/Depth [dev] as LoRAs, diffusers layout) turn a FLUX.1 transformer into
+one that takes the control latents next to its own (:func:`prepare_control_lora`):
+
+* a ``lora_A`` with more input features than its Linear layer widens the layer: the new input
+  columns are zeros, so the layer's function on the old inputs is unchanged, and for ``x_embedder``
+  the config's ``in_channels`` follows. ``unload_lora_weights(reset_to_overwritten_params=True)``
+  puts the original weight tensor and config back (without it the layer stays wide, as in the
+  reference). A layer that already carries adapters is not widened (ValueError);
+* a ``lora_A`` with fewer input features than its layer (a FLUX.1 LoRA on a widened or a Fill/Control
+  transformer) is padded with zero columns;
+* ``<block>.attn.norm_q/norm_k/norm_added_q/norm_added_k.weight`` keys replace those RMSNorm weights;
+  every ``unload_lora_weights`` puts the original tensors back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..weights import WeightsError
+from .lora_layers import LoraLayer
+
+logger = logging.getLogger(__name__)
 
 _DOUBLE = {
     "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -138,4 +157,138 @@ def convert_flux_lora(state: dict[str, torch.Tensor], transformer: nn.Module,
     return out, origin
 
 
-__all__ = ["convert_flux_lora", "is_flux_transformer"]
+# -- control LoRAs -----------------------------------------------------------------------------
+
+#: Config keys that follow a widened layer's input width (by the layer's own name).
+_WIDTH_CONFIG = {"x_embedder": "in_channels"}
+_NORM_KEY = re.compile(r"(?:transformer\.)?(.+\.(?:norm_q|norm_k|norm_added_q|norm_added_k))\.weight")
+_LORA_A = re.compile(r"(?:transformer\.)?(.+)\.lora_A\.weight")
+_OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "unet.")
+
+
+def _lora_a_targets(state: dict[str, torch.Tensor], transformer: nn.Module) -> Iterator[tuple[str, str, nn.Linear]]:
+    """``(key, layer name, layer)`` for the transformer's Linear layers that ``lora_A`` keys of ``state`` name."""
+    for key in state:
+        match = _LORA_A.fullmatch(key)
+        if match is None or key.startswith(_OTHER_COMPONENTS):
+            continue
+        try:
+            module = transformer.get_submodule(match.group(1))
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear):
+            yield key, match.group(1), module
+
+
+def _widen(transformer: nn.Module, name: str, module: nn.Linear, in_features: int, key: str, source: str) -> None:
+    """Give ``module`` ``in_features`` inputs (new weight columns are zeros); the original is kept for restoring."""
+    if isinstance(module, LoraLayer):
+        raise ValueError(f"{source}: {key} needs {name} widened from {module.in_features} to {in_features} input "
+                         f"features, but that layer already carries LoRA adapters {list(module.lora_adapters)}; "
+                         "load the widening LoRA first (or unload the others)")
+    old = module.weight
+    weight = torch.zeros(old.shape[0], in_features, dtype=old.dtype, device=old.device)
+    weight[:, : old.shape[1]] = old.detach()
+    config_key = _WIDTH_CONFIG.get(name.rpartition(".")[2])
+    old_config = {config_key: transformer.config[config_key]} if config_key else {}
+    transformer.__dict__.setdefault("_widened_layers", {}).setdefault(name, (old, module.in_features, old_config))
+    logger.debug("Widening %s from %d to %d input features for a control LoRA", name, module.in_features, in_features)
+    module.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
+    module.in_features = in_features
+    if config_key:
+        transformer.register_to_config(**{config_key: in_features})
+
+
+def _pad_columns(down: torch.Tensor, in_features: int) -> torch.Tensor:
+    padded = torch.zeros(down.shape[0], in_features, dtype=down.dtype, device=down.device)
+    padded[:, : down.shape[1]] = down
+    return padded
+
+
+def _split_norm_weights(state: dict[str, torch.Tensor], transformer: nn.Module,
+                        source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(the rest of state, {norm layer name: weight})`` for the transformer's norms that ``state`` replaces."""
+    rest, norms = {}, {}
+    for key, tensor in state.items():
+        match = _NORM_KEY.fullmatch(key)
+        module = None
+        if match is not None and not key.startswith(_OTHER_COMPONENTS):
+            with contextlib.suppress(AttributeError):
+                module = transformer.get_submodule(match.group(1))
+        if getattr(module, "weight", None) is None:
+            rest[key] = tensor  # not a norm of this model: reported as matching no layer
+            continue
+        if tuple(tensor.shape) != tuple(module.weight.shape):
+            raise ValueError(f"{source}: {key}: shape {tuple(tensor.shape)} does not fit the layer's weight "
+                             f"{tuple(module.weight.shape)}")
+        norms[match.group(1)] = tensor
+    return rest, norms
+
+
+def prepare_control_lora(transformer: nn.Module, state: dict[str, torch.Tensor],
+                         source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """``(state without norm weights and with narrow lora_A padded, {norm layer: weight}, widened layer names)``;
+    widens the layers that wider ``lora_A`` keys need (see the module docstring)."""
+    state, norms = _split_norm_weights(state, transformer, source)
+    if norms:
+        logger.info("%s: the LoRA replaces %d normalisation weights of the transformer", source, len(norms))
+    widened = []
+    for key, name, module in list(_lora_a_targets(state, transformer)):
+        width = state[key].shape[1]
+        if width > module.in_features:
+            _widen(transformer, name, module, width, key, source)
+            widened.append(name)
+        elif width < module.in_features:
+            logger.info("%s: %s zero-padded from %d to %d input features", source, key, width, module.in_features)
+            state = {**state, key: _pad_columns(state[key], module.in_features)}
+    return state, norms, widened
+
+
+@contextlib.contextmanager
+def undo_widening_on_error(transformer: nn.Module | None, widened: list[str]) -> Iterator[None]:
+    """Within the block, an error restores the layers named in ``widened`` before it propagates."""
+    try:
+        yield
+    except BaseException:
+        if widened:
+            restore_widened(transformer, widened)
+        raise
+
+
+def restore_widened(transformer: nn.Module, names: list[str] | None = None) -> None:
+    """Put back the original weights (and config values) of the widened layers (``names``, default all)."""
+    saved = transformer.__dict__.get("_widened_layers", {})
+    for name in list(saved) if names is None else names:
+        weight, in_features, config = saved.pop(name)
+        module = transformer.get_submodule(name)
+        module.weight, module.in_features = weight, in_features
+        if config:
+            transformer.register_to_config(**config)
+    if not saved:
+        transformer.__dict__.pop("_widened_layers", None)
+
+
+def replace_norms(transformer: nn.Module, norms: dict[str, torch.Tensor]) -> None:
+    """Use the LoRA's norm weights; the originals are kept for :func:`restore_norms`."""
+    saved = transformer.__dict__.setdefault("_replaced_norms", {})
+    for name, value in norms.items():
+        module = transformer.get_submodule(name)
+        old = module.weight
+        saved.setdefault(name, old)
+        module.weight = nn.Parameter(value.to(device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
+
+
+def restore_norms(transformer: nn.Module) -> None:
+    for name, weight in transformer.__dict__.pop("_replaced_norms", {}).items():
+        transformer.get_submodule(name).weight = weight
+
+
+def unload_control_lora(model: nn.Module, reset_to_overwritten_params: bool) -> None:
+    """What ``unload_lora_weights`` undoes besides the adapters: replaced norms always, widened layers on request."""
+    restore_norms(model)
+    if reset_to_overwritten_params:
+        restore_widened(model)
+
+
+__all__ = ["convert_flux_lora", "is_flux_transformer", "prepare_control_lora", "replace_norms",
+           "undo_widening_on_error", "unload_control_lora"]
