@@ -94,3 +94,52 @@ def test_norm_weights_are_replaced_and_restored():
     assert all(model.get_submodule(n).weight is w for n, w in zip(names, originals))
     with pytest.raises(ValueError, match=r"lora\.safetensors|LoRA state dict.*norm_k.weight: shape \(8,\)"):
         holder.load_lora_weights({"transformer.single_transformer_blocks.0.attn.norm_k.weight": torch.ones(8)})
+
+
+def _bfl_control_lora() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(a BFL-layout control LoRA for the tiny transformer, the same LoRA in the diffusers layout)."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    bfl = {"img_in.lora_A.weight": rand(2, 32), "img_in.lora_B.weight": rand(32, 2), "img_in.lora_B.bias": rand(32),
+           "double_blocks.0.img_attn.qkv.lora_A.weight": rand(2, 32),
+           "double_blocks.0.img_attn.qkv.lora_B.weight": rand(96, 2),
+           "double_blocks.0.img_attn.qkv.lora_B.bias": rand(96),
+           "single_blocks.0.linear1.lora_A.weight": rand(2, 32), "single_blocks.0.linear1.lora_B.weight": rand(224, 2)}
+    norms = {"double_blocks.0.img_attn.norm.query_norm.scale": "transformer_blocks.0.attn.norm_q",
+             "double_blocks.0.txt_attn.norm.key_norm.scale": "transformer_blocks.0.attn.norm_added_k",
+             "single_blocks.0.norm.key_norm.scale": "single_transformer_blocks.0.attn.norm_k"}
+    bfl.update({key: 1 + rand(16) for key in norms})
+    ours = {"transformer.x_embedder.lora_A.weight": bfl["img_in.lora_A.weight"],
+            "transformer.x_embedder.lora_B.weight": bfl["img_in.lora_B.weight"],
+            "transformer.x_embedder.lora_B.bias": bfl["img_in.lora_B.bias"]}
+    for prefix, source, targets, sizes in (
+            ("transformer_blocks.0.attn.", "double_blocks.0.img_attn.qkv", ("to_q", "to_k", "to_v"), (32,) * 3),
+            ("single_transformer_blocks.0.", "single_blocks.0.linear1",
+             ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (32, 32, 32, 128))):
+        ups = torch.split(bfl[f"{source}.lora_B.weight"], sizes)
+        biases = torch.split(bfl[f"{source}.lora_B.bias"], sizes) if f"{source}.lora_B.bias" in bfl else [None] * 4
+        for target, up, bias in zip(targets, ups, biases):
+            ours[f"transformer.{prefix}{target}.lora_A.weight"] = bfl[f"{source}.lora_A.weight"]
+            ours[f"transformer.{prefix}{target}.lora_B.weight"] = up
+            if bias is not None:
+                ours[f"transformer.{prefix}{target}.lora_B.bias"] = bias
+    ours.update({f"transformer.{name}.weight": bfl[key] for key, name in norms.items()})
+    return bfl, ours
+
+
+def test_bfl_control_lora_equals_its_diffusers_layout():
+    bfl, same = _bfl_control_lora()
+    outputs = []
+    for state in (bfl, same):
+        model = _transformer()
+        Holder(model).load_lora_weights(state)
+        assert model.config.in_channels == 32
+        assert torch.equal(model.transformer_blocks[0].attn.norm_added_k.weight,
+                           bfl["double_blocks.0.txt_attn.norm.key_norm.scale"])
+        with torch.no_grad():
+            outputs.append(model(**_inputs(32)).sample)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    model = _transformer()
+    with pytest.raises(ValueError, match="img_attn.qkv.lora_A.weight: the up matrix has 95 rows"):
+        Holder(model).load_lora_weights({**bfl, "double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(95, 2)})
+    assert model.config.in_channels == 16

@@ -6,7 +6,11 @@ Community trainers save FLUX LoRAs in the original (BFL) model's names rather th
   / ``.alpha`` (``lora_te1_`` / ``lora_te_`` keys for CLIP are handled by the generic kohya rules);
 * BFL / ComfyUI / ai-toolkit: ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` /
   ``.lora_B.weight`` (or ``.lora_down`` / ``.lora_up``, ``.alpha``); CLIP keys under
-  ``text_encoders.clip_l.transformer.``.
+  ``text_encoders.clip_l.transformer.``;
+* BFL control LoRAs (FLUX.1 Canny/Depth [dev] LoRA): the same names without a prefix, ``.lora_B.bias``
+  keys, and the q/k norm scales (``double_blocks.N.img_attn.norm.query_norm.scale`` -> ``norm_q``,
+  ``key_norm`` -> ``norm_k``, ``txt_attn`` -> ``norm_added_q/k``, ``single_blocks.N.norm.*`` ->
+  ``norm_q/k``); recognised by their ``query_norm.scale`` keys.
 
 Rules (a BFL name, dots or underscores, -> layers of ``FluxTransformer2DModel``):
 
@@ -77,10 +81,12 @@ _TOP = {
 }
 _SWAP_HALVES = {"norm_out.linear"}
 _BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)")
-_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_down\.weight|lora_up\.weight|alpha)$")
 _ROLE = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
-         "alpha": "alpha"}
+         "lora_B.bias": "up_bias", "alpha": "alpha"}
 _PREFIXES = ("lora_unet_", "diffusion_model.")
+#: BFL's control LoRAs (FLUX.1 Canny/Depth [dev] LoRA) have unprefixed keys and carry the q/k norm scales.
+_NORM_SCALE = re.compile(r"(double|single)_blocks\.(\d+)\.(?:(img|txt)_attn\.)?norm\.(query|key)_norm\.scale")
 _CLIP_PREFIX = "text_encoders.clip_l.transformer."
 
 
@@ -99,9 +105,21 @@ def _targets(name: str) -> tuple[str, ...] | None:
     return (_TOP[name],) if name in _TOP else None
 
 
-def _split_bfl_key(key: str) -> tuple[str, str] | None:
+def _norm_scale_key(key: str, prefixes: tuple[str, ...]) -> str | None:
+    """The diffusers-layout key of a BFL q/k norm scale (``double_blocks.0.img_attn.norm.query_norm.scale``), else None."""
+    prefix = next((p for p in prefixes if key.startswith(p)), None)
+    match = None if prefix is None else _NORM_SCALE.fullmatch(key[len(prefix):])
+    if match is None or (match.group(1) == "double") != (match.group(3) is not None):
+        return None
+    kind, index, stream, which = match.groups()
+    names = ("norm_added_q", "norm_added_k") if stream == "txt" else ("norm_q", "norm_k")
+    block = "transformer_blocks" if kind == "double" else "single_transformer_blocks"
+    return f"transformer.{block}.{index}.attn.{names[which == 'key']}.weight"
+
+
+def _split_bfl_key(key: str, prefixes: tuple[str, ...] = _PREFIXES) -> tuple[str, str] | None:
     """``(underscored BFL module name, role)`` for a kohya-FLUX or BFL key, else None."""
-    prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+    prefix = next((p for p in prefixes if key.startswith(p)), None)
     match = _SUFFIX.search(key)
     if prefix is None or match is None:
         return None
@@ -120,8 +138,14 @@ def convert_flux_lora(state: dict[str, torch.Tensor], transformer: nn.Module,
     keys_of: dict[str, list[str]] = {}
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
+    control = any(key.endswith("query_norm.scale") for key in state)
+    prefixes = (*_PREFIXES, "") if control else _PREFIXES
     for key, tensor in state.items():
-        split = _split_bfl_key(key)
+        norm_key = _norm_scale_key(key, prefixes)
+        if norm_key is not None:
+            out[norm_key], origin[norm_key] = tensor, key
+            continue
+        split = _split_bfl_key(key, prefixes)
         if split is None:
             new_key = "text_encoder." + key[len(_CLIP_PREFIX):] if key.startswith(_CLIP_PREFIX) else key
             out[new_key], origin[new_key] = tensor, key
@@ -148,12 +172,15 @@ def convert_flux_lora(state: dict[str, torch.Tensor], transformer: nn.Module,
         if sum(sizes) != up.shape[0]:
             raise ValueError(f"{source}: {keys[0]}: the up matrix has {up.shape[0]} rows but the layers "
                              f"{list(targets)} it feeds have {sizes} outputs")
-        for target, part in zip(targets, torch.split(up, sizes)):
+        biases = torch.split(tensors["up_bias"], sizes) if "up_bias" in tensors else [None] * len(sizes)
+        for target, part, bias in zip(targets, torch.split(up, sizes), biases):
             if target in _SWAP_HALVES:
-                part = torch.cat(part.chunk(2)[::-1])
+                part, bias = (None if t is None else torch.cat(t.chunk(2)[::-1]) for t in (part, bias))
             prefix = f"transformer.{target}."
-            for suffix, value in (("lora_A.weight", down), ("lora_B.weight", part), ("alpha", alpha)):
-                out[prefix + suffix], origin[prefix + suffix] = value, keys[0]
+            for suffix, value in (("lora_A.weight", down), ("lora_B.weight", part), ("lora_B.bias", bias),
+                                  ("alpha", alpha)):
+                if value is not None:
+                    out[prefix + suffix], origin[prefix + suffix] = value, keys[0]
     return out, origin
 
 
