@@ -295,3 +295,20 @@ def test_control_lora_widens_x_embedder_and_unloads(lora_pipes, base):
     ours.unload_lora_weights(reset_to_overwritten_params=True)
     assert ours.transformer.x_embedder.weight is original and ours.transformer.config.in_channels == 16
     np.testing.assert_array_equal(_run(plain, prompt="a cat"), before)
+
+
+def test_control_pipeline_model_index_both_ways(base, tmp_path):
+    torch.manual_seed(6)
+    ref_transformer = diffusers.FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "in_channels": 32, "out_channels": 16})
+    ours, ref = _control_pipes(base, ref_transformer)
+    ref.save_pretrained(tmp_path / "ref")
+    loaded = diffusekit.DiffusionPipeline.from_pretrained(tmp_path / "ref")
+    assert type(loaded) is diffusekit.FluxControlPipeline
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat", control_image=_image(11))
+    expected = _run(ref, **kwargs)
+    _close(_run(loaded, **kwargs), expected)
+    ours.save_pretrained(tmp_path / "ours")
+    again = diffusers.FluxControlPipeline.from_pretrained(tmp_path / "ours")
+    again.set_progress_bar_config(disable=True)
+    _close(_run(again, **kwargs), expected)
