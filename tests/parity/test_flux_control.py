@@ -179,6 +179,8 @@ def test_two_controlnets(base, nets):
         ours(prompt="a", control_image=[_image(2), _image(3)], control_mode=[0], **SHORT)
     with pytest.raises(ValueError, match="must be a list"):
         ours(prompt="a", control_image=_image(2), **SHORT)
+    with pytest.raises(ValueError, match="save each of its nets"):
+        ours.controlnet.save_pretrained("unused")
 
 
 def test_union_controlnet_modes(base, tmp_path):
@@ -269,6 +271,8 @@ def lora_pipes(base, flux_folder):  # noqa: F811
 
 def test_control_lora_widens_x_embedder_and_unloads(lora_pipes, base):
     ours, ref = lora_pipes
+    with pytest.raises(ValueError, match="in_channels 32 .*got 16; .* load a control LoRA"):
+        ours(prompt="a", control_image=_image(10), **SHORT)
     plain = diffusekit.FluxPipeline(**{**base[0], "transformer": ours.transformer})
     plain.set_progress_bar_config(disable=True)
     before = _run(plain, prompt="a cat")

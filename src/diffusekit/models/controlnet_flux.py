@@ -163,6 +163,10 @@ class FluxMultiControlNetModel(ModelMixin):
         super().__init__()
         self.nets = nn.ModuleList(controlnets)
 
+    def save_pretrained(self, save_directory, **kwargs: Any) -> None:
+        raise ValueError("FluxMultiControlNetModel has no folder layout (nor has the reference's); save each of "
+                         "its nets (.nets[i].save_pretrained) instead")
+
     def forward(self, hidden_states: torch.Tensor, controlnet_cond: Sequence[torch.Tensor],
                 controlnet_mode: Sequence[torch.Tensor | None], conditioning_scale: Sequence[float],
                 return_dict: bool = True, **inputs: Any) -> tuple[list | None, list | None]:

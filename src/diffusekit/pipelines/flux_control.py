@@ -60,6 +60,13 @@ class FluxControlPipeline(FluxControlImageMixin, FluxPipeline):
     that takes the control latents next to its own. Components as
     :class:`~diffusekit.pipelines.flux_common.FluxBase`."""
 
+    def _check_control_transformer(self) -> None:
+        expected = 8 * self.latent_channels  # packed latents and packed control latents
+        if self.transformer.config.in_channels != expected:
+            raise ValueError(f"FluxControlPipeline needs a transformer with in_channels {expected} (latents and control "
+                             f"latents), got {self.transformer.config.in_channels}; use FLUX.1 Canny/Depth [dev] or "
+                             "load a control LoRA")
+
     @torch.no_grad()
     @pipeline_call
     def __call__(
@@ -90,6 +97,7 @@ class FluxControlPipeline(FluxControlImageMixin, FluxPipeline):
         """
         check_call_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                              num_images_per_prompt=num_images_per_prompt)
+        self._check_control_transformer()
         height, width = self.default_height_width(height, width)
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds,
