@@ -92,6 +92,10 @@ def test_norm_weights_are_replaced_and_restored():
     assert all(torch.equal(model.get_submodule(n).weight, torch.full((16,), 2.0)) for n in names)
     holder.unload_lora_weights()
     assert all(model.get_submodule(n).weight is w for n, w in zip(names, originals))
+    holder.load_lora_weights(state)
+    model.to(torch.float64)  # moved after loading: the originals come back in the model's new dtype
+    holder.unload_lora_weights()
+    assert all(torch.equal(model.get_submodule(n).weight, w.double()) for n, w in zip(names, originals))
     with pytest.raises(ValueError, match=r"lora\.safetensors|LoRA state dict.*norm_k.weight: shape \(8,\)"):
         holder.load_lora_weights({"transformer.single_transformer_blocks.0.attn.norm_k.weight": torch.ones(8)})
 

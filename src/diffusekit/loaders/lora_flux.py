@@ -288,7 +288,7 @@ def restore_widened(transformer: nn.Module, names: list[str] | None = None) -> N
     for name in list(saved) if names is None else names:
         weight, in_features, config = saved.pop(name)
         module = transformer.get_submodule(name)
-        module.weight, module.in_features = weight, in_features
+        module.weight, module.in_features = _like(weight, module.weight), in_features
         if config:
             transformer.register_to_config(**config)
     if not saved:
@@ -307,7 +307,15 @@ def replace_norms(transformer: nn.Module, norms: dict[str, torch.Tensor]) -> Non
 
 def restore_norms(transformer: nn.Module) -> None:
     for name, weight in transformer.__dict__.pop("_replaced_norms", {}).items():
-        transformer.get_submodule(name).weight = weight
+        module = transformer.get_submodule(name)
+        module.weight = _like(weight, module.weight)
+
+
+def _like(saved: nn.Parameter, current: torch.Tensor) -> nn.Parameter:
+    """The saved original itself, or a copy on the device and dtype the model moved to since."""
+    if saved.device == current.device and saved.dtype == current.dtype:
+        return saved
+    return nn.Parameter(saved.detach().to(device=current.device, dtype=current.dtype), requires_grad=saved.requires_grad)
 
 
 def unload_control_lora(model: nn.Module, reset_to_overwritten_params: bool) -> None:
