@@ -316,3 +316,26 @@ def test_control_pipeline_model_index_both_ways(base, tmp_path):
     again = diffusers.FluxControlPipeline.from_pretrained(tmp_path / "ours")
     again.set_progress_bar_config(disable=True)
     _close(_run(again, **kwargs), expected)
+
+
+def test_controlnet_callback_and_calls_from_threads(base, nets):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours, ref = _pipes(base, nets[:1])
+    seen = []
+
+    def fade_control(pipe, step, t, tensors):
+        seen.append(sorted(tensors))
+        return {"control_image": tensors["control_image"] * 0.5}
+
+    kwargs = dict(prompt="a cat", control_image=_image(12), callback_on_step_end=fade_control,
+                  callback_on_step_end_tensor_inputs=["latents", "control_image"], num_inference_steps=3)
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    assert seen[0] == ["control_image", "latents"]
+
+    calls = [dict(prompt="a cat", control_image=_image(13), controlnet_conditioning_scale=s) for s in (0.3, 1.5)]
+    alone = [_run(ours, **c) for c in calls]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda c: _run(ours, **c), calls))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
