@@ -68,6 +68,11 @@ def test_narrow_lora_is_padded_and_wide_lora_on_adapted_layer_is_refused():
     holder.load_lora_weights(_lora(8, seed=2), adapter_name="narrow")  # padded to the 32 inputs
     adapter = model.x_embedder.lora_adapters["narrow"]
     assert adapter.down.shape == (2, 32) and not adapter.down[:, 8:].any()
+    holder.set_adapters(["control", "narrow"], [1.0, 0.5])
+    with torch.no_grad():
+        unfused = model(**_inputs(32)).sample
+        holder.fuse_lora(adapter_names=["control", "narrow"])
+        torch.testing.assert_close(model(**_inputs(32)).sample, unfused, rtol=0, atol=1e-5)
 
 
 def test_a_failed_load_undoes_its_widening():
