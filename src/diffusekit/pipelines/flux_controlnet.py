@@ -66,9 +66,9 @@ class FluxControlNetPipeline(FluxControlImageMixin, FluxPipeline):
             image = self.prepare_image(image, width, height, batch, num_images_per_prompt, device, self.vae.dtype)
             height, width = image.shape[-2:]
             latents.append(self.encode_control_image(image, generator))
-        fill = -1 if self._multi else None  # the reference's "no mode" in Multi lists
-        mode_tensors = [None if mode is None and fill is None else
-                        torch.tensor(fill if mode is None else mode, device=device, dtype=torch.long).expand(batch)
+        if self._multi:  # the reference's "no mode" in Multi lists
+            modes = [-1 if mode is None else mode for mode in modes]
+        mode_tensors = [None if mode is None else torch.tensor(mode, device=device, dtype=torch.long).expand(batch)
                         for mode in modes]
         return latents, mode_tensors, height, width
 
