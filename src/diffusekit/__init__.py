@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "VQModel": "models.vq_model",
     "UNet1DModel": "models.unet_1d",
     "FluxTransformer2DModel": "models.transformer_flux",
+    "FluxControlNetModel": "models.controlnet_flux",
+    "FluxMultiControlNetModel": "models.controlnet_flux",
     "LDMBertModel": "models.ldm_bert",
     "StableDiffusionSafetyChecker": "models.safety_checker",
     "AttnProcessor": "models.attention_processor",
@@ -88,6 +90,8 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionXLInpaintPipeline": "pipelines.stable_diffusion_xl_inpaint",
     "FluxPipeline": "pipelines.flux",
     "FluxImg2ImgPipeline": "pipelines.flux_img2img",
+    "FluxControlNetPipeline": "pipelines.flux_controlnet",
+    "FluxControlPipeline": "pipelines.flux_control",
 }
 
 __all__ = sorted(_EXPORTS)

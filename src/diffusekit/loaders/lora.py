@@ -44,7 +44,7 @@ from torch import nn
 from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, check_safetensors_header, load_file
 from . import adapter_layers as adapters
-from . import lora_layers as layers
+from . import lora_flux, lora_layers as layers
 from . import single_file_layout
 from .lora_flux import convert_flux_lora, is_flux_transformer
 
@@ -267,19 +267,24 @@ def load_state(models: dict[str, nn.Module], state: dict, metadata: dict, source
     check_lora_values(state, source)
     file_keys, origin = sorted(state), {}
     transformer = models.get("transformer", models.get("model"))
+    norms, widened = {}, []
     if is_flux_transformer(transformer):
         state, origin = convert_flux_lora(state, transformer, source)
-    grouped, unknown = group_lora_keys(state, list(models))
-    plan, unmatched = plan_adapters(grouped, models, metadata, source)
-    unmatched = list(dict.fromkeys(origin.get(k, k) for k in unknown + unmatched))
-    if not plan:
-        raise WeightsError(f"{source}: no key of this LoRA reaches a layer of {owner} "
-                           f"({len(file_keys)} keys: {_clip(file_keys)})")
-    if unmatched:
-        message = f"{source}: LoRA keys that match no layer: {_clip(sorted(unmatched))}"
-        if strict:
-            raise WeightsError(message + " (pass strict=False to load the rest)")
-        logger.warning("%s; loading the rest", message)
+        state, norms, widened = lora_flux.prepare_control_lora(transformer, state, source)
+    with lora_flux.undo_widening_on_error(transformer, widened):
+        grouped, unknown = group_lora_keys(state, list(models))
+        plan, unmatched = plan_adapters(grouped, models, metadata, source)
+        unmatched = list(dict.fromkeys(origin.get(k, k) for k in unknown + unmatched))
+        if not plan and not norms:
+            raise WeightsError(f"{source}: no key of this LoRA reaches a layer of {owner} "
+                               f"({len(file_keys)} keys: {_clip(file_keys)})")
+        if unmatched:
+            message = f"{source}: LoRA keys that match no layer: {_clip(sorted(unmatched))}"
+            if strict:
+                raise WeightsError(message + " (pass strict=False to load the rest)")
+            logger.warning("%s; loading the rest", message)
+    if norms:
+        lora_flux.replace_norms(transformer, norms)
     for component, targets in plan.items():
         for module, adapter in targets:
             layers.add_adapter(module, adapter_name, adapter)
@@ -434,11 +439,14 @@ class LoraLoaderMixin:
         for model in self._lora_models().values():
             adapters.delete(model, names)
 
-    def unload_lora_weights(self) -> None:
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = False) -> None:
         """Remove every adapter and the LoRA layers. Unfused, the original weights come back exactly;
-        fused adapters stay baked into the weights (``fuse_lora(); unload_lora_weights()``), as in the reference."""
+        fused adapters stay baked into the weights (``fuse_lora(); unload_lora_weights()``), as in the reference.
+        Norm weights a FLUX control LoRA replaced come back too, and with ``reset_to_overwritten_params``
+        the layers it widened (see :mod:`~diffusekit.loaders.lora_flux`)."""
         for model in self._lora_models().values():
             adapters.unload(model)
+            lora_flux.unload_control_lora(model, reset_to_overwritten_params)
 
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
                   adapter_names: list[str] | None = None, **kwargs: Any) -> None:

@@ -228,7 +228,52 @@ class FluxPosEmbed(nn.Module):
         return torch.cat([cos for cos, _ in parts], dim=-1), torch.cat([sin for _, sin in parts], dim=-1)
 
 
-class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin):
+def build_flux_trunk(model: nn.Module, in_channels: int, num_layers: int, num_single_layers: int,
+                     attention_head_dim: int, num_attention_heads: int, joint_attention_dim: int,
+                     pooled_projection_dim: int, guidance_embeds: bool, axes_dims_rope: Sequence[int]) -> int:
+    """Give ``model`` the parts that the FLUX transformer and its ControlNet share (``pos_embed``,
+    ``time_text_embed``, ``context_embedder``, ``x_embedder``, ``transformer_blocks``,
+    ``single_transformer_blocks``); returns the inner width (``model.inner_dim``)."""
+    if sum(axes_dims_rope) != attention_head_dim:
+        raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must add up to attention_head_dim "
+                         f"({attention_head_dim})")
+    model.inner_dim = dim = num_attention_heads * attention_head_dim
+    model.gradient_checkpointing = False
+    model.pos_embed = FluxPosEmbed(theta=10000, axes_dim=axes_dims_rope)
+    model.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, pooled_projection_dim, guidance=guidance_embeds)
+    model.context_embedder = Linear(joint_attention_dim, dim)
+    model.x_embedder = Linear(in_channels, dim)
+    model.transformer_blocks = nn.ModuleList(
+        FluxTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers))
+    model.single_transformer_blocks = nn.ModuleList(
+        FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers))
+    return dim
+
+
+class FluxTrunkMixin:
+    """Input embedding steps of a model built by :func:`build_flux_trunk`."""
+
+    def _run_block(self, block: nn.Module, *args: Any):
+        return maybe_checkpoint(self, block, *args)
+
+    @staticmethod
+    def _ids_2d(ids: torch.Tensor, name: str) -> torch.Tensor:
+        if ids.ndim == 3:
+            logger.warning("%s with a batch dimension is deprecated; pass a 2-D (tokens, 3) tensor", name)
+            return ids[0]
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must be (tokens, 3), got shape {tuple(ids.shape)}")
+        return ids
+
+    def conditioning(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled_projections: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """The blocks' conditioning vector from sigma, the distilled guidance and the pooled text."""
+        timestep = timestep.to(dtype) * 1000
+        guidance = guidance.to(dtype) * 1000 if guidance is not None else None
+        return self.time_text_embed(timestep, pooled_projections, guidance)
+
+
+class FluxTransformer2DModel(FluxTrunkMixin, ModelMixin, AttentionProcessorMixin):
     """The FLUX.1 transformer; see the module docstring. Defaults are FLUX.1's sizes (dev adds
     ``guidance_embeds=True``)."""
 
@@ -250,21 +295,9 @@ class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin):
         axes_dims_rope: Sequence[int] = (16, 56, 56),
     ):
         super().__init__()
-        if sum(axes_dims_rope) != attention_head_dim:
-            raise ValueError(f"axes_dims_rope {tuple(axes_dims_rope)} must add up to attention_head_dim "
-                             f"({attention_head_dim})")
         self.out_channels = out_channels or in_channels
-        self.inner_dim = dim = num_attention_heads * attention_head_dim
-        self.gradient_checkpointing = False
-
-        self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=axes_dims_rope)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, pooled_projection_dim, guidance=guidance_embeds)
-        self.context_embedder = Linear(joint_attention_dim, dim)
-        self.x_embedder = Linear(in_channels, dim)
-        self.transformer_blocks = nn.ModuleList(
-            FluxTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers))
-        self.single_transformer_blocks = nn.ModuleList(
-            FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers))
+        dim = build_flux_trunk(self, in_channels, num_layers, num_single_layers, attention_head_dim, num_attention_heads,
+                               joint_attention_dim, pooled_projection_dim, guidance_embeds, axes_dims_rope)
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels, bias=True)
 
@@ -283,18 +316,6 @@ class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin):
             attn.unfuse_projections()
 
     # -- forward --------------------------------------------------------------------------------
-
-    def _run_block(self, block: nn.Module, *args: Any):
-        return maybe_checkpoint(self, block, *args)
-
-    @staticmethod
-    def _ids_2d(ids: torch.Tensor, name: str) -> torch.Tensor:
-        if ids.ndim == 3:
-            logger.warning("%s with a batch dimension is deprecated; pass a 2-D (tokens, 3) tensor", name)
-            return ids[0]
-        if ids.ndim != 2:
-            raise ValueError(f"{name} must be (tokens, 3), got shape {tuple(ids.shape)}")
-        return ids
 
     @staticmethod
     def _attention_mask(joint_attention_kwargs: dict[str, Any] | None) -> torch.Tensor | None:
@@ -330,9 +351,7 @@ class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin):
         attention_mask = self._attention_mask(joint_attention_kwargs)
         dtype = hidden_states.dtype
         hidden_states = self.x_embedder(hidden_states)
-        timestep = timestep.to(dtype) * 1000
-        guidance = guidance.to(dtype) * 1000 if guidance is not None else None
-        temb = self.time_text_embed(timestep, pooled_projections, guidance)
+        temb = self.conditioning(timestep, guidance, pooled_projections, dtype)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         ids = torch.cat([self._ids_2d(txt_ids, "txt_ids"), self._ids_2d(img_ids, "img_ids")], dim=0)
         rotary = self.pos_embed(ids)
