@@ -88,6 +88,9 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionXLPipeline": "pipelines.stable_diffusion_xl",
     "StableDiffusionXLImg2ImgPipeline": "pipelines.stable_diffusion_xl_img2img",
     "StableDiffusionXLInpaintPipeline": "pipelines.stable_diffusion_xl_inpaint",
+    "StableDiffusionControlNetPipeline": "pipelines.stable_diffusion_controlnet",
+    "StableDiffusionControlNetImg2ImgPipeline": "pipelines.stable_diffusion_controlnet_img2img",
+    "StableDiffusionControlNetInpaintPipeline": "pipelines.stable_diffusion_controlnet_inpaint",
     "FluxPipeline": "pipelines.flux",
     "FluxImg2ImgPipeline": "pipelines.flux_img2img",
 }
