@@ -250,3 +250,23 @@ def _shipped_config():
     from diffusekit.loaders.single_file_model import CONFIG_ROOT
 
     return CONFIG_ROOT / "controlnet_sd1" / "config.json"
+
+
+def test_original_layout_file_loads_alike_in_both(tmp_path):
+    """The test helper's original-layout file is what the reference's single-file loader reads, and ours
+    loads it equal to the folder (the original hint block has 4 levels, as the reference's loader expects)."""
+    from safetensors.torch import save_file
+
+    from controlnet_files import original_controlnet_state
+
+    folder = tmp_path / "controlnet"
+    reference_net(5, conditioning_embedding_out_channels=(4, 4, 8, 8)).save_pretrained(folder)
+    net = diffusekit.ControlNetModel.from_pretrained(folder)
+    path = tmp_path / "control_tiny.safetensors"
+    save_file(original_controlnet_state(net.state_dict(), dict(net.config), prefix="control_model."), str(path))
+    ours = diffusekit.ControlNetModel.from_single_file(path, config=folder)
+    ref = diffusers.ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+    expected = diffusers.ControlNetModel.from_pretrained(folder).state_dict()
+    for key, tensor in expected.items():
+        assert torch.equal(ours.state_dict()[key], tensor), key
+        assert torch.equal(ref.state_dict()[key], tensor), key
