@@ -270,3 +270,36 @@ def test_original_layout_file_loads_alike_in_both(tmp_path):
     for key, tensor in expected.items():
         assert torch.equal(ours.state_dict()[key], tensor), key
         assert torch.equal(ref.state_dict()[key], tensor), key
+
+
+def test_from_unet_same_seed_same_weights():
+    """from_unet (how ControlNets are trained) draws the hint block's weights as the reference does."""
+    nets = []
+    for lib in (diffusers, diffusekit):
+        torch.manual_seed(0)
+        unet = lib.UNet2DConditionModel(**UNET_CONFIG)
+        torch.manual_seed(1)
+        nets.append(lib.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).state_dict())
+    assert list(nets[0]) == list(nets[1])
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+
+
+def test_attention_slicing_and_concurrent_calls(folders):
+    """Slicing leaves the result unchanged; two calls at once on one pipeline keep their own residuals."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours, ref = _pair(folders["two"], "text")
+    kwargs = dict(prompt="a dog", num_inference_steps=3, output_type="np")
+    calls = [dict(image=[_image(0), _image(1)], controlnet_conditioning_scale=[0.5, 1.0]),
+             dict(image=[_image(2), _image(3)], guess_mode=True, control_guidance_end=0.5)]
+    expected = [ref(generator=torch.Generator().manual_seed(0), **kwargs, **c).images for c in calls]
+    ours.enable_attention_slicing("max")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(lambda c=c: ours(generator=torch.Generator().manual_seed(0), **kwargs, **c).images)
+                       for c in calls]
+            results = [f.result() for f in futures]
+    finally:
+        ours.disable_attention_slicing()
+    for got, want in zip(results, expected):
+        assert float(np.abs(got - want).max()) <= TOL
