@@ -123,6 +123,16 @@ def test_text_to_image_two_nets(folders, options):
     _both(pair, prompt="a dog", image=[_image(0), _image(1)], negative_prompt="cat", **options)
 
 
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_text_to_image_other_schedulers(folders, scheduler, tmp_path):
+    ours, ref = (getattr(lib, NAMES["text"]).from_pretrained(folders["one"]) for lib in (diffusekit, diffusers))
+    for pipe, lib in ((ours, diffusekit), (ref, diffusers)):
+        pipe.scheduler = getattr(lib, scheduler).from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    for guess_mode in (False, True):
+        _both((ours, ref), prompt="the cat", image=_image(4), guess_mode=guess_mode)
+
+
 def test_text_to_image_two_nets_per_prompt_images(folders):
     pair = _pair(folders["two"], "text")
     images = [[_image(0), _image(1)], [_image(2), _image(3)]]

@@ -48,11 +48,8 @@ def conditioning_scales(scale: float | Sequence[float], count: int) -> list[floa
     """``controlnet_conditioning_scale`` as one float per net (a number applies to every net)."""
     if isinstance(scale, Real):
         return [float(scale)] * count
-    if isinstance(scale, (list, tuple)) and all(isinstance(s, Real) for s in scale):
-        if count == 1 and len(scale) >= 1:  # the reference uses the first entry for one net
-            return [float(scale[0])]
-        if len(scale) == count:
-            return [float(s) for s in scale]
+    if isinstance(scale, (list, tuple)) and len(scale) == count and all(isinstance(s, Real) for s in scale):
+        return [float(s) for s in scale]
     raise ValueError(f"controlnet_conditioning_scale must be a number or a list of {count} numbers "
                      f"(one per ControlNet), got {scale!r}")
 

@@ -125,7 +125,9 @@ def test_keep_scales_and_windows():
     assert cc.controlnet_keep(4, [0.0, 0.5], [0.5, 1.0]) == [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
     assert cc.guidance_windows(0.1, [0.5, 0.9], 2) == ([0.1, 0.1], [0.5, 0.9])
     assert cc.conditioning_scales(0.5, 3) == [0.5, 0.5, 0.5]
-    assert cc.conditioning_scales([0.3, 0.7], 1) == [0.3]
+    assert cc.conditioning_scales([0.3], 1) == [0.3]
+    with pytest.raises(ValueError, match="list of 1 numbers"):
+        cc.conditioning_scales([0.3, 0.7], 1)
     with pytest.raises(ValueError, match="list of 2 numbers"):
         cc.conditioning_scales([1.0, 1.0, 1.0], 2)
     with pytest.raises(ValueError, match="0 <= start < end <= 1"):
