@@ -190,3 +190,17 @@ def test_call_residuals_pass_the_conditional_half_of_added_cond_kwargs():
     full = cc.prepare_controlnet_call(net, torch.cat([image] * 2), 2, 1.0, False, 0.0, 1.0)
     both = full.residuals(scheduler, 0, x, t, torch.cat([-e, e]), guided=True, added_cond_kwargs=added)
     assert both[cc.MID_RESIDUAL].shape[0] == 2 and torch.count_nonzero(both[cc.MID_RESIDUAL][0]) > 0
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    x, t, e, image = _inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = _net().train()
+        if checkpointing:
+            net.enable_gradient_checkpointing()
+        down, mid = net(x, t, e, image, return_dict=False)
+        (mid.square().mean() + sum(d.mean() for d in down)).backward()
+        grads.append(net.down_blocks[1].attentions[0].proj_in.weight.grad)
+    assert net.is_gradient_checkpointing
+    torch.testing.assert_close(grads[1], grads[0])
