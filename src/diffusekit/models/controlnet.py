@@ -186,10 +186,15 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, FromOriginalModelMixi
         common = dict(temb_channels=time_embed_dim, resnet_eps=norm_eps, resnet_act_fn=act_fn,
                       resnet_groups=norm_num_groups, use_linear_projection=use_linear_projection,
                       upcast_attention=upcast_attention, resnet_time_scale_shift=resnet_time_scale_shift)
+        skip_convs = [zero_conv(first)]  # one zero conv per skip, made in the reference's order of draws
+
+        def block_convs(i: int) -> None:  # after block i: its layers' skips and its downsampler's
+            skips = layers_per_block + (i < count - 1)
+            skip_convs.extend(zero_conv(block_out_channels[i]) for _ in range(skips))
+
         self.down_blocks = build_down_blocks(down_block_types, block_out_channels, per_block,
-                                             downsample_padding=downsample_padding, **common)
-        self.controlnet_down_blocks = nn.ModuleList(zero_conv(c) for c in _skip_channels(block_out_channels,
-                                                                                           layers_per_block))
+                                             downsample_padding=downsample_padding, after_block=block_convs, **common)
+        self.controlnet_down_blocks = nn.ModuleList(skip_convs)
         self.controlnet_mid_block = zero_conv(block_out_channels[-1])
         self.mid_block = build_mid_block(mid_block_type, block_out_channels, per_block,
                                          output_scale_factor=mid_block_scale_factor, **common)
@@ -315,14 +320,6 @@ _FROM_UNET_KEYS = (
     "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type", "num_class_embeds",
     "upcast_attention", "resnet_time_scale_shift", "projection_class_embeddings_input_dim", "mid_block_type",
 )
-
-
-def _skip_channels(block_out_channels: Sequence[int], layers_per_block: int) -> list[int]:
-    """The channels of every down-path skip: ``conv_in``'s, each layer's, each downsampler's."""
-    channels = [block_out_channels[0]]
-    for i, width in enumerate(block_out_channels):
-        channels += [width] * (layers_per_block + (i < len(block_out_channels) - 1))
-    return channels
 
 
 class MultiControlNetModel(ModelMixin):
