@@ -192,6 +192,21 @@ def test_argument_errors(folders):
         one(prompt=["a", "b"], image=[_image(0)] * 3, num_inference_steps=1)
 
 
+def test_single_file_pipeline_takes_the_controlnet(folders, tmp_path):
+    from safetensors.torch import save_file
+
+    from diffusekit.loaders.single_file import pipeline_to_original
+
+    ours, _ = _pair(folders["one"], "text")
+    save_file(pipeline_to_original(ours), str(tmp_path / "sd.safetensors"))
+    cls = diffusekit.StableDiffusionControlNetPipeline
+    with pytest.raises(ValueError, match="needs a controlnet"):
+        cls.from_single_file(tmp_path / "sd.safetensors", config=folders["one"])
+    loaded = cls.from_single_file(tmp_path / "sd.safetensors", config=folders["one"], controlnet=ours.controlnet)
+    loaded.set_progress_bar_config(disable=True)
+    _both((loaded, ours), prompt="the cat", image=_image(0))
+
+
 def test_our_saved_controlnet_loads_in_the_reference(folders, tmp_path):
     ours = diffusekit.ControlNetModel.from_pretrained(folders["one"] / "controlnet")
     ours.save_pretrained(tmp_path / "cn")

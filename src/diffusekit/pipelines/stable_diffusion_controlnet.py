@@ -27,6 +27,9 @@ class StableDiffusionControlNetBase(StableDiffusionBase):
 
     def __init__(self, vae, text_encoder, tokenizer, unet, controlnet, scheduler, safety_checker, feature_extractor,
                  image_encoder=None, requires_safety_checker: bool = True) -> None:
+        if controlnet is None:
+            raise ValueError(f"{type(self).__name__} needs a controlnet (a ControlNetModel, a list of them or a "
+                             "MultiControlNetModel); from_single_file takes it as controlnet=")
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                          image_encoder, requires_safety_checker)
         self.register_modules(controlnet=as_controlnet(controlnet))
