@@ -24,6 +24,8 @@ NCSNPP = dict(block_out_channels=(32, 64, 64), layers_per_block=1, time_embeddin
 SD = dict(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=2, cross_attention_dim=8,
           attention_head_dim=2, sample_size=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+CONTROLNET = dict({k: v for k, v in SD.items() if k not in ("sample_size", "up_block_types")},
+                  conditioning_embedding_out_channels=(4, 8))
 VAE = dict(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4, layers_per_block=2,
            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 FLUX = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
@@ -67,6 +69,11 @@ CASES = {
         down_block_types=("DownBlock1DNoSkip", "DownBlock1D", "AttnDownBlock1D"),
         up_block_types=("AttnUpBlock1D", "UpBlock1D", "UpBlock1DNoSkip"), mid_block_type="UNetMidBlock1D",
         out_block_type=None, act_fn=None)),
+    "controlnet_sd": ("ControlNetModel", CONTROLNET),
+    "controlnet_sdxl_text_time_class_mid": ("ControlNetModel", dict(
+        CONTROLNET, layers_per_block=1, use_linear_projection=True,
+        transformer_layers_per_block=(2, 1), addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4, class_embed_type="timestep", mid_block_type="UNetMidBlock2D")),
     "flux": ("FluxTransformer2DModel", FLUX),
     "flux_guidance": ("FluxTransformer2DModel", dict(FLUX, guidance_embeds=True)),
 }

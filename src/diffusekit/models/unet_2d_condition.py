@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -110,8 +110,11 @@ def build_class_embedding(kind: str | None, *, num_class_embeds: int | None, pro
 
 
 def build_down_blocks(block_types: Sequence[str], block_out_channels: Sequence[int], per_block: BlockSettings,
-                      *, downsample_padding: int, **common: Any) -> nn.ModuleList:
-    """The down path; ``common`` holds the block arguments shared by all blocks (``temb_channels``...)."""
+                      *, downsample_padding: int, after_block: Callable[[int], None] | None = None,
+                      **common: Any) -> nn.ModuleList:
+    """The down path; ``common`` holds the block arguments shared by all blocks (``temb_channels``...).
+    ``after_block(i)`` runs right after block ``i`` is built (a ControlNet builds its convs there,
+    keeping the reference's order of random draws)."""
     blocks, output_channel, n = nn.ModuleList(), block_out_channels[0], len(block_types)
     for i, block_type in enumerate(block_types):
         input_channel, output_channel = output_channel, block_out_channels[i]
@@ -122,6 +125,8 @@ def build_down_blocks(block_types: Sequence[str], block_out_channels: Sequence[i
             cross_attention_dim=per_block.cross_attention_dim[i], num_attention_heads=heads,
             downsample_padding=downsample_padding, only_cross_attention=per_block.only_cross_attention[i],
             attention_head_dim=heads if heads is not None else output_channel, **common))
+        if after_block is not None:
+            after_block(i)
     return blocks
 
 
