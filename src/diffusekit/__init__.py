@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "VQModel": "models.vq_model",
     "UNet1DModel": "models.unet_1d",
     "FluxTransformer2DModel": "models.transformer_flux",
+    "ControlNetModel": "models.controlnet",
+    "MultiControlNetModel": "models.controlnet",
     "LDMBertModel": "models.ldm_bert",
     "StableDiffusionSafetyChecker": "models.safety_checker",
     "AttnProcessor": "models.attention_processor",
