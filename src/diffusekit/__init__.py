@@ -88,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionXLPipeline": "pipelines.stable_diffusion_xl",
     "StableDiffusionXLImg2ImgPipeline": "pipelines.stable_diffusion_xl_img2img",
     "StableDiffusionXLInpaintPipeline": "pipelines.stable_diffusion_xl_inpaint",
+    "StableDiffusionXLControlNetPipeline": "pipelines.stable_diffusion_xl_controlnet",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "pipelines.stable_diffusion_xl_controlnet_img2img",
     "FluxPipeline": "pipelines.flux",
     "FluxImg2ImgPipeline": "pipelines.flux_img2img",
 }
