@@ -8,24 +8,13 @@ import torch
 from PIL import Image
 
 import diffusekit
+from sdxl_controlnet_parts import random_controlnet
 from sdxl_pipeline_parts import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, text_encoders, tiny_tokenizer
 from test_sdxl import _close, _run
 
-#: The tiny SDXL UNet's down path; 32-pixel control images -> 16-pixel latents (one stride-2 step).
-CONTROLNET_CONFIG = {**{k: v for k, v in UNET_CONFIG.items()
-                        if k not in ("up_block_types", "out_channels", "sample_size")},
-                     "conditioning_embedding_out_channels": (4, 8)}
-
 
 def _controlnet(seed: int, **changes) -> diffusers.ControlNetModel:
-    """A reference ControlNet whose zero-initialised convolutions are random too (else it adds nothing)."""
-    torch.manual_seed(seed)
-    net = diffusers.ControlNetModel(**{**CONTROLNET_CONFIG, **changes})
-    with torch.no_grad():
-        for parameter in net.parameters():
-            if not parameter.any():
-                parameter.normal_(0.0, 0.3)
-    return net.eval()
+    return random_controlnet(diffusers.ControlNetModel, seed, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""A tiny SDXL ControlNet for the tiny SDXL UNet of ``sdxl_pipeline_parts`` (32-pixel control
+images, 16-pixel latents: one stride-2 step in the conditioning embedding)."""
+
+from __future__ import annotations
+
+import torch
+
+from sdxl_pipeline_parts import UNET_CONFIG
+
+#: The UNet's down path and added conditioning ("text_time"), a two-step conditioning embedding.
+CONTROLNET_CONFIG = {**{k: v for k, v in UNET_CONFIG.items() if k not in ("up_block_types", "out_channels",
+                                                                          "sample_size")},
+                     "conditioning_embedding_out_channels": (4, 8)}
+
+
+def random_controlnet(cls, seed: int, **changes):
+    """``cls(**CONTROLNET_CONFIG, **changes)`` (diffusekit's or the reference's ControlNetModel) with
+    seeded weights, its zero-initialised convolutions random too (else the net adds nothing)."""
+    torch.manual_seed(seed)
+    net = cls(**{**CONTROLNET_CONFIG, **changes})
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.3)
+    return net.eval()
