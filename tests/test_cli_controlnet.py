@@ -13,7 +13,8 @@ from diffusekit import (
 )
 from diffusekit.cli import main, read_png_parameters
 from diffusekit.control_preprocess import canny
-from sdxl_controlnet_parts import random_controlnet
+from controlnet_parts import random_controlnet, randomized
+from sd_components import save_tiny_sd_folder
 from sdxl_pipeline_parts import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, text_encoders, tiny_tokenizer
 
 
@@ -148,3 +149,26 @@ def test_a_model_without_controlnets_is_named(setup, tmp_path, capsys):
     assert main(["generate", "--controlnet", str(folder / "net-a"), "--control-image", str(folder / "square.png"),
                  "--out", str(tmp_path)]) == 2
     assert "--controlnet: ClassConditionalPipeline is not a Stable Diffusion or SDXL pipeline" in capsys.readouterr().err
+
+
+def test_sd_tasks_follow_the_inputs(tmp_path, capsys):
+    """A Stable Diffusion 1.x model: the SD ControlNet pipeline of each task (text, image, inpainting)."""
+    from diffusekit import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    model = save_tiny_sd_folder(tmp_path / "sd", tmp_path / "tokenizer")
+    base = StableDiffusionPipeline.from_pretrained(model)
+    torch.manual_seed(3)
+    net = randomized(ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8)))
+    net.save_pretrained(tmp_path / "net")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    common = ["--prompt", "a cat", "--steps", "2", "--seed", "5", "--controlnet", tmp_path / "net",
+              "--control-image", tmp_path / "in.png", "--control-preprocess", "canny", "--out", tmp_path / "out"]
+    (text_png,) = _generate(capsys, model, *common)
+    (image_png,) = _generate(capsys, model, *common, "--image", tmp_path / "in.png")
+    (inpaint_png,) = _generate(capsys, model, *common, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png")
+    assert [read_png_parameters(png)["pipeline"] for png in (text_png, image_png, inpaint_png)] == [
+        "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline"]
+    expected = _api(StableDiffusionControlNetPipeline, base, net, image=canny(Image.open(tmp_path / "in.png")))
+    np.testing.assert_array_equal(_pixels(text_png), expected)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import diffusekit
-from sdxl_controlnet_parts import random_controlnet
+from controlnet_parts import random_controlnet
 from sdxl_pipeline_parts import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, text_encoders, tiny_tokenizer
 from test_sdxl import _close, _run
 

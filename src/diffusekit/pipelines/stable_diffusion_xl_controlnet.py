@@ -14,23 +14,23 @@ import torch
 from ..utils import Generator
 from .call_checks import check_call_arguments
 from .call_state import CallState, pipeline_call
-from .controlnet_common import (
-    ControlNetCall, as_controlnet, check_controlnet_arguments, prepare_control_images, prepare_controlnet_call,
-    resolve_guess_mode,
-)
+from .controlnet_common import ControlNetCall, as_controlnet, prepare_controlnet_call
 from .prompt_encoding import prompt_batch_size
+from .stable_diffusion_controlnet import StableDiffusionControlNetBase
 from .stable_diffusion_xl_common import ADDED_COND, StableDiffusionXLBase
 from .timesteps import progress_due, retrieve_timesteps, step_kwargs, timesteps_until, warmup_steps
 
 __all__ = ["StableDiffusionXLControlNetBase", "StableDiffusionXLControlNetPipeline"]
 
 
-class StableDiffusionXLControlNetBase(StableDiffusionXLBase):
+class StableDiffusionXLControlNetBase(StableDiffusionXLBase, StableDiffusionControlNetBase):
     """Components and per-step ControlNet work of the SDXL ControlNet pipelines (no ``__call__``).
 
     Components: those of :class:`~diffusekit.pipelines.stable_diffusion_xl_common.StableDiffusionXLBase`
     and ``controlnet``: a ControlNetModel, a list or tuple of them (made a MultiControlNetModel),
-    or a MultiControlNetModel.
+    or a MultiControlNetModel. The ControlNet steps are the SD ControlNet pipelines'
+    (:class:`~diffusekit.pipelines.stable_diffusion_controlnet.StableDiffusionControlNetBase`), the
+    nets taking the UNet's added conditioning too.
     """
 
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "image")
@@ -38,27 +38,20 @@ class StableDiffusionXLControlNetBase(StableDiffusionXLBase):
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
                  force_zeros_for_empty_prompt: bool = True, add_watermarker: bool | None = None,
                  feature_extractor=None, image_encoder=None) -> None:
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
-                         feature_extractor, force_zeros_for_empty_prompt, add_watermarker)
+        StableDiffusionXLBase.__init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet,
+                                       scheduler, image_encoder, feature_extractor, force_zeros_for_empty_prompt,
+                                       add_watermarker)
         self.register_modules(controlnet=as_controlnet(controlnet))
 
-    def control_images(self, state: CallState, image, height: int | None, width: int | None, prompts: int,
-                       num_images_per_prompt: int, guess_mode: bool, device):
-        """The control image(s) as the nets take them (a tensor, or a list per net): resized to
-        ``height`` x ``width`` (default: their own size), repeated to the batch, doubled for
-        guidance unless ``guess_mode``."""
-        return prepare_control_images(
-            self.controlnet, image, width=width, height=height, batch_size=prompts * num_images_per_prompt,
-            num_images_per_prompt=num_images_per_prompt, device=device, do_classifier_free_guidance=self.guided(state),
-            guess_mode=guess_mode, prompt_batch=prompts, vae_scale_factor=self.vae_scale_factor)
-
-    def controlled_noise(self, state: CallState, control: ControlNetCall, step: int, latents: torch.Tensor, t,
-                         prompt_embeds: torch.Tensor, timestep_cond: torch.Tensor | None) -> torch.Tensor:
-        """The nets' residuals of ``step`` (into the call's ``denoiser_kwargs``), then the guided UNet prediction."""
+    def predict_controlled_noise(self, state: CallState, control: ControlNetCall, step: int, latents: torch.Tensor,
+                                 t, prompt_embeds: torch.Tensor, timestep_cond: torch.Tensor | None = None,
+                                 extra_channels: torch.Tensor | None = None) -> torch.Tensor:
+        """The nets' residuals of ``step`` (they read the call's added conditioning) into the call's
+        ``denoiser_kwargs``, then the guided UNet prediction."""
         state.denoiser_kwargs.update(control.residuals(state.scheduler, step, latents, t, prompt_embeds,
                                                        guided=self.guided(state),
                                                        added_cond_kwargs=state.denoiser_kwargs[ADDED_COND]))
-        return self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
+        return self.predict_noise(state, latents, t, prompt_embeds, timestep_cond, extra_channels=extra_channels)
 
     def control_after_step(self, state: CallState, control: ControlNetCall, step: int, t, latents: torch.Tensor,
                            prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,13 +133,12 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLControlNetBase):
                                  output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         self.check_xl_prompts(prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        check_controlnet_arguments(self.controlnet, controlnet_conditioning_scale, control_guidance_start,
-                                   control_guidance_end)
+        guess_mode = self.begin_control(controlnet_conditioning_scale, guess_mode, control_guidance_start,
+                                        control_guidance_end)
         state.denoising_end = denoising_end
         prompts = prompt_batch_size(prompt, prompt_embeds)
         batch_size = prompts * num_images_per_prompt
         device = self._execution_device
-        guess_mode = resolve_guess_mode(self.controlnet, guess_mode)
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
         prompt_embeds, pooled, negative_pooled = self.unet_text_inputs(
@@ -155,7 +147,7 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLControlNetBase):
             prompt_weighting)
 
         # 2. control images: they set the output size
-        images = self.control_images(state, image, height, width, prompts, num_images_per_prompt, guess_mode, device)
+        images = self.control_images(state, image, height, width, prompts, num_images_per_prompt, guess_mode)
         height, width = _first(images).shape[-2:]
 
         # 3. schedule, starting noise, and which steps each net runs (over the whole schedule)
@@ -182,7 +174,7 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLControlNetBase):
             for i, t in enumerate(timesteps):
                 if state.interrupt:
                     continue
-                noise_pred = self.controlled_noise(state, control, i, latents, t, prompt_embeds, timestep_cond)
+                noise_pred = self.predict_controlled_noise(state, control, i, latents, t, prompt_embeds, timestep_cond)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
                 if state.callback is not None:
                     latents, prompt_embeds = self.control_after_step(state, control, i, t, latents, prompt_embeds)

@@ -9,7 +9,7 @@ import torch
 from ..utils import Generator
 from .call_checks import check_call_arguments
 from .call_state import pipeline_call
-from .controlnet_common import check_controlnet_arguments, prepare_controlnet_call, resolve_guess_mode
+from .controlnet_common import prepare_controlnet_call
 from .image_processing import preprocess_images
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_img2img import ImageToImageLatents
@@ -93,12 +93,11 @@ class StableDiffusionXLControlNetImg2ImgPipeline(RefinerConditioning, ImageToIma
                                  output_type, guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         self.check_xl_prompts(prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        check_controlnet_arguments(self.controlnet, controlnet_conditioning_scale, control_guidance_start,
-                                   control_guidance_end)
+        guess_mode = self.begin_control(controlnet_conditioning_scale, guess_mode, control_guidance_start,
+                                        control_guidance_end)
         prompts = prompt_batch_size(prompt, prompt_embeds)
         count = prompts * num_images_per_prompt
         device = self._execution_device
-        guess_mode = resolve_guess_mode(self.controlnet, guess_mode)
 
         # 1. text embeddings; with guidance the negative half goes first in one batch
         prompt_embeds, pooled, negative_pooled = self.unet_text_inputs(
@@ -109,7 +108,7 @@ class StableDiffusionXLControlNetImg2ImgPipeline(RefinerConditioning, ImageToIma
         # 2. the image and the control image(s), which set the size of the time ids
         image = preprocess_images(image, height, width, multiple=self.vae_scale_factor, latent_channels=4)
         images = self.control_images(state, control_image, height, width, prompts, num_images_per_prompt,
-                                     guess_mode, device)
+                                     guess_mode)
         height, width = _first(images).shape[-2:]
 
         # 3. the schedule's tail for strength, the image's latents noised to its start
@@ -136,7 +135,7 @@ class StableDiffusionXLControlNetImg2ImgPipeline(RefinerConditioning, ImageToIma
             for i, t in enumerate(timesteps):
                 if state.interrupt:
                     continue
-                noise_pred = self.controlled_noise(state, control, i, latents, t, prompt_embeds, None)
+                noise_pred = self.predict_controlled_noise(state, control, i, latents, t, prompt_embeds, None)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
                 if state.callback is not None:
                     latents, prompt_embeds = self.control_after_step(state, control, i, t, latents, prompt_embeds)

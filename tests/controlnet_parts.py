@@ -1,5 +1,6 @@
-"""A tiny SDXL ControlNet for the tiny SDXL UNet of ``sdxl_pipeline_parts`` (32-pixel control
-images, 16-pixel latents: one stride-2 step in the conditioning embedding)."""
+"""Tiny ControlNets that change the image: an SDXL one for the tiny SDXL UNet of
+``sdxl_pipeline_parts`` (32-pixel control images, 16-pixel latents: one stride-2 step in the
+conditioning embedding), and random weights for any net (such as ``ControlNetModel.from_unet``'s)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ def random_controlnet(cls, seed: int, **changes):
     """``cls(**CONTROLNET_CONFIG, **changes)`` (diffusekit's or the reference's ControlNetModel) with
     seeded weights, its zero-initialised convolutions random too (else the net adds nothing)."""
     torch.manual_seed(seed)
-    net = cls(**{**CONTROLNET_CONFIG, **changes})
+    return randomized(cls(**{**CONTROLNET_CONFIG, **changes}))
+
+
+def randomized(net):
+    """``net`` with its all-zero parameters (the zero convolutions) drawn from N(0, 0.3^2), in eval mode."""
     with torch.no_grad():
         for parameter in net.parameters():
             if not parameter.any():
