@@ -1,11 +1,12 @@
 """Control images for ControlNets, made without downloads: Canny edges, depth maps from a depth
 estimator the user has, and pose (or any ready-made) images read as given.
 
-:func:`canny` follows OpenCV's ``cv2.Canny(image, 100, 200)`` (the call the diffusers docs use):
-3x3 Sobel gradients of the 0-255 grayscale image, L1 magnitude ``|gx| + |gy|`` (``l2_gradient``
-for the Euclidean one), non-maximum suppression along the gradient direction and hysteresis
-(pixels above ``high_threshold`` start edges, 8-connected pixels above ``low_threshold`` extend
-them). OpenCV does not blur; ``blur_sigma`` > 0 smooths with a Gaussian first.
+:func:`canny` follows OpenCV's ``cv2.Canny(image, 100, 200)`` (the call the diffusers docs use,
+on the RGB array): 3x3 Sobel gradients on the 0-255 scale (of each colour channel, keeping the
+strongest), L1 magnitude ``|gx| + |gy|`` (``l2_gradient`` for the Euclidean one), non-maximum
+suppression along the gradient direction and hysteresis (pixels above ``high_threshold`` start
+edges, 8-connected pixels above ``low_threshold`` extend them). OpenCV does not blur;
+``blur_sigma`` > 0 smooths with a Gaussian first.
 """
 
 from __future__ import annotations
@@ -16,11 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .pipelines.image_processing import convert_pil
-
-#: Weights of ITU-R 601 luma (PIL's and OpenCV's RGB -> gray).
-_LUMA = np.array([0.299, 0.587, 0.114])
-
+from .pipelines.image_processing import WIDE_GRAYSCALE_MODES, convert_pil
 
 def load_control_image(image: Image.Image | str | Path) -> Image.Image:
     """A control image as given (a pose skeleton, a ready edge or depth map): an RGB PIL image,
@@ -37,16 +34,21 @@ def load_control_image(image: Image.Image | str | Path) -> Image.Image:
     return convert_pil(image, "RGB")
 
 
-def _gray(image) -> np.ndarray:
-    """``image`` (PIL, or an array (H, W) / (H, W, C) of uint8 or floats in [0, 1]) as float 0-255 (H, W)."""
+def _channels(image) -> np.ndarray:
+    """``image`` (PIL, or an array (H, W) / (H, W, C) of uint8 or floats in [0, 1]) as float 0-255
+    channels (C, H, W): one for grayscale, three for colour (alpha dropped)."""
     if isinstance(image, Image.Image):
-        image = np.asarray(convert_pil(image, "RGB"))
+        image = np.asarray(convert_pil(image, "L" if image.mode in ("L", "LA", "1", *WIDE_GRAYSCALE_MODES) else "RGB"))
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a PIL image or a numpy array, got {type(image).__name__}")
     if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
-        image = image[..., 0] if image.shape[-1] == 1 else image[..., :3] @ _LUMA
-    if image.ndim != 2 or min(image.shape) < 1:
+        image = np.moveaxis(image[..., :3], -1, 0)
+    elif image.ndim == 2:
+        image = image[None]
+    else:
         raise ValueError(f"image must be shaped (H, W) or (H, W, 1|3|4), got {image.shape}")
+    if min(image.shape) < 1:
+        raise ValueError(f"image must not be empty, got shape {image.shape}")
     values = image.astype(np.float64)
     if not np.isfinite(values).all():
         raise ValueError("image holds NaN or infinite values")
@@ -54,28 +56,34 @@ def _gray(image) -> np.ndarray:
 
 
 def _gaussian_blur(values: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur (radius 3 sigma, edges replicated)."""
+    """Separable Gaussian blur of (C, H, W) channels (radius 3 sigma, edges replicated)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
-    for axis in (0, 1):
-        padded = np.pad(values, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+    for axis in (1, 2):
+        padded = np.pad(values, [(radius, radius) if a == axis else (0, 0) for a in range(3)], mode="edge")
         values = sum(w * np.take(padded, np.arange(i, i + values.shape[axis]), axis=axis)
                      for i, w in enumerate(taps))
     return values
 
 
-def _sobel(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(gx, gy)``: 3x3 Sobel derivatives, borders reflected as OpenCV's default (``BORDER_REFLECT_101``)."""
-    p = np.pad(values, 1, mode="reflect") if min(values.shape) > 1 else np.pad(values, 1, mode="edge")
-    rows = p[:-2] + 2 * p[1:-1] + p[2:]
-    cols = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]
-    return rows[:, 2:] - rows[:, :-2], cols[2:] - cols[:-2]
+def _gradients(values: np.ndarray, l2_gradient: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(gx, gy, magnitude)`` (H, W): 3x3 Sobel derivatives of each channel (edge pixels repeated
+    outwards), and per pixel those of the channel with the largest magnitude (the first on ties), as
+    OpenCV's Canny does for colour images."""
+    p = np.pad(values, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows = p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]
+    cols = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
+    gx, gy = rows[:, :, 2:] - rows[:, :, :-2], cols[:, 2:] - cols[:, :-2]
+    magnitude = np.hypot(gx, gy) if l2_gradient else np.abs(gx) + np.abs(gy)
+    best = np.argmax(magnitude, axis=0)[None]
+    return tuple(np.take_along_axis(x, best, axis=0)[0] for x in (gx, gy, magnitude))
 
 
 def _thin(magnitude: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     """Non-maximum suppression: where ``magnitude`` peaks along the gradient direction (rounded to
-    0, 45, 90 or 135 degrees; strictly above one neighbour, at least the other, as OpenCV)."""
+    0, 45, 90 or 135 degrees). As OpenCV: along the axes strictly above the previous neighbour and
+    at least the next, along the diagonals strictly above both."""
     p = np.pad(magnitude, 1)
     h, w = magnitude.shape
 
@@ -86,7 +94,8 @@ def _thin(magnitude: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     sector = (((angle + 22.5) // 45) % 4).astype(np.int8)  # 0: horizontal gradient, 2: vertical
     peak = np.zeros_like(magnitude, dtype=bool)
     for index, (dy, dx) in enumerate([(0, 1), (1, 1), (1, 0), (1, -1)]):
-        keep = (magnitude > shifted(-dy, -dx)) & (magnitude >= shifted(dy, dx))
+        after = shifted(dy, dx)
+        keep = (magnitude > shifted(-dy, -dx)) & ((magnitude > after) if dy and dx else (magnitude >= after))
         peak |= (sector == index) & keep
     return peak
 
@@ -114,19 +123,19 @@ def canny_edges(image, low_threshold: float = 100, high_threshold: float = 200, 
                 l2_gradient: bool = False) -> np.ndarray:
     """Canny edge map of ``image`` as a bool array (H, W); thresholds on the 0-255 Sobel scale.
 
-    ``image``: PIL image or numpy array (H, W) / (H, W, C), uint8 or floats in [0, 1]; colour is
-    reduced to luma first. ValueError for thresholds that are negative or out of order.
+    ``image``: PIL image or numpy array (H, W) / (H, W, C), uint8 or floats in [0, 1]; colour
+    channels each give gradients (the strongest counts). ValueError for thresholds that are negative
+    or out of order.
     """
     if not 0 <= low_threshold <= high_threshold:
         raise ValueError(f"low_threshold ({low_threshold}) and high_threshold ({high_threshold}) must satisfy "
                          "0 <= low_threshold <= high_threshold")
     if blur_sigma < 0:
         raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
-    values = _gray(image)
+    values = _channels(image)
     if blur_sigma > 0:
         values = _gaussian_blur(values, blur_sigma)
-    gx, gy = _sobel(values)
-    magnitude = np.hypot(gx, gy) if l2_gradient else np.abs(gx) + np.abs(gy)
+    gx, gy, magnitude = _gradients(values, l2_gradient)
     peak = _thin(magnitude, gx, gy)
     return _hysteresis(peak & (magnitude > high_threshold), peak & (magnitude > low_threshold))
 
