@@ -49,17 +49,17 @@ def _channels(image) -> np.ndarray:
         raise ValueError(f"image must be shaped (H, W) or (H, W, 1|3|4), got {image.shape}")
     if min(image.shape) < 1:
         raise ValueError(f"image must not be empty, got shape {image.shape}")
-    values = image.astype(np.float64)
+    values = image.astype(np.float32)  # exact for 8-bit values and their Sobel sums
     if not np.isfinite(values).all():
         raise ValueError("image holds NaN or infinite values")
-    return values if image.dtype == np.uint8 else values * 255.0
+    return values if image.dtype == np.uint8 else values * np.float32(255.0)
 
 
 def _gaussian_blur(values: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of (C, H, W) channels (radius 3 sigma, edges replicated)."""
     radius = max(1, int(np.ceil(3 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps /= taps.sum()
+    taps = (taps / taps.sum()).astype(np.float32)
     for axis in (1, 2):
         padded = np.pad(values, [(radius, radius) if a == axis else (0, 0) for a in range(3)], mode="edge")
         values = sum(w * np.take(padded, np.arange(i, i + values.shape[axis]), axis=axis)
@@ -76,6 +76,8 @@ def _gradients(values: np.ndarray, l2_gradient: bool) -> tuple[np.ndarray, np.nd
     cols = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
     gx, gy = rows[:, :, 2:] - rows[:, :, :-2], cols[:, 2:] - cols[:, :-2]
     magnitude = np.hypot(gx, gy) if l2_gradient else np.abs(gx) + np.abs(gy)
+    if len(values) == 1:
+        return gx[0], gy[0], magnitude[0]
     best = np.argmax(magnitude, axis=0)[None]
     return tuple(np.take_along_axis(x, best, axis=0)[0] for x in (gx, gy, magnitude))
 
