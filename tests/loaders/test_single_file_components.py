@@ -6,6 +6,7 @@ import torch
 
 from diffusekit import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     StableDiffusionDepth2ImgPipeline,
     StableDiffusionPipeline,
@@ -69,4 +70,5 @@ def test_models_load_their_part_by_component_not_class_name(depth_checkpoint):
     vae = AutoencoderKL.from_single_file(path, config=folder, subfolder="vae")
     expected = AutoencoderKL.from_pretrained(folder / "vae").state_dict()
     assert all(torch.equal(vae.state_dict()[k], v) for k, v in expected.items())
-    assert {UNet2DConditionModel.single_file_component, AutoencoderKL.single_file_component} == set(PARTS)
+    assert {UNet2DConditionModel.single_file_component, AutoencoderKL.single_file_component,
+            ControlNetModel.single_file_component} == set(PARTS)

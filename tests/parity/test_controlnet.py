@@ -123,6 +123,16 @@ def test_text_to_image_two_nets(folders, options):
     _both(pair, prompt="a dog", image=[_image(0), _image(1)], negative_prompt="cat", **options)
 
 
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_text_to_image_other_schedulers(folders, scheduler, tmp_path):
+    ours, ref = (getattr(lib, NAMES["text"]).from_pretrained(folders["one"]) for lib in (diffusekit, diffusers))
+    for pipe, lib in ((ours, diffusekit), (ref, diffusers)):
+        pipe.scheduler = getattr(lib, scheduler).from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    for guess_mode in (False, True):
+        _both((ours, ref), prompt="the cat", image=_image(4), guess_mode=guess_mode)
+
+
 def test_text_to_image_two_nets_per_prompt_images(folders):
     pair = _pair(folders["two"], "text")
     images = [[_image(0), _image(1)], [_image(2), _image(3)]]
@@ -250,3 +260,56 @@ def _shipped_config():
     from diffusekit.loaders.single_file_model import CONFIG_ROOT
 
     return CONFIG_ROOT / "controlnet_sd1" / "config.json"
+
+
+def test_original_layout_file_loads_alike_in_both(tmp_path):
+    """The test helper's original-layout file is what the reference's single-file loader reads, and ours
+    loads it equal to the folder (the original hint block has 4 levels, as the reference's loader expects)."""
+    from safetensors.torch import save_file
+
+    from controlnet_files import original_controlnet_state
+
+    folder = tmp_path / "controlnet"
+    reference_net(5, conditioning_embedding_out_channels=(4, 4, 8, 8)).save_pretrained(folder)
+    net = diffusekit.ControlNetModel.from_pretrained(folder)
+    path = tmp_path / "control_tiny.safetensors"
+    save_file(original_controlnet_state(net.state_dict(), dict(net.config), prefix="control_model."), str(path))
+    ours = diffusekit.ControlNetModel.from_single_file(path, config=folder)
+    ref = diffusers.ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+    expected = diffusers.ControlNetModel.from_pretrained(folder).state_dict()
+    for key, tensor in expected.items():
+        assert torch.equal(ours.state_dict()[key], tensor), key
+        assert torch.equal(ref.state_dict()[key], tensor), key
+
+
+def test_from_unet_same_seed_same_weights():
+    """from_unet (how ControlNets are trained) draws the hint block's weights as the reference does."""
+    nets = []
+    for lib in (diffusers, diffusekit):
+        torch.manual_seed(0)
+        unet = lib.UNet2DConditionModel(**UNET_CONFIG)
+        torch.manual_seed(1)
+        nets.append(lib.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).state_dict())
+    assert list(nets[0]) == list(nets[1])
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+
+
+def test_attention_slicing_and_concurrent_calls(folders):
+    """Slicing leaves the result unchanged; two calls at once on one pipeline keep their own residuals."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours, ref = _pair(folders["two"], "text")
+    kwargs = dict(prompt="a dog", num_inference_steps=3, output_type="np")
+    calls = [dict(image=[_image(0), _image(1)], controlnet_conditioning_scale=[0.5, 1.0]),
+             dict(image=[_image(2), _image(3)], guess_mode=True, control_guidance_end=0.5)]
+    expected = [ref(generator=torch.Generator().manual_seed(0), **kwargs, **c).images for c in calls]
+    ours.enable_attention_slicing("max")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(lambda c=c: ours(generator=torch.Generator().manual_seed(0), **kwargs, **c).images)
+                       for c in calls]
+            results = [f.result() for f in futures]
+    finally:
+        ours.disable_attention_slicing()
+    for got, want in zip(results, expected):
+        assert float(np.abs(got - want).max()) <= TOL

@@ -25,6 +25,11 @@ and resamplers in one sequence):
 * resnet internals: ``norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut`` = ``in_layers.0,
   in_layers.2, emb_layers.1, out_layers.0, out_layers.3, skip_connection``.
 
+ControlNet rules (:data:`CONTROLNET_PREFIX` in a full checkpoint): the UNet's down path and mid block
+as above, ``controlnet_cond_embedding.conv_in`` = ``input_hint_block.0``, ``.blocks.k`` =
+``input_hint_block.{2k + 2}``, ``.conv_out`` = the hint block's last conv (SiLUs in between),
+``controlnet_down_blocks.i`` = ``zero_convs.i.0``, ``controlnet_mid_block`` = ``middle_block_out.0``.
+
 VAE rules: ``{encoder,decoder}.down_blocks.i.resnets.j`` = ``encoder.down.i.block.j``; decoder up
 blocks are numbered backwards (``decoder.up_blocks.k`` = ``decoder.up.{n-1-k}``); resamplers are
 ``downsample.conv`` / ``upsample.conv``; ``mid_block.resnets.{0,1}`` = ``mid.block_{1,2}``,
@@ -52,6 +57,7 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
+CONTROLNET_PREFIX = "control_model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
@@ -137,6 +143,22 @@ def unet_name_map(config) -> dict[str, str]:
         if b < len(ups) - 1:
             last = b * (layers + 1) + layers
             names[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{last}.{2 if attention else 1}.conv"
+    return names
+
+
+def controlnet_name_map(config) -> dict[str, str]:
+    """ControlNetModel module paths -> original ControlNet paths (no prefix): the UNet's down path
+    and mid block, the hint block, the zero convs."""
+    names = unet_name_map({**config, "up_block_types": ()})
+    hint_convs = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    names["controlnet_cond_embedding.conv_in"] = "input_hint_block.0"
+    names.update({f"controlnet_cond_embedding.blocks.{k}": f"input_hint_block.{2 * k + 2}"
+                  for k in range(hint_convs)})
+    names["controlnet_cond_embedding.conv_out"] = f"input_hint_block.{2 * hint_convs + 2}"
+    blocks = len(config["down_block_types"])
+    skips = blocks * (_layers_per_block(config) + 1)  # conv_in's, each layer's, each downsampler's
+    names.update({f"controlnet_down_blocks.{i}": f"zero_convs.{i}.0" for i in range(skips)})
+    names["controlnet_mid_block"] = "middle_block_out.0"
     return names
 
 

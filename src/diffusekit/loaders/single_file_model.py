@@ -40,6 +40,8 @@ PARTS = {
     "unet": Part("UNet", layout.UNET_PREFIX, "conv_in.weight", layout.unet_name_map, has_ema=True),
     "vae": Part("VAE", layout.VAE_PREFIX, "encoder.conv_norm_out.weight", layout.vae_name_map,
                 dropped_prefixes=("loss.",)),
+    "controlnet": Part("ControlNet", layout.CONTROLNET_PREFIX, "controlnet_cond_embedding.conv_in.weight",
+                       layout.controlnet_name_map),
 }
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import register_to_config
+from ..loaders.single_file_controlnet import load_controlnet_single_file
 from ..loaders.single_file_model import FromOriginalModelMixin
 from ..utils import BaseOutput
 from .attention import LEGACY_ATTENTION_RENAMES
@@ -219,6 +220,17 @@ class ControlNetModel(ModelMixin, AttentionProcessorMixin, FromOriginalModelMixi
                 if part is not None:
                     part.load_state_dict(getattr(unet, name).state_dict())
         return controlnet
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path: str | os.PathLike,
+                         config: str | os.PathLike | dict | None = None, subfolder: str | None = None,
+                         torch_dtype: torch.dtype | None = None, **kwargs: Any) -> "ControlNetModel":
+        """A ControlNet from one file: the original layout (``control_v11*`` files, or a full
+        checkpoint holding ``control_model.*``) or ours. ``config``: a dict, a ControlNet folder, or a
+        pipeline folder (``subfolder``, default ``controlnet``); default: the shipped config of the
+        file's family (SD 1.x). Other keyword arguments override config entries."""
+        return load_controlnet_single_file(cls, pretrained_model_link_or_path, config, subfolder, torch_dtype,
+                                           **kwargs)
 
     def forward(
         self,

@@ -15,12 +15,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models.controlnet import ControlNetModel, MultiControlNetModel
+from ..models.controlnet import MultiControlNetModel
 from .image_processing import preprocess_images
 
 __all__ = [
-    "ControlNetCall", "as_controlnet", "conditioning_scales", "controlnet_keep", "controlnet_nets",
-    "guidance_windows", "prepare_control_image", "prepare_control_images", "prepare_controlnet_call",
+    "ControlNetCall", "as_controlnet", "check_controlnet_arguments", "conditioning_scales", "controlnet_keep",
+    "controlnet_nets", "guidance_windows", "prepare_control_image", "prepare_control_images",
+    "prepare_controlnet_call", "resolve_guess_mode",
 ]
 
 #: The UNet keywords the residuals go under (keys of ``state.denoiser_kwargs``).
@@ -48,11 +49,8 @@ def conditioning_scales(scale: float | Sequence[float], count: int) -> list[floa
     """``controlnet_conditioning_scale`` as one float per net (a number applies to every net)."""
     if isinstance(scale, Real):
         return [float(scale)] * count
-    if isinstance(scale, (list, tuple)) and all(isinstance(s, Real) for s in scale):
-        if count == 1 and len(scale) >= 1:  # the reference uses the first entry for one net
-            return [float(scale[0])]
-        if len(scale) == count:
-            return [float(s) for s in scale]
+    if isinstance(scale, (list, tuple)) and len(scale) == count and all(isinstance(s, Real) for s in scale):
+        return [float(s) for s in scale]
     raise ValueError(f"controlnet_conditioning_scale must be a number or a list of {count} numbers "
                      f"(one per ControlNet), got {scale!r}")
 
@@ -85,31 +83,30 @@ def controlnet_keep(num_steps: int, start: Sequence[float], end: Sequence[float]
             for i in range(num_steps)]
 
 
-def _image_batch(image: Any) -> int | None:
-    """How many images a control-image argument holds (None for a kind the preprocessor will refuse)."""
+def _image_batch(image: Any) -> int:
+    """How many images a control-image argument holds (a list's length, a 4-d batch's first size, else 1)."""
     if isinstance(image, list):
         return len(image)
-    if isinstance(image, torch.Tensor) and image.ndim == 4:
-        return image.shape[0]
-    if hasattr(image, "ndim") and image.ndim == 4:  # numpy (N, H, W, C)
+    if getattr(image, "ndim", None) == 4:  # a tensor (N, C, H, W) or an array (N, H, W, C)
         return image.shape[0]
     return 1
 
 
 def prepare_control_image(image: Any, width: int | None, height: int | None, batch_size: int,
-                      num_images_per_prompt: int, device, dtype: torch.dtype,
-                      do_classifier_free_guidance: bool = False, guess_mode: bool = False,
-                      crops_coords: tuple[int, int, int, int] | None = None, resize_mode: str = "default",
-                      prompt_batch: int | None = None, vae_scale_factor: int = 8) -> torch.Tensor:
+                          num_images_per_prompt: int, device, dtype: torch.dtype,
+                          do_classifier_free_guidance: bool = False, guess_mode: bool = False,
+                          crops_coords: tuple[int, int, int, int] | None = None, resize_mode: str = "default",
+                          prompt_batch: int | None = None, vae_scale_factor: int = 8) -> torch.Tensor:
     """One net's conditioning image(s) as a tensor in [0, 1] ``(batch_size [x2], C, H, W)``.
 
     The image is resized to ``height`` x ``width`` (default: its own size, rounded down to a
-    multiple of ``vae_scale_factor``), RGB, not normalised. One image is repeated to ``batch_size``; a batch
-    (which must match ``prompt_batch``, the number of prompts) is repeated per prompt. With
-    guidance and not ``guess_mode`` the batch is doubled (the unconditional half sees it too).
+    multiple of ``vae_scale_factor``), RGB, not normalised. One image is repeated to
+    ``batch_size``; a batch (which must match ``prompt_batch``, the number of prompts) is
+    repeated per prompt. With guidance and not ``guess_mode`` the batch is doubled (the
+    unconditional half sees it too).
     """
     count = _image_batch(image)
-    if count not in (1, None) and prompt_batch is not None and count != prompt_batch:
+    if count != 1 and prompt_batch is not None and count != prompt_batch:
         raise ValueError(f"the control image batch holds {count} images but there are {prompt_batch} prompts; "
                          "pass one image or one per prompt")
     pixels = preprocess_images(image, height, width, multiple=vae_scale_factor, latent_channels=4, normalize=False,

@@ -125,7 +125,9 @@ def test_keep_scales_and_windows():
     assert cc.controlnet_keep(4, [0.0, 0.5], [0.5, 1.0]) == [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
     assert cc.guidance_windows(0.1, [0.5, 0.9], 2) == ([0.1, 0.1], [0.5, 0.9])
     assert cc.conditioning_scales(0.5, 3) == [0.5, 0.5, 0.5]
-    assert cc.conditioning_scales([0.3, 0.7], 1) == [0.3]
+    assert cc.conditioning_scales([0.3], 1) == [0.3]
+    with pytest.raises(ValueError, match="list of 1 numbers"):
+        cc.conditioning_scales([0.3, 0.7], 1)
     with pytest.raises(ValueError, match="list of 2 numbers"):
         cc.conditioning_scales([1.0, 1.0, 1.0], 2)
     with pytest.raises(ValueError, match="0 <= start < end <= 1"):
@@ -169,3 +171,36 @@ def test_call_residuals_in_guess_mode_zero_the_unconditional_half():
     torch.testing.assert_close(mid[1:], net(x, t, e, image, 0.5, guess_mode=True, return_dict=False)[1])
     late = cc.prepare_controlnet_call(net, torch.cat([image] * 2), 2, 1.0, False, 0.5, 1.0)
     assert late.step_scale(0) == 0.0 and late.step_scale(1) == 1.0
+
+
+def test_call_residuals_pass_the_conditional_half_of_added_cond_kwargs():
+    from diffusekit import DDIMScheduler
+
+    net = _net(addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=14)
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(2)
+    x, t, e, image = _inputs(batch=1)
+    g = torch.Generator().manual_seed(3)
+    added = dict(text_embeds=torch.randn(2, 6, generator=g), time_ids=torch.rand(2, 2, generator=g))
+    call = cc.prepare_controlnet_call(net, image, 2, 1.0, True, 0.0, 1.0)
+    mid = call.residuals(scheduler, 0, x, t, torch.cat([-e, e]), guided=True, added_cond_kwargs=added)[cc.MID_RESIDUAL]
+    half = {k: v[1:] for k, v in added.items()}
+    torch.testing.assert_close(mid[1:], net(x, t, e, image, guess_mode=True, added_cond_kwargs=half,
+                                            return_dict=False)[1])
+    full = cc.prepare_controlnet_call(net, torch.cat([image] * 2), 2, 1.0, False, 0.0, 1.0)
+    both = full.residuals(scheduler, 0, x, t, torch.cat([-e, e]), guided=True, added_cond_kwargs=added)
+    assert both[cc.MID_RESIDUAL].shape[0] == 2 and torch.count_nonzero(both[cc.MID_RESIDUAL][0]) > 0
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    x, t, e, image = _inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = _net().train()
+        if checkpointing:
+            net.enable_gradient_checkpointing()
+        down, mid = net(x, t, e, image, return_dict=False)
+        (mid.square().mean() + sum(d.mean() for d in down)).backward()
+        grads.append(net.down_blocks[1].attentions[0].proj_in.weight.grad)
+    assert net.is_gradient_checkpointing
+    torch.testing.assert_close(grads[1], grads[0])
