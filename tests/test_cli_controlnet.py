@@ -2,10 +2,13 @@
 Canny preprocessing, several nets, the PNG record (A1111 fields too), ``--from``, and errors that
 name the option."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from diffusekit import (
     AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetImg2ImgPipeline,
@@ -13,6 +16,7 @@ from diffusekit import (
 )
 from diffusekit.cli import main, read_png_parameters
 from diffusekit.control_preprocess import canny
+from controlnet_files import original_controlnet_state
 from controlnet_parts import random_controlnet, randomized
 from sd_components import save_tiny_sd_folder
 from sdxl_pipeline_parts import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, text_encoders, tiny_tokenizer
@@ -172,3 +176,13 @@ def test_sd_tasks_follow_the_inputs(tmp_path, capsys):
         "StableDiffusionControlNetInpaintPipeline"]
     expected = _api(StableDiffusionControlNetPipeline, base, net, image=canny(Image.open(tmp_path / "in.png")))
     np.testing.assert_array_equal(_pixels(text_png), expected)
+
+    # the net as one original-layout file, its config beside it
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(original_controlnet_state(net.state_dict(), dict(net.config)), str(single / "tiny_canny.safetensors"))
+    shutil.copy(tmp_path / "net" / "config.json", single / "config.json")
+    common[common.index(tmp_path / "net")] = single / "tiny_canny.safetensors"
+    (file_png,) = _generate(capsys, model, *common)
+    assert len(read_png_parameters(file_png)["controlnets"][0]["sha256"]) == 64
+    np.testing.assert_array_equal(_pixels(file_png), expected)

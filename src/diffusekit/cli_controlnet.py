@@ -30,7 +30,8 @@ PER_NET_OPTIONS = {"control_scale": 1.0, "control_preprocess": "none"}
 def add_controlnet_arguments(gen: argparse.ArgumentParser) -> None:
     """The ControlNet options of ``diffusekit generate``."""
     gen.add_argument("--controlnet", action="append", metavar="NET",
-                     help="a ControlNet folder, Hub id or single .safetensors file; repeat for several nets")
+                     help="a ControlNet folder, Hub id or single .safetensors file (an SD 1.x original-layout "
+                          "file as it is, others with their config.json beside them); repeat for several nets")
     gen.add_argument("--control-image", action="append", metavar="IMAGE",
                      help="the control image of each --controlnet, in the same order")
     gen.add_argument("--control-scale", action="append", type=float, metavar="SCALE",
@@ -111,12 +112,15 @@ def _check_control_image(path: str) -> None:
 
 
 def load_controlnet(net: str, dtype):
-    """One ControlNet: a folder or Hub id, or a single file (original or diffusers layout)."""
+    """One ControlNet: a folder or Hub id, or a single file (original or diffusers layout) whose
+    config is the ``config.json`` beside it, else the shipped one of its family (SD 1.x)."""
     from .models.controlnet import ControlNetModel
 
     try:
         if Path(net).is_file():
-            return ControlNetModel.from_single_file(net, torch_dtype=dtype)
+            beside = Path(net).parent
+            config = beside if (beside / "config.json").is_file() else None
+            return ControlNetModel.from_single_file(net, config=config, torch_dtype=dtype)
         return ControlNetModel.from_pretrained(net, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         raise CommandError(f"--controlnet {net}: {err}") from None
