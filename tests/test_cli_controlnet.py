@@ -125,7 +125,7 @@ def test_one_scale_applies_to_every_net(setup, tmp_path, capsys):
                               "per ControlNet"),
     (["--controlnet", "{a}", "--control-image", "{img}", "--control-image", "{img}"],
      "--control-image is given 2 times but --controlnet 1 times"),
-    (["--control-scale", "0.5"], "--control-scale need --controlnet"),
+    (["--control-scale", "0.5"], "--control-scale needs --controlnet (the net that reads the control image)"),
     (["--control-image", "{img}", "--control-end", "0.5"], "--control-image, --control-end need --controlnet"),
     (["--controlnet", "{a}", "--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"],
      "--control-scale is given 2 times for 1 ControlNets; give it once (for all) or once per --controlnet"),

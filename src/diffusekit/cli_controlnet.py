@@ -68,7 +68,8 @@ def check_controlnet_options(args: argparse.Namespace) -> None:
         given = [f"--{n.replace('_', '-')}" for n in (*PER_NET_OPTIONS, "control_image", "control_start",
                                                        "control_end") if getattr(args, n, None) is not None]
         if given:
-            raise CommandError(f"{', '.join(given)} need --controlnet (the net that reads the control image)")
+            verb = "needs" if len(given) == 1 else "need"
+            raise CommandError(f"{', '.join(given)} {verb} --controlnet (the net that reads the control image)")
         return
     if len(images) != len(nets):
         raise CommandError(f"--control-image is given {len(images)} times but --controlnet {len(nets)} times; "
