@@ -188,3 +188,28 @@ def test_img2img_needs_both_images(img2img):
         _run(ours, prompt="the cat", control_image=_image())
     with pytest.raises(ValueError, match="a control image is required"):
         _run(ours, prompt="the cat", image=_image())
+
+
+def test_threads_sharing_a_pipeline_get_the_images_of_solo_calls(two_nets):
+    """Per-call state: overlapping calls with their own scales, windows and guess mode."""
+    import threading
+
+    ours, _ = two_nets
+    options = [dict(prompt="the cat", controlnet_conditioning_scale=[0.5, 1.0]),
+               dict(prompt="a dog", guess_mode=True, control_guidance_end=[0.5, 1.0], num_inference_steps=3),
+               dict(prompt="the cat and dog", controlnet_conditioning_scale=[1.5, 0.2], guidance_scale=2.0)]
+    images = [_image(seed=1), _image(seed=2)]
+    alone = [_run(ours, seed=i, image=images, output_type="pt", **o) for i, o in enumerate(options)]
+    together, barrier = {}, threading.Barrier(len(options))
+
+    def work(i: int) -> None:
+        barrier.wait()
+        together[i] = _run(ours, seed=i, image=images, output_type="pt", **options[i])
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(options))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert all(torch.equal(alone[i], together[i]) for i in range(len(options)))
+    assert not torch.equal(alone[0], alone[2])
