@@ -182,14 +182,20 @@ def controlnet_records(args: argparse.Namespace) -> list[dict]:
     records = []
     for net, image, name, scale in zip(_nets(args), args.control_image, per_net(args, "control_preprocess"),
                                        per_net(args, "control_scale")):
-        entry = file_record(net) if Path(net).is_file() else {"path": str(Path(net).resolve())
-                                                                if Path(net).is_dir() else net}
-        records.append({**entry, "image": file_record(image), "preprocess": name, "scale": scale,
+        records.append({**_net_record(net), "image": file_record(image), "preprocess": name, "scale": scale,
                         "start": start, "end": end})
     return records
 
 
-def apply_controlnet_record(args: argparse.Namespace, record: dict, warn_if_changed: Callable[[str, dict], None]):
+def _net_record(net: str) -> dict[str, Any]:
+    """A file with its hash, a folder as an absolute path, a Hub id as given."""
+    if Path(net).is_file():
+        return file_record(net)
+    return {"path": str(Path(net).resolve()) if Path(net).is_dir() else net}
+
+
+def apply_controlnet_record(args: argparse.Namespace, record: dict,
+                            warn_if_changed: Callable[[str, dict], None]) -> None:
     """``--from``: the record's nets, control images and settings when the command line gives no
     ``--controlnet`` (``warn_if_changed(option, file entry)`` for files whose hash differs)."""
     entries = record.get("controlnets") or []
