@@ -170,3 +170,25 @@ def test_depth_map_checks_the_estimator_output():
     flat.parameters = lambda: iter(())
     with pytest.raises(ValueError, match="predicted_depth must be \\(batch, height, width\\), got \\(1, 1, 8, 8\\)"):
         depth_map(Image.new("RGB", (8, 8)), flat, _extractor)
+
+
+def test_depth_map_with_a_tiny_dpt_follows_the_docs_recipe():
+    """transformers' DPT (tiny, random): the docs' get_depth_map (bicubic to the image size, min-max
+    scaled, times 255 truncated, three equal channels)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=32, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8,
+                       backbone_out_indices=[0, 1, 2, 3])
+    torch.manual_seed(0)
+    estimator = DPTForDepthEstimation(config).eval()
+    extractor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    with torch.no_grad():
+        depth = estimator(extractor(images=image, return_tensors="pt").pixel_values).predicted_depth
+    depth = torch.nn.functional.interpolate(depth.unsqueeze(1), size=(24, 40), mode="bicubic", align_corners=False)
+    depth = (depth - depth.amin()) / (depth.amax() - depth.amin())
+    expected = (depth[0, 0].numpy() * 255.0).clip(0, 255).astype(np.uint8)
+    pixels = np.asarray(depth_map(image, estimator, extractor))
+    assert pixels.shape == (24, 40, 3)
+    assert np.array_equal(pixels, np.repeat(expected[..., None], 3, axis=-1))

@@ -156,7 +156,8 @@ def depth_map(image: Image.Image, depth_estimator, feature_extractor) -> Image.I
     Needs a depth model the user has: ``depth_estimator`` (e.g. transformers'
     ``DPTForDepthEstimation``, called on pixel values, returning ``predicted_depth``) and its
     ``feature_extractor`` (``DPTImageProcessor``); nothing is downloaded here. The depth is resized
-    bicubically to the image and scaled to 0-255 (its minimum to 0, its maximum to 255).
+    bicubically to the image and scaled to 0-255 (its minimum to 0, its maximum to 255, truncated
+    as the diffusers docs' ``get_depth_map`` does).
     """
     import torch
 
@@ -173,7 +174,7 @@ def depth_map(image: Image.Image, depth_estimator, feature_extractor) -> Image.I
                                             mode="bicubic", align_corners=False)[0, 0]
     low, high = depth.min(), depth.max()
     scaled = (depth - low) / (high - low) if high > low else torch.zeros_like(depth)
-    gray = (scaled.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    gray = (scaled * 255.0).clamp(0, 255).to(torch.uint8).cpu().numpy()
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
 
 
