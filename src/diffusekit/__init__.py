@@ -93,6 +93,8 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionControlNetPipeline": "pipelines.stable_diffusion_controlnet",
     "StableDiffusionControlNetImg2ImgPipeline": "pipelines.stable_diffusion_controlnet_img2img",
     "StableDiffusionControlNetInpaintPipeline": "pipelines.stable_diffusion_controlnet_inpaint",
+    "StableDiffusionXLControlNetPipeline": "pipelines.stable_diffusion_xl_controlnet",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "pipelines.stable_diffusion_xl_controlnet_img2img",
     "FluxPipeline": "pipelines.flux",
     "FluxImg2ImgPipeline": "pipelines.flux_img2img",
     "FluxControlNetPipeline": "pipelines.flux_controlnet",

@@ -13,6 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_controlnet import (
+    add_controlnet_arguments, apply_controlnet_record, check_controlnet_options, control_call_arguments,
+    controlnet_pipeline,
+)
 from .cli_metadata import CommandError, file_record, read_png_parameters, save_png, sha256_of
 from .cli_system import check_device, progress_bar_options, set_threads
 from .hub import check_local
@@ -84,6 +88,7 @@ def check_options(args: argparse.Namespace) -> None:
     """Every check that needs no model, so mistakes fail before anything loads."""
     _check_numbers(args)
     _check_files(args)
+    check_controlnet_options(args)
     if args.scheduler is not None:
         from .schedulers.names import SAMPLER_NAMES, normalize_name
 
@@ -166,6 +171,7 @@ def apply_record(args: argparse.Namespace, source: str) -> None:
         args.lora = [f"{e['path']}:{e['scale']}" for e in _replayed_files("--lora", record.get("loras"))]
     if args.embedding is None:
         args.embedding = [e["path"] for e in _replayed_files("--embedding", record.get("embeddings"))]
+    apply_controlnet_record(args, record, _warn_if_changed)
     if args.scheduler is None:
         args.scheduler_record = record.get("scheduler")
     if args.batch is None and args.class_label is None:  # the same call, keeping only that image
@@ -249,7 +255,11 @@ def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
         pipe = open_pipeline(args.model, dtype, getattr(args, "config", None))
     pipe.scheduler = _scheduler(pipe, args)
     loaded = {"loras": _load_loras(pipe, args.lora or []), "embeddings": _load_embeddings(pipe, args.embedding or [])}
-    return _choose_task(pipe, args.image is not None, args.mask is not None).to(device), loaded
+    if getattr(args, "controlnet", None):
+        pipe, loaded["controlnets"] = controlnet_pipeline(pipe, args, dtype)
+    else:
+        pipe = _choose_task(pipe, args.image is not None, args.mask is not None)
+    return pipe.to(device), loaded
 
 
 def open_pipeline(model: str, dtype=None, config: str | None = None):
@@ -406,6 +416,7 @@ def call_arguments(pipe, args: argparse.Namespace, labels: list[int] | None, gen
         wanted["batch_size"] = count
     elif "num_images_per_prompt" in accepted:
         wanted["num_images_per_prompt"] = count
+    wanted.update(control_call_arguments(pipe, args))
     unused = [k for k, v in wanted.items() if v is not None and k not in accepted]
     if unused:
         raise CommandError(f"{type(pipe).__name__} does not take {', '.join(unused)}")
@@ -567,3 +578,4 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the model's")
     gen.add_argument("--grid", action="store_true", help="also write a grid of all images")
     gen.add_argument("--out", default="out", help="output folder; files are named SEED-INDEX.png")
+    add_controlnet_arguments(gen)

@@ -58,9 +58,16 @@ def a1111_text(record: dict[str, Any]) -> str:
     fields = [("Steps", record.get("steps")), ("Sampler", sampler), ("CFG scale", record.get("guidance")),
               ("Seed", record.get("image_seed")), ("Size", size), ("Model", Path(model).name if model else None),
               ("Class", record.get("class_label")), ("Denoising strength", record.get("strength")),
-              ("Version", f"diffusekit {record.get('diffusekit_version')}")]
+              *_controlnet_fields(record.get("controlnets") or []), ("Version", f"diffusekit {record.get('diffusekit_version')}")]
     lines.append(", ".join(f"{key}: {value}" for key, value in fields if value is not None))
     return "\n".join(lines)
+
+
+def _controlnet_fields(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """A1111's ``ControlNet N: "Module: ..., Model: ..., Weight: ..., Guidance Start: ..., Guidance End: ..."``."""
+    return [(f"ControlNet {i}", f'"Module: {e["preprocess"]}, Model: {Path(e["path"]).stem}, Weight: {e["scale"]}, '
+                                f'Guidance Start: {e["start"]}, Guidance End: {e["end"]}"')
+            for i, e in enumerate(entries)]
 
 
 def _plain_name(class_name: str | None) -> str:

@@ -96,13 +96,9 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         extra_step = step_kwargs(scheduler, generator, eta)
 
         # 3. added conditioning: pooled text embedding and time ids
-        projection_dim = self.projection_dim(pooled)
-        time_ids = self.time_ids((*(original_size or (height, width)), *crops_coords_top_left,
-                                  *(target_size or (height, width))), projection_dim, prompt_embeds.dtype)
-        negative_time_ids = time_ids
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_time_ids = self.time_ids((*negative_original_size, *negative_crops_coords_top_left,
-                                               *negative_target_size), projection_dim, prompt_embeds.dtype)
+        time_ids, negative_time_ids = self.size_time_ids(
+            height, width, self.projection_dim(pooled), prompt_embeds.dtype, original_size, crops_coords_top_left,
+            target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size)
         self.added_conditioning(state, pooled, negative_pooled, time_ids, negative_time_ids, batch_size, device)
         timestep_cond = self.timestep_cond(guidance_scale, batch_size, device, latents.dtype)
 

@@ -227,6 +227,18 @@ class StableDiffusionXLBase(StableDiffusionBase):
                              f"embedding give {passed}; {hint}")
         return torch.tensor([list(values)], dtype=dtype)
 
+    def size_time_ids(self, height: int, width: int, projection_dim: int, dtype: torch.dtype, original_size,
+                      crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
+                      negative_target_size) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(time ids, negative time ids)`` of text-to-image: sizes default to ``height`` x ``width``;
+        the negative row is the positive one unless both negative sizes are given."""
+        time_ids = self.time_ids((*(original_size or (height, width)), *crops_coords_top_left,
+                                  *(target_size or (height, width))), projection_dim, dtype)
+        if negative_original_size is None or negative_target_size is None:
+            return time_ids, time_ids
+        return time_ids, self.time_ids((*negative_original_size, *negative_crops_coords_top_left,
+                                        *negative_target_size), projection_dim, dtype)
+
     def added_conditioning(self, state: CallState, pooled: torch.Tensor, negative_pooled: torch.Tensor | None,
                            time_ids: torch.Tensor, negative_time_ids: torch.Tensor, count: int, device) -> dict:
         """``{"text_embeds", "time_ids"}`` for the UNet, batched as the text embeddings (negative
