@@ -10,24 +10,11 @@ from ..models.controlnet_flux import FluxMultiControlNetModel
 from ..utils import Generator
 from .call_checks import check_call_arguments
 from .call_state import pipeline_call
+from .controlnet_common import conditioning_scales, controlnet_keep, guidance_windows
 from .flux import FluxPipeline
 from .flux_control import FluxControlImageMixin
 from .prompt_encoding import prompt_batch_size
 from .timesteps import progress_due
-
-
-def _per_net(value: float | Sequence[float], count: int, name: str) -> list[float]:
-    """``value`` for each of ``count`` ControlNets (a number serves all)."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
-    if len(values) != count:
-        raise ValueError(f"{name} holds {len(values)} values but there are {count} control conditions")
-    return [float(v) for v in values]
-
-
-def control_keep(step: int, num_steps: int, starts: Sequence[float], ends: Sequence[float]) -> list[float]:
-    """1.0 for each ControlNet active at ``step`` (its window ``[start, end]`` covers the step), else 0.0."""
-    return [0.0 if step / num_steps < start or (step + 1) / num_steps > end else 1.0
-            for start, end in zip(starts, ends)]
 
 
 class FluxControlNetPipeline(FluxControlImageMixin, FluxPipeline):
@@ -142,10 +129,9 @@ class FluxControlNetPipeline(FluxControlImageMixin, FluxPipeline):
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs, max_sequence_length, output_type)
         count = len(control_image) if self._multi and isinstance(control_image, (list, tuple)) else 1
-        starts = _per_net(control_guidance_start, count, "control_guidance_start")
-        ends = _per_net(control_guidance_end, count, "control_guidance_end")
-        scales = _per_net(controlnet_conditioning_scale if self._multi else
-                          _first(controlnet_conditioning_scale), count, "controlnet_conditioning_scale")
+        starts, ends = guidance_windows(control_guidance_start, control_guidance_end, count)
+        scales = conditioning_scales(controlnet_conditioning_scale if self._multi else
+                                     _first(controlnet_conditioning_scale), count)
         state = self._begin_call(guidance_scale, joint_attention_kwargs, callback_on_step_end,
                                  callback_on_step_end_tensor_inputs)
         batch_size = prompt_batch_size(prompt, prompt_embeds)
@@ -169,16 +155,16 @@ class FluxControlNetPipeline(FluxControlImageMixin, FluxPipeline):
         guidance = self.guidance_vector(guidance_scale, latents.shape[0], device)
 
         # 3. denoising loop: ControlNet residuals, then the transformer
+        keep = controlnet_keep(len(timesteps), starts, ends)
         scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress:
             for i, t in enumerate(timesteps):
                 if state.interrupt:
                     continue
                 state.current_timestep = t
-                keep = control_keep(i, len(timesteps), starts, ends)
                 state.denoiser_kwargs = self._residuals(
                     state, latents, t.expand(latents.shape[0]).to(latents.dtype), control, modes,
-                    [s * k for s, k in zip(scales, keep)], prompt_embeds, pooled_prompt_embeds, text_ids, image_ids,
+                    [s * k for s, k in zip(scales, keep[i])], prompt_embeds, pooled_prompt_embeds, text_ids, image_ids,
                     guidance_scale)
                 velocity = self.guided_velocity(state, latents, t, guidance, prompt_embeds, pooled_prompt_embeds,
                                                 text_ids, image_ids, negative, true_cfg_scale)
