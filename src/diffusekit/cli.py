@@ -115,6 +115,8 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def command_generate(args: argparse.Namespace) -> int:
     """``generate``: one run, or with ``--prompts`` one image per line of a file."""
+    if args.ray and not args.prompts:
+        raise CommandError("--ray runs a --prompts file; give --prompts FILE")
     if args.prompts:
         from .cli_batch import command_batch
 
@@ -181,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.set_defaults(func=func)
         return sub_parser
 
+    from .cli_batch import add_ray_arguments
     from .cli_generate import add_generate_arguments
 
-    add_generate_arguments(command("generate", "generate images or audio with a pipeline", command_generate))
+    generate = command("generate", "generate images or audio with a pipeline", command_generate)
+    add_generate_arguments(generate)
+    add_ray_arguments(generate)
 
     info = command("info", "print a pipeline's components and configs, or a PNG's parameters", command_info)
     info.add_argument("target", help="pipeline folder, Hub id or generated PNG")
