@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
-from .cli_batch import Job, LineRunner, write_manifest
+from .cli_batch import Job, LineRunner, check_batch, write_manifest
 from .cli_metadata import CommandError
 
 #: Logical CPUs a CPU worker asks Ray for (fractional, so that several fit on a small machine;
@@ -93,9 +92,13 @@ def worker_resources(device: str) -> dict[str, float]:
     return {"num_gpus": 1} if device.startswith("cuda") else {"num_cpus": CPU_WORKER_CPUS}
 
 
-def run_on_ray(args: argparse.Namespace, jobs: list[Job], out: Path) -> int:
+def command_batch_ray(args: argparse.Namespace) -> int:
     """Make every line's image on Ray (``--ray-address``, ``--num-workers``); print each file written,
     then write the manifest."""
+    from .cli_generate import make_out
+
+    jobs = check_batch(args)
+    out = make_out(args.out)
     if args.num_workers is not None and args.num_workers < 1:
         raise CommandError(f"--num-workers must be at least 1, got {args.num_workers}")
     ray = import_ray()

@@ -117,6 +117,10 @@ def command_generate(args: argparse.Namespace) -> int:
     """``generate``: one run, or with ``--prompts`` one image per line of a file."""
     if args.ray and not args.prompts:
         raise CommandError("--ray runs a --prompts file; give --prompts FILE")
+    if args.prompts and args.ray:
+        from .batch_ray import command_batch_ray
+
+        return command_batch_ray(args)
     if args.prompts:
         from .cli_batch import command_batch
 
@@ -148,6 +152,10 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .serving.ray_serve import command_serve_ray
+
+        return command_serve_ray(args)
     from .serving.server import command_serve as serve
 
     return serve(args)

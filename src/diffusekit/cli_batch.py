@@ -171,17 +171,12 @@ class LineRunner:
 
 
 def command_batch(args: argparse.Namespace) -> int:
-    """Run every line of ``--prompts`` (this process's share of them, or on Ray with ``--ray``); print
-    each file written."""
+    """Run every line of ``--prompts`` (this process's share of them); print each file written."""
     from .cli_generate import make_out
     from .cli_system import check_device, progress_bar_options, set_threads
 
     jobs = check_batch(args)
     out = make_out(args.out)
-    if args.ray:
-        from .batch_ray import run_on_ray
-
-        return run_on_ray(args, jobs, out)
     rank, world, state = _process_split(cpu=args.device == "cpu")
     set_threads(args.threads)
     device = check_device(args.device) if state is None or args.device == "cpu" else state.device
