@@ -9,7 +9,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from diffusekit.batch_ray import init_ray  # noqa: E402
-from diffusekit.cli import build_parser  # noqa: E402
+from diffusekit.cli import build_parser, main  # noqa: E402
 from diffusekit.serving.app import create_app  # noqa: E402
 from diffusekit.serving.ray_serve import deploy  # noqa: E402
 from diffusekit.serving.service import Settings  # noqa: E402
@@ -18,6 +18,17 @@ from servers import free_port, thread_server, wait_healthy, wait_job  # noqa: E4
 RAY_TIMEOUT_S = 180.0
 JOBS = [{"class_label": label, "seed": 40 + label, "steps": 3} for label in range(4)] + [
     {"class_label": 5, "seed": 7, "steps": 2, "n": 2}]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--host", "0.0.0.0"], "--api-key"),
+    (["--num-replicas", "0"], "error: --num-replicas must be at least 1, got 0"),
+])
+def test_option_errors_before_ray_starts(tmp_path, capsys, options, message):
+    assert main(["serve", "--ray", "--data-dir", str(tmp_path), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not ray.is_initialized()  # (runs before the module's Ray starts)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +92,4 @@ def test_cancel_stops_a_running_job_on_its_replica(ray_server):
         # The replica is free again: the next job runs.
         after = client.post("/v1/jobs", json={"class_label": 1, "seed": 6, "steps": 2}).json()["id"]
         assert wait_job(client, after, timeout=RAY_TIMEOUT_S)["status"] == "succeeded"
+

@@ -68,7 +68,7 @@ class PipelineReplica:
             loop.call_soon_threadsafe(items.put_nowait, {"step": min(step + 1, total)})
 
         running = loop.run_in_executor(None, self._job_end, job, inputs, on_step)
-        running.add_done_callback(lambda done: items.put_nowait(done.result()))
+        running.add_done_callback(lambda done: items.put_nowait(_end_of(done)))
         try:
             while True:
                 item = await items.get()
@@ -98,6 +98,12 @@ class PipelineReplica:
                     "files": {image["file"]: (out / image["file"]).read_bytes() for image in images}}
 
 
+def _end_of(done: asyncio.Future) -> dict[str, Any]:
+    """A finished job thread's end item (an error outside the pipeline call fails the job too)."""
+    error = done.exception()
+    return done.result() if error is None else {"status": "failed", "error": error_of(error)}
+
+
 class RayDispatcher(JobClaims):
     """The worker of the ``Api`` replica: ``slots`` threads, each claiming the next pending job from the
     store and running it on a pipeline replica through ``handle`` (same interface as ``Worker``)."""
@@ -115,7 +121,8 @@ class RayDispatcher(JobClaims):
     @property
     def running(self) -> str | None:
         """The oldest running job (what A1111's progress shows)."""
-        return next(iter(self._steps), None)
+        running = list(self._steps)  # one step under the GIL: the dispatch threads change it
+        return running[0] if running else None
 
     def progress(self, job_id: str) -> int | None:
         return self._steps.get(job_id)
@@ -150,13 +157,13 @@ class RayDispatcher(JobClaims):
     def _run(self, job: dict[str, Any]) -> None:
         job_id, params = job["id"], job["params"]
         self.events.publish(job_id, "started", job_view(job))
-        inputs = {name: (self.data_dir / "inputs" / f"{params[name]}.png").read_bytes()
-                  for name in ("image", "mask_image") if name in params}
         end: dict[str, Any] = {"status": "failed", "error": {"code": "internal_error",
                                                              "message": "the pipeline replica sent no result"}}
         try:
             if job_id in self._cancelled:
                 raise JobCancelled(job_id)
+            inputs = {name: (self.data_dir / "inputs" / f"{params[name]}.png").read_bytes()
+                      for name in ("image", "mask_image") if name in params}
             response = self.handle.options(stream=True).run.remote(job, inputs)
             self._responses[job_id] = response
             for item in response:
@@ -165,9 +172,8 @@ class RayDispatcher(JobClaims):
                     self.events.publish(job_id, "progress", {"step": item["step"], "total": job["progress"]["total"]})
                 else:
                     end = item
-        except Exception as err:  # cancelled through Ray, or the replica died
-            end = {"status": "cancelled"} if job_id in self._cancelled else {
-                "status": "failed", "error": {"code": "internal_error", "message": f"{type(err).__name__}: {err}"}}
+        except Exception as err:  # cancelled (through Ray), an input gone, or the replica died
+            end = {"status": "cancelled"} if job_id in self._cancelled else {"status": "failed", "error": error_of(err)}
         self._finish(job_id, end)
 
     def _finish(self, job_id: str, end: dict[str, Any]) -> None:
@@ -218,8 +224,6 @@ def deploy(args: argparse.Namespace) -> str:
     """Start Ray Serve on ``--host``/``--port`` and deploy the two deployments; the base URL."""
     from ray import serve
 
-    if args.num_replicas is not None and args.num_replicas < 1:
-        raise ValueError(f"--num-replicas must be at least 1, got {args.num_replicas}")
     replicas = replica_count(args)
     resources = {"num_gpus": 1} if args.device.startswith("cuda") else {"num_cpus": CPU_REPLICA_CPUS}
     pipelines = serve.deployment(PipelineReplica, name="Pipelines", num_replicas=replicas, max_ongoing_requests=1,
@@ -247,6 +251,8 @@ def command_serve_ray(args: argparse.Namespace) -> int:
     from .server import settings_from
 
     settings = settings_from(args)  # option errors before Ray starts
+    if args.num_replicas is not None and args.num_replicas < 1:
+        raise ValueError(f"--num-replicas must be at least 1, got {args.num_replicas}")
     ray = import_ray()
     started = init_ray(args.ray_address)
     try:
