@@ -3,13 +3,14 @@ manifest as the local run, a rerun makes only the missing lines, and a bad line 
 its file and line (embedded digits model, 3 steps). One local Ray instance for the module."""
 
 import shutil
+import sys
 
 import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from diffusekit.batch_ray import init_ray  # noqa: E402
+from diffusekit.batch_ray import import_ray, init_ray  # noqa: E402
 from diffusekit.cli import main  # noqa: E402
 
 LINES = ["3", "", "# a comment", "0", "7", "1"]  # prompts on lines 1, 4, 5, 6
@@ -84,3 +85,10 @@ def test_option_errors_before_ray_starts(prompts, tmp_path, capsys, argv, messag
         argv = ["generate", "--prompts", str(prompts), "--out", str(tmp_path), "--ray", *argv]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == message
+
+
+@pytest.mark.parametrize("part", ["data", "serve"])
+def test_without_ray_the_error_names_the_extra(monkeypatch, part):
+    monkeypatch.setitem(sys.modules, f"ray.{part}", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=rf"--ray needs Ray {part.title()}: pip install 'diffusekit\[ray\]'"):
+        import_ray(part)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from typing import Any
 
 from .cli_batch import Job, LineRunner, check_batch, write_manifest
@@ -24,14 +25,16 @@ from .cli_metadata import CommandError
 CPU_WORKER_CPUS = 0.5
 
 
-def import_ray():
-    """The ``ray`` module; ImportError naming the extra when it is not installed."""
+def import_ray(part: str = "data"):
+    """The ``ray`` module with ``ray.PART`` (data, serve) imported; ImportError naming the extra when
+    it is not installed."""
+    import importlib
+
     try:
-        import ray
-        import ray.data
+        importlib.import_module(f"ray.{part}")
     except ImportError as err:
-        raise ImportError(f"--ray needs Ray Data: pip install 'diffusekit[ray]' ({err})") from None
-    return ray
+        raise ImportError(f"--ray needs Ray {part.title()}: pip install 'diffusekit[ray]' ({err})") from None
+    return sys.modules["ray"]
 
 
 def init_ray(address: str | None, *, local_cpus: int | None = None) -> bool:

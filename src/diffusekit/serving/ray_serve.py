@@ -224,6 +224,8 @@ def deploy(args: argparse.Namespace) -> str:
     """Start Ray Serve on ``--host``/``--port`` and deploy the two deployments; the base URL."""
     from ray import serve
 
+    from .server import settings_from
+
     replicas = replica_count(args)
     resources = {"num_gpus": 1} if args.device.startswith("cuda") else {"num_cpus": CPU_REPLICA_CPUS}
     pipelines = serve.deployment(PipelineReplica, name="Pipelines", num_replicas=replicas, max_ongoing_requests=1,
@@ -231,10 +233,7 @@ def deploy(args: argparse.Namespace) -> str:
     # The store and the images stay on the head node (where `diffusekit serve --ray` runs).
     api = serve.deployment(serve.ingress()(ApiReplica), name="Api", num_replicas=1, ray_actor_options={
         "num_cpus": CPU_REPLICA_CPUS, "resources": {"node:__internal_head__": 0.001}}, logging_config=SERVE_LOGGING)
-    from .server import settings_from
-
-    app_args = copy.copy(args)
-    app_args.func = None  # the command function: nothing the replicas need
+    app_args = copy.copy(args)  # the replica may run elsewhere: the data folder as this machine resolves it
     app_args.data_dir = str(settings_from(args).data_dir.resolve())
     serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port},
                 logging_config=SERVE_LOGGING)
@@ -253,7 +252,7 @@ def command_serve_ray(args: argparse.Namespace) -> int:
     settings = settings_from(args)  # option errors before Ray starts
     if args.num_replicas is not None and args.num_replicas < 1:
         raise ValueError(f"--num-replicas must be at least 1, got {args.num_replicas}")
-    ray = import_ray()
+    ray = import_ray("serve")
     started = init_ray(args.ray_address)
     try:
         url = deploy(args)
