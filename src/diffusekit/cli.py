@@ -117,7 +117,7 @@ def command_generate(args: argparse.Namespace) -> int:
     """``generate``: one run, or with ``--prompts`` one image per line of a file."""
     if args.ray and not args.prompts:
         raise CommandError("--ray runs a --prompts file; give --prompts FILE")
-    if args.prompts and args.ray:
+    if args.ray:
         from .batch_ray import command_batch_ray
 
         return command_batch_ray(args)
