@@ -115,6 +115,12 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def command_generate(args: argparse.Namespace) -> int:
     """``generate``: one run, or with ``--prompts`` one image per line of a file."""
+    if args.ray and not args.prompts:
+        raise CommandError("--ray runs a --prompts file; give --prompts FILE")
+    if args.ray:
+        from .batch_ray import command_batch_ray
+
+        return command_batch_ray(args)
     if args.prompts:
         from .cli_batch import command_batch
 
@@ -146,6 +152,10 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def command_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .serving.ray_serve import command_serve_ray
+
+        return command_serve_ray(args)
     from .serving.server import command_serve as serve
 
     return serve(args)
@@ -181,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.set_defaults(func=func)
         return sub_parser
 
+    from .cli_batch import add_ray_arguments
     from .cli_generate import add_generate_arguments
 
-    add_generate_arguments(command("generate", "generate images or audio with a pipeline", command_generate))
+    generate = command("generate", "generate images or audio with a pipeline", command_generate)
+    add_generate_arguments(generate)
+    add_ray_arguments(generate)
 
     info = command("info", "print a pipeline's components and configs, or a PNG's parameters", command_info)
     info.add_argument("target", help="pipeline folder, Hub id or generated PNG")

@@ -121,44 +121,74 @@ def _done(path: Path, line: int, seed: int, prompt: Any) -> bool:
     return (record.get("line"), record.get("seed"), record.get("prompt")) == (line, seed, prompt)
 
 
-def command_batch(args: argparse.Namespace) -> int:
-    """Run every line of ``--prompts`` (this process's share of them); print each file written."""
-    from .cli_generate import (_base_record, call_arguments, check_options, class_labels, load_pipeline,
-                               make_out, resolved_values)
-    from .cli_system import check_device, progress_bar_options, set_threads
+def check_batch(args: argparse.Namespace) -> list[Job]:
+    """The jobs of ``--prompts`` once the command's options are checked (nothing is loaded yet)."""
+    from .cli_generate import check_options
 
     if args.from_image or args.prompt or args.image or args.mask or args.batch or args.grid or args.refiner:
         raise CommandError("--prompts takes no --from, --prompt, --image, --mask, --batch, --grid or --refiner "
                            "(give per-line parameters in a .jsonl file)")
     jobs = read_jobs(args.prompts)
     check_options(args)
+    return jobs
+
+
+class LineRunner:
+    """The loaded pipeline of a batch run: makes one line's image into ``--out`` (a complete one is kept)."""
+
+    def __init__(self, args: argparse.Namespace, device) -> None:
+        from .cli_generate import load_pipeline
+
+        self.args, self.device, self.out = args, device, Path(args.out)
+        self.pipe, self.loaded = load_pipeline(args, device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.conditional = "class_labels" in inspect.signature(self.pipe.__call__).parameters
+
+    def run(self, job: Job) -> Path | None:
+        """Write the line's image; its path, or None when a complete one was there already."""
+        import torch
+
+        from .cli_generate import _base_record, call_arguments, class_labels, resolved_values
+
+        line_args, pipe = job_args(self.args, job, self.conditional), self.pipe
+        path = self.out / job.file_name
+        if _done(path, job.line, line_args.seed, line_args.prompt):
+            return None
+        try:
+            labels = class_labels(pipe, line_args)
+        except CommandError as err:
+            raise CommandError(f"{self.args.prompts}:{job.line}: {err}") from None
+        if labels is not None and len(labels) != 1:
+            raise CommandError(f"{self.args.prompts}:{job.line}: give a class (number or name) for this model")
+        kwargs = call_arguments(pipe, line_args, labels, torch.Generator("cpu").manual_seed(line_args.seed))
+        resolved = resolved_values(pipe, line_args, kwargs)
+        image = pipe(**kwargs).images[0]
+        record = {**_base_record(pipe, line_args, self.loaded, line_args.seed, 1), **resolved, "line": job.line,
+                  "device": str(torch.device(self.device).type), "width": image.width, "height": image.height,
+                  "class_label": labels[0] if labels else None}
+        save_png(image, path, record)
+        return path
+
+
+def command_batch(args: argparse.Namespace) -> int:
+    """Run every line of ``--prompts`` (this process's share of them); print each file written."""
+    from .cli_generate import make_out
+    from .cli_system import check_device, progress_bar_options, set_threads
+
+    jobs = check_batch(args)
     out = make_out(args.out)
     rank, world, state = _process_split(cpu=args.device == "cpu")
     set_threads(args.threads)
     device = check_device(args.device) if state is None or args.device == "cpu" else state.device
-    import torch
     from tqdm.auto import tqdm
 
-    pipe, loaded = load_pipeline(args, device)
-    pipe.set_progress_bar_config(disable=True)
-    conditional = "class_labels" in inspect.signature(pipe.__call__).parameters
+    runner = LineRunner(args, device)
     mine = jobs[rank::world]
     bar_options = progress_bar_options("batch")
     bar = tqdm(total=len(mine), unit="image", **{**bar_options, "disable": bar_options["disable"] or rank != 0})
     for job in mine:
-        line_args = job_args(args, job, conditional)
-        path = out / job.file_name
-        if not _done(path, job.line, line_args.seed, line_args.prompt):
-            labels = class_labels(pipe, line_args)
-            if labels is not None and len(labels) != 1:
-                raise CommandError(f"{args.prompts}:{job.line}: give a class (number or name) for this model")
-            kwargs = call_arguments(pipe, line_args, labels, torch.Generator("cpu").manual_seed(line_args.seed))
-            resolved = resolved_values(pipe, line_args, kwargs)
-            image = pipe(**kwargs).images[0]
-            record = {**_base_record(pipe, line_args, loaded, line_args.seed, 1), **resolved, "line": job.line,
-                      "device": str(torch.device(device).type), "width": image.width, "height": image.height,
-                      "class_label": labels[0] if labels else None}
-            save_png(image, path, record)
+        path = runner.run(job)
+        if path is not None:
             print(path)
         bar.update(1)
     bar.close()
@@ -180,3 +210,15 @@ def write_manifest(out: Path, jobs: list[Job]) -> Path:
         rows.append({"line": job.line, "seed": record.get("seed"), "file": job.file_name, "parameters": record})
     text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
     return atomic_write(out / MANIFEST_NAME, lambda f: f.write(text))
+
+
+def add_ray_arguments(gen: argparse.ArgumentParser) -> None:
+    """``generate --prompts ... --ray`` options (argparse only: Ray is imported when ``--ray`` runs)."""
+    gen.add_argument("--ray", action="store_true",
+                     help="with --prompts: run the lines on Ray Data, one loaded pipeline per worker "
+                          "(pip install 'diffusekit[ray]')")
+    gen.add_argument("--ray-address", metavar="ADDR",
+                     help="with --ray: a running cluster (e.g. auto, or HOST:6379) (default: start Ray on this machine)")
+    gen.add_argument("--num-workers", type=int, metavar="N",
+                     help="with --ray: workers, each holding the pipeline (default: the cluster's GPUs with "
+                          "--device cuda, else 1)")

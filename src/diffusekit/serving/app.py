@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from importlib import resources
+from typing import Callable
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,12 +20,14 @@ from .models import FieldError, ServedModel
 from .requests import JobRequest
 from .security import Guard, error_body
 from .service import Conflict, JobFailed, NotFound, Service, Settings
-from .worker import StepHook, job_view
+from .worker import StepHook, Worker, job_view
 
 
-def create_app(settings: Settings, models: dict[str, ServedModel], step_hook: StepHook | None = None):
-    """The ASGI app (guarded) serving ``models``; the worker runs while the app does."""
-    service = Service(settings, models, step_hook)
+def create_app(settings: Settings, models: dict[str, ServedModel], step_hook: StepHook | None = None,
+               worker_class: Callable[..., Worker] = Worker):
+    """The ASGI app (guarded) serving ``models``; the worker (``worker_class``: how jobs run) runs while
+    the app does."""
+    service = Service(settings, models, step_hook, worker_class)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -38,8 +38,9 @@ def settings_from(args: argparse.Namespace) -> "Settings":
                     db=args.db)
 
 
-def build(args: argparse.Namespace, step_hook: StepHook | None = None):
-    """The guarded ASGI app for the ``serve`` options (models loaded on ``--device``)."""
+def build(args: argparse.Namespace, step_hook: StepHook | None = None, worker_class=None, device: str | None = None):
+    """The guarded ASGI app for the ``serve`` options (models loaded on ``device``, default ``--device``;
+    ``worker_class``: how jobs run, default the in-process worker thread)."""
     try:
         from .app import create_app
     except ImportError as err:
@@ -48,8 +49,9 @@ def build(args: argparse.Namespace, step_hook: StepHook | None = None):
     from .models import load_models
 
     settings = settings_from(args)
-    models = load_models(args.models, check_device(args.device), args.lora or [])
-    return create_app(settings, models, step_hook), settings
+    models = load_models(args.models, check_device(device or args.device), args.lora or [])
+    extra = {"worker_class": worker_class} if worker_class is not None else {}
+    return create_app(settings, models, step_hook, **extra), settings
 
 
 def command_serve(args: argparse.Namespace, step_hook: StepHook | None = None) -> int:
@@ -84,3 +86,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
     parser.add_argument("--lora", action="append", metavar="[NAME=]FILE",
                         help="a LoRA jobs may turn on by name (loras: [{name, scale}]); repeatable")
+    parser.add_argument("--ray", action="store_true",
+                        help="run on Ray Serve: the pipelines in --num-replicas replicas (pip install 'diffusekit[ray]')")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="with --ray: a running cluster (e.g. auto, or HOST:6379) (default: start Ray here)")
+    parser.add_argument("--num-replicas", type=int, metavar="N",
+                        help="with --ray: pipeline replicas (default: the cluster's GPUs with --device cuda, else 1)")

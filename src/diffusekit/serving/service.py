@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .events import EventLog
 from .jobs import FINISHED, BaseJobStore, JobStore
@@ -51,12 +51,13 @@ def open_store(db: str | None, data_dir: Path) -> BaseJobStore:
 class Service:
     """The job store, the event log and the worker, for the API endpoints."""
 
-    def __init__(self, settings: Settings, models: dict[str, ServedModel], step_hook: StepHook | None = None) -> None:
+    def __init__(self, settings: Settings, models: dict[str, ServedModel], step_hook: StepHook | None = None,
+                 worker_class: Callable[..., Worker] = Worker) -> None:
         self.settings, self.models = settings, models
         self.store = open_store(settings.db, settings.data_dir)
         self.store.recover()
         self.events = EventLog()
-        self.worker = Worker(self.store, models, self.events, settings.data_dir, step_hook)
+        self.worker = worker_class(self.store, models, self.events, settings.data_dir, step_hook)
 
     def start(self) -> None:
         self.worker.start()
@@ -77,8 +78,9 @@ class Service:
         job = self.store.get(job_id)
         if job is None:
             raise NotFound(f"no job {job_id!r}")
-        if job["status"] == "running" and self.worker.running == job_id:
-            job["progress"]["step"] = self.worker.step
+        step = self.worker.progress(job_id) if job["status"] == "running" else None
+        if step is not None:
+            job["progress"]["step"] = step
         return job_view(job) | {"queue_position": self.store.position(job)}
 
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .events import EventLog
 from .jobs import BaseJobStore
@@ -30,46 +30,62 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
                                       "started", "finished")}
 
 
-class Worker:
-    """Runs jobs of ``store`` on ``models`` in a thread; images go to ``data_dir/images/ID``."""
+class JobClaims:
+    """Claims the pending jobs of ``store`` in order, for the threads of a worker; ``notify`` wakes them."""
 
-    def __init__(self, store: BaseJobStore, models: dict[str, ServedModel], events: EventLog, data_dir: Path,
-                 step_hook: StepHook | None = None) -> None:
-        self.store, self.models, self.events, self.data_dir = store, models, events, data_dir
-        self.step_hook = step_hook
-        self.running: str | None = None
-        self.step = 0  # of the running job
-        self._cancelled: set[str] = set()
+    def __init__(self, store: BaseJobStore) -> None:
+        self.store = store
         self._wake = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="diffusekit-worker", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._wake:
-            self._stop = True
-            self._wake.notify_all()
-        self._thread.join(timeout)
 
     def notify(self) -> None:
         """New work is in the store."""
         with self._wake:
             self._wake.notify_all()
 
+    def _end_claims(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+
+    def _claims(self) -> Iterator[dict[str, Any]]:
+        """Each job this thread claims (marked running), until the worker stops."""
+        while not self._stop:
+            job = self.store.start_next()
+            if job is not None:
+                yield job
+                continue
+            with self._wake:
+                if not self._stop:
+                    self._wake.wait(IDLE_WAIT_S)
+
+
+class Worker(JobClaims):
+    """Runs jobs of ``store`` on ``models`` in a thread; images go to ``data_dir/images/ID``."""
+
+    def __init__(self, store: BaseJobStore, models: dict[str, ServedModel], events: EventLog, data_dir: Path,
+                 step_hook: StepHook | None = None) -> None:
+        super().__init__(store)
+        self.models, self.events, self.data_dir = models, events, data_dir
+        self.step_hook = step_hook
+        self.running: str | None = None
+        self.step = 0  # of the running job
+        self._cancelled: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name="diffusekit-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._end_claims()
+        self._thread.join(timeout)
+
     def cancel_running(self, job_id: str) -> None:
         """Ask a running job to stop at its next step."""
         self._cancelled.add(job_id)
 
     def _loop(self) -> None:
-        while not self._stop:
-            job = self.store.start_next()
-            if job is None:
-                with self._wake:
-                    if not self._stop:
-                        self._wake.wait(IDLE_WAIT_S)
-                continue
+        for job in self._claims():
             self.running, self.step = job["id"], 0
             try:
                 self._run(job)
@@ -85,7 +101,7 @@ class Worker:
             self._end(job_id, "cancelled")
         except Exception as err:  # one job fails alone; the server keeps serving
             logger.warning("job %s failed: %s", job_id, err)
-            self._end(job_id, "failed", error=_error_of(err))
+            self._end(job_id, "failed", error=error_of(err))
         else:
             self._end(job_id, "succeeded", images=images)
 
@@ -94,21 +110,11 @@ class Worker:
         self.events.publish(job_id, status, job_view(self.store.get(job_id)))
 
     def _generate(self, job: dict[str, Any]) -> list[dict[str, Any]]:
-        from ..cli_generate import generate_files
+        return generate_job(self.models, job, self.data_dir, self._callback(job))
 
-        params = job["params"]
-        model = self.models[params["model"]]
-        out = self.data_dir / "images" / job["id"]
-        shutil.rmtree(out, ignore_errors=True)  # what a run the process died in left behind
-        files = {name: self.data_dir / "inputs" / f"{params[name]}.png" for name in ("image", "mask_image")
-                 if name in params}
-        options = generate_options(model, params, out, files)
-        pipe = job_pipeline(model, options)
-        extra = {"callback_on_step_end": self._callback(job)} if "callback_on_step_end" in model.accepted else {}
-        loaded = model.use_loras(params.get("loras", []))
-        paths = generate_files(pipe, options, loaded, **extra)
-        return [{"url": f"/v1/jobs/{job['id']}/images/{i}", "seed": params["seed"] + i, "file": path.name}
-                for i, path in enumerate(paths)]
+    def progress(self, job_id: str) -> int | None:
+        """The steps the job has run, while this worker runs it; else None."""
+        return self.step if self.running == job_id else None
 
     def _callback(self, job: dict[str, Any]) -> Callable:
         job_id, total = job["id"], job["progress"]["total"]
@@ -125,7 +131,27 @@ class Worker:
         return on_step
 
 
-def _error_of(err: Exception) -> dict[str, str]:
+def generate_job(models: dict[str, ServedModel], job: dict[str, Any], data_dir: Path,
+                 on_step: Callable | None = None) -> list[dict[str, Any]]:
+    """Make a job's images in ``data_dir/images/ID`` (its inputs read from ``data_dir/inputs``), calling
+    ``on_step`` after each step; the job's image entries."""
+    from ..cli_generate import generate_files
+
+    params = job["params"]
+    model = models[params["model"]]
+    out = data_dir / "images" / job["id"]
+    shutil.rmtree(out, ignore_errors=True)  # what a run the process died in left behind
+    files = {name: data_dir / "inputs" / f"{params[name]}.png" for name in ("image", "mask_image") if name in params}
+    options = generate_options(model, params, out, files)
+    pipe = job_pipeline(model, options)
+    extra = {"callback_on_step_end": on_step} if on_step and "callback_on_step_end" in model.accepted else {}
+    loaded = model.use_loras(params.get("loras", []))
+    paths = generate_files(pipe, options, loaded, **extra)
+    return [{"url": f"/v1/jobs/{job['id']}/images/{i}", "seed": params["seed"] + i, "file": path.name}
+            for i, path in enumerate(paths)]
+
+
+def error_of(err: Exception) -> dict[str, str]:
     if isinstance(err, (ValueError, OSError)):
         code = "invalid_input"
     elif "out of memory" in str(err).lower():
