@@ -23,12 +23,11 @@ from . import prompt_encoding
 from .call_checks import check_prompt_text
 from .call_state import CallField, CallState
 from .image_processing import postprocess_images
+from .ip_adapter_common import ADDED_COND, add_denoiser_conditioning
 from .pipeline_utils import DiffusionPipeline
 from .stable_diffusion_common import StableDiffusionBase
 from .vae_codec import decode_latents, vae_scale_factor
 
-#: The added conditioning the UNet takes, under this key of the call's ``denoiser_kwargs``.
-ADDED_COND = "added_cond_kwargs"
 
 
 @dataclass
@@ -239,7 +238,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
             text = torch.cat([negative_pooled, pooled])
             ids = torch.cat([negative_time_ids.repeat(count, 1), time_ids.repeat(count, 1)])
         added = {"text_embeds": text.to(device), "time_ids": ids.to(device)}
-        state.denoiser_kwargs[ADDED_COND] = added
+        add_denoiser_conditioning(state, **added)
         return added
 
     def after_step(self, state: CallState, step: int, t, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -248,8 +247,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
         added = state.denoiser_kwargs[ADDED_COND]
         tensors = self.step_callback(state, step, t, {**tensors, "add_text_embeds": added["text_embeds"],
                                                       "add_time_ids": added["time_ids"]})
-        state.denoiser_kwargs[ADDED_COND] = {"text_embeds": tensors["add_text_embeds"],
-                                             "time_ids": tensors["add_time_ids"]}
+        add_denoiser_conditioning(state, text_embeds=tensors["add_text_embeds"], time_ids=tensors["add_time_ids"])
         return tensors
 
     # -- output ---------------------------------------------------------------------------------
