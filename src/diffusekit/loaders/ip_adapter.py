@@ -222,10 +222,9 @@ def ip_attention_processors(unet: nn.Module, adapters: list[dict], sources: list
 def build_ip_adapters(unet: nn.Module, adapters: list[dict],
                       sources: list[str]) -> tuple[dict[str, nn.Module], MultiIPAdapterImageProjection]:
     """``(processors by layer, encoder_hid_proj)`` for ``unet`` from the adapters' weights (``unet`` unchanged)."""
-    processors = ip_attention_processors(unet, adapters, sources)
     projection = MultiIPAdapterImageProjection([image_projection(a["image_proj"], s)
                                                 for a, s in zip(adapters, sources)])
-    return processors, projection
+    return ip_attention_processors(unet, adapters, sources), projection
 
 
 def attach_ip_adapters(unet: nn.Module, processors: dict[str, nn.Module],
