@@ -58,9 +58,15 @@ def a1111_text(record: dict[str, Any]) -> str:
     fields = [("Steps", record.get("steps")), ("Sampler", sampler), ("CFG scale", record.get("guidance")),
               ("Seed", record.get("image_seed")), ("Size", size), ("Model", Path(model).name if model else None),
               ("Class", record.get("class_label")), ("Denoising strength", record.get("strength")),
+              ("IP-Adapter", _ip_adapter_text(record.get("ip_adapter"))),
               ("Version", f"diffusekit {record.get('diffusekit_version')}")]
     lines.append(", ".join(f"{key}: {value}" for key, value in fields if value is not None))
     return "\n".join(lines)
+
+
+def _ip_adapter_text(entry: dict[str, Any] | None) -> str | None:
+    """``IP-Adapter: NAME (SCALE)`` of a record's ``ip_adapter`` entry."""
+    return f"{Path(entry['path']).stem} ({entry['scale']})" if entry else None
 
 
 def _plain_name(class_name: str | None) -> str:
