@@ -194,3 +194,18 @@ def test_pickle_file_and_model_index_image_encoder(folders, tmp_path):
     for pipe in (ours, ref):
         pipe.load_ip_adapter(str(tmp_path / "adapter"), subfolder="", weight_name="ip-adapter.bin")
     _close(_run(ours, ip_adapter_image=_image()), _run(ref, ip_adapter_image=_image()))
+
+
+def test_sdxl_step_callback_keeps_the_image_prompt(folders):
+    """A step callback that replaces the added conditioning (add_text_embeds, add_time_ids) keeps image_embeds."""
+    ours, _ = _pair(folders, "sdxl", "plain")
+    seen = []
+
+    def callback(pipe, step, t, tensors):
+        seen.append(step)
+        return {k: v.clone() for k, v in tensors.items()}
+
+    with_callback = _run(ours, ip_adapter_image=_image(), callback_on_step_end=callback,
+                         callback_on_step_end_tensor_inputs=["latents", "add_text_embeds", "add_time_ids"])
+    assert seen == [0, 1]
+    np.testing.assert_array_equal(with_callback, _run(ours, ip_adapter_image=_image()))
