@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
 import diffusekit
-from ip_adapter_files import save_ip_adapter, tiny_image_encoder
+from diffusekit.loaders.ip_adapter import attach_ip_adapters, build_ip_adapters, detach_ip_adapters, split_parts
+from ip_adapter_files import ip_adapter_state, save_ip_adapter, tiny_image_encoder
 from sd_components import SCHEDULER_CONFIG as SD_SCHEDULER
 from sd_components import UNET_CONFIG as SD_UNET
 from sd_components import VAE_CONFIG, tiny_text_encoder, tiny_tokenizer
@@ -181,8 +183,6 @@ def test_pickle_file_and_model_index_image_encoder(folders, tmp_path):
     extra = dict(image_encoder=tiny_image_encoder(3), feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
     unet = _save_sd(tmp_path / "sd", tokenizer, **extra)
     adapter = save_ip_adapter(tmp_path / "adapter", unet, "plus", seed=5, encoder=False)
-    from safetensors.torch import load_file
-
     flat = load_file(adapter)
     nested = {part: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(part + ".")}
               for part in ("image_proj", "ip_adapter")}
@@ -209,3 +209,27 @@ def test_sdxl_step_callback_keeps_the_image_prompt(folders):
                          callback_on_step_end_tensor_inputs=["latents", "add_text_embeds", "add_time_ids"])
     assert seen == [0, 1]
     np.testing.assert_array_equal(with_callback, _run(ours, ip_adapter_image=_image()))
+
+
+def test_unet_with_a_text_projection(tmp_path):
+    """A UNet with ``encoder_hid_dim`` (text_proj): the text projection runs before the IP pair, unload restores it."""
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**SD_UNET, encoder_hid_dim=16)
+    ref.save_pretrained(tmp_path)
+    ours = diffusekit.UNet2DConditionModel.from_pretrained(tmp_path)
+    text_proj = ours.encoder_hid_proj
+    gen = torch.Generator().manual_seed(1)
+    sample, states = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    image_embeds = [torch.randn(2, 1, 16, generator=gen)]
+    before = ours(sample, 10, states).sample
+    parts = split_parts(ip_adapter_state(ref, "plain", seed=2), "test state")
+    ref._load_ip_adapter_weights([parts])
+    attach_ip_adapters(ours, *build_ip_adapters(ours, [parts], ["test state"]))
+    with torch.no_grad():
+        got = ours(sample, 10, states, added_cond_kwargs={"image_embeds": image_embeds}).sample
+        want = ref(sample, 10, states, added_cond_kwargs={"image_embeds": image_embeds}).sample
+    _close(got.numpy(), want.numpy())
+    detach_ip_adapters(ours)
+    assert ours.encoder_hid_proj is text_proj and ours.config.encoder_hid_dim_type == "text_proj"
+    assert not hasattr(ours, "text_encoder_hid_proj")
+    assert torch.equal(ours(sample, 10, states).sample, before)
