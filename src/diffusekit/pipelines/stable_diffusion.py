@@ -21,8 +21,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
     Components: ``vae`` (AutoencoderKL), ``text_encoder`` (transformers CLIPTextModel), ``tokenizer``
     (CLIPTokenizer), ``unet`` (UNet2DConditionModel), ``scheduler``, ``safety_checker``
-    (StableDiffusionSafetyChecker or None), ``feature_extractor`` (CLIPImageProcessor), and an unused
-    ``image_encoder`` slot kept for the reference's folder layout.
+    (StableDiffusionSafetyChecker or None), ``feature_extractor`` (CLIPImageProcessor), and
+    ``image_encoder`` (CLIPVisionModelWithProjection or None: IP-Adapter image prompts, see ``load_ip_adapter``).
     """
 
     @torch.no_grad()
@@ -64,6 +64,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
         ``prompt_weighting="a1111"`` reads ``(word:1.3)`` / ``(word)`` / ``[word]`` weights and
         allows prompts longer than 75 tokens (see :mod:`~diffusekit.pipelines.prompt_encoding`).
+        ``ip_adapter_image`` (one per loaded IP-Adapter) or ``ip_adapter_image_embeds`` (a list of
+        tensors, negative half first with guidance): the image prompt (see ``load_ip_adapter``).
         ``output_type``: "pil", "np", "pt" or "latent".
 
         Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).

@@ -53,8 +53,8 @@ class StableDiffusionXLBase(StableDiffusionBase):
     """Components and shared steps of the SDXL pipelines (no ``__call__``).
 
     Components: ``vae``, ``text_encoder`` (CLIPTextModel, None for the refiner), ``text_encoder_2``
-    (CLIPTextModelWithProjection), ``tokenizer``, ``tokenizer_2``, ``unet``, ``scheduler``, and unused
-    ``image_encoder`` / ``feature_extractor`` slots kept for the reference's layout.
+    (CLIPTextModelWithProjection), ``tokenizer``, ``tokenizer_2``, ``unet``, ``scheduler``, and
+    ``image_encoder`` / ``feature_extractor`` (IP-Adapter image prompts, see ``load_ip_adapter``; may be None).
     ``force_zeros_for_empty_prompt``: without a negative prompt, the unconditional embeddings are
     zeros (not the empty prompt's). ``add_watermarker`` is accepted and ignored (no watermark).
     """
