@@ -17,6 +17,10 @@ from .cli_controlnet import (
     add_controlnet_arguments, apply_controlnet_record, check_controlnet_options, control_call_arguments,
     controlnet_pipeline,
 )
+from .cli_ip_adapter import (
+    add_ip_adapter_arguments, apply_ip_adapter_record, check_ip_adapter_options, ip_adapter_call_arguments,
+    load_ip_adapter_option,
+)
 from .cli_metadata import CommandError, file_record, read_png_parameters, save_png, sha256_of
 from .cli_system import check_device, progress_bar_options, set_threads
 from .hub import check_local
@@ -89,6 +93,7 @@ def check_options(args: argparse.Namespace) -> None:
     _check_numbers(args)
     _check_files(args)
     check_controlnet_options(args)
+    check_ip_adapter_options(args)
     if args.scheduler is not None:
         from .schedulers.names import SAMPLER_NAMES, normalize_name
 
@@ -121,7 +126,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _check_files(args: argparse.Namespace) -> None:
     if args.mask is not None and args.image is None:
         raise CommandError("--mask needs --image (the picture to inpaint)")
-    for option, path in (("--image", args.image), ("--mask", args.mask)):
+    images = (("--image", args.image), ("--mask", args.mask), ("--ip-image", getattr(args, "ip_image", None)))
+    for option, path in images:
         if path is not None:
             _check_image_file(option, path)
     if args.model not in (None, EMBEDDED_MODEL):
@@ -172,6 +178,7 @@ def apply_record(args: argparse.Namespace, source: str) -> None:
     if args.embedding is None:
         args.embedding = [e["path"] for e in _replayed_files("--embedding", record.get("embeddings"))]
     apply_controlnet_record(args, record, _warn_if_changed)
+    apply_ip_adapter_record(args, record)
     if args.scheduler is None:
         args.scheduler_record = record.get("scheduler")
     if args.batch is None and args.class_label is None:  # the same call, keeping only that image
@@ -259,6 +266,7 @@ def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
         pipe, loaded["controlnets"] = controlnet_pipeline(pipe, args, dtype)
     else:
         pipe = _choose_task(pipe, args.image is not None, args.mask is not None)
+    loaded.update(load_ip_adapter_option(pipe, args))
     return pipe.to(device), loaded
 
 
@@ -404,6 +412,7 @@ def call_arguments(pipe, args: argparse.Namespace, labels: list[int] | None, gen
         wanted["image"] = Image.open(args.image).convert("RGB")
     if args.mask is not None:
         wanted["mask_image"] = Image.open(args.mask).convert("L")
+    wanted.update(ip_adapter_call_arguments(args))
     if "height" not in accepted:
         if args.image is None:
             _check_fixed_size(pipe, args)
@@ -574,6 +583,7 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--class-label", help="class number or name (default: one image per class)")
     gen.add_argument("--lora", action="append", metavar="PATH[:SCALE]", help="a LoRA file, scale 1 if not given")
     gen.add_argument("--embedding", action="append", metavar="PATH", help="a textual inversion embedding")
+    add_ip_adapter_arguments(gen)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps...")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the model's")
     gen.add_argument("--grid", action="store_true", help="also write a grid of all images")

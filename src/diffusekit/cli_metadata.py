@@ -58,7 +58,9 @@ def a1111_text(record: dict[str, Any]) -> str:
     fields = [("Steps", record.get("steps")), ("Sampler", sampler), ("CFG scale", record.get("guidance")),
               ("Seed", record.get("image_seed")), ("Size", size), ("Model", Path(model).name if model else None),
               ("Class", record.get("class_label")), ("Denoising strength", record.get("strength")),
-              *_controlnet_fields(record.get("controlnets") or []), ("Version", f"diffusekit {record.get('diffusekit_version')}")]
+              *_controlnet_fields(record.get("controlnets") or []),
+              ("IP-Adapter", _ip_adapter_text(record.get("ip_adapter"))),
+              ("Version", f"diffusekit {record.get('diffusekit_version')}")]
     lines.append(", ".join(f"{key}: {value}" for key, value in fields if value is not None))
     return "\n".join(lines)
 
@@ -68,6 +70,11 @@ def _controlnet_fields(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(f"ControlNet {i}", f'"Module: {e["preprocess"]}, Model: {Path(e["path"]).stem}, Weight: {e["scale"]}, '
                                 f'Guidance Start: {e["start"]}, Guidance End: {e["end"]}"')
             for i, e in enumerate(entries)]
+
+
+def _ip_adapter_text(entry: dict[str, Any] | None) -> str | None:
+    """``IP-Adapter: NAME (SCALE)`` of a record's ``ip_adapter`` entry."""
+    return f"{Path(entry['path']).stem} ({entry['scale']})" if entry else None
 
 
 def _plain_name(class_name: str | None) -> str:

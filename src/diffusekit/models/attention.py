@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +163,11 @@ class Attention(ProcessorHolder, nn.Module):
                               attention_mask=attention_mask, temb=temb, **cross_attention_kwargs)
 
     def attend(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None, **cross_attention_kwargs: Any) -> torch.Tensor:
-        """The default computation (:class:`AttnProcessor2_0`); extra keyword arguments are ignored."""
+               attention_mask: torch.Tensor | None = None, extra_attention: Callable | None = None,
+               **cross_attention_kwargs: Any) -> torch.Tensor:
+        """The default computation (:class:`AttnProcessor2_0`); extra keyword arguments are ignored.
+        ``extra_attention(query, out)`` (query per head, out before ``to_out``) may add to the output
+        (IP-Adapter's image attention)."""
         residual = hidden_states
         image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
         if image_shape is not None:
@@ -180,6 +183,8 @@ class Attention(ProcessorHolder, nn.Module):
         mask = self._prepare_mask(attention_mask, key.shape[2], batch)
         out = self._attend(query, key, value, mask)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * head_dim).to(query.dtype)
+        if extra_attention is not None:
+            out = extra_attention(query, out)
         out = self.to_out[1](self.to_out[0](out))
         if image_shape is not None:
             out = out.transpose(-1, -2).reshape(image_shape[0], -1, *image_shape[2:])

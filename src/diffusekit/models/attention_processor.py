@@ -7,7 +7,8 @@ change the computation (custom attention, logging, masks) and install it with
 ``model.set_attn_processor(processor)`` (one for every layer) or a dict keyed like
 ``model.attn_processors`` (``"<layer path>.processor"``).
 
-Processors are plain objects, not modules: they add nothing to the state dict.
+Processors are plain objects, not modules: they add nothing to the state dict; the exception is
+:class:`IPAdapterAttnProcessor2_0`, whose image key/value projections are UNet weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .layers import Linear
 
 
 class AttnProcessor2_0:
@@ -33,6 +36,50 @@ class AttnProcessor(AttnProcessor2_0):
     (one attention computation in this library); the class exists so code naming it keeps working."""
 
 
+class IPAdapterAttnProcessor2_0(nn.Module):
+    """Cross-attention with IP-Adapter image tokens: the text attention plus, per loaded adapter,
+    ``scale`` times the attention of the same queries over the adapter's image tokens (keys and
+    values from ``to_k_ip.{i}`` / ``to_v_ip.{i}``). ``encoder_hidden_states`` is the UNet's pair
+    ``(text states, [image tokens per adapter])``. A module: its weights are in the UNet's state dict.
+    ``scale`` (one per adapter) is set by ``set_ip_adapter_scale``; 0 skips that adapter."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int | None = None,
+                 num_tokens: int | tuple[int, ...] | list[int] = (4,), scale: float | list[float] = 1.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.cross_attention_dim = cross_attention_dim or hidden_size
+        self.num_tokens = list(num_tokens) if isinstance(num_tokens, (tuple, list)) else [num_tokens]
+        self.scale = list(scale) if isinstance(scale, list) else [scale] * len(self.num_tokens)
+        if len(self.scale) != len(self.num_tokens):
+            raise ValueError("`scale` should be a list of integers with the same length as `num_tokens`.")
+        self.to_k_ip = nn.ModuleList(Linear(self.cross_attention_dim, hidden_size, bias=False)
+                                     for _ in self.num_tokens)
+        self.to_v_ip = nn.ModuleList(Linear(self.cross_attention_dim, hidden_size, bias=False)
+                                     for _ in self.num_tokens)
+
+    def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                ip_adapter_masks: Any = None, **kwargs: Any) -> torch.Tensor:
+        if ip_adapter_masks is not None:
+            raise ValueError("ip_adapter_masks are not supported")
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError("this UNet has an IP-Adapter loaded: its cross-attention needs image tokens (call the "
+                             "pipeline with ip_adapter_image or ip_adapter_image_embeds, or unload_ip_adapter())")
+        text_states, image_tokens = encoder_hidden_states
+
+        def add_image_attention(query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            batch, heads, _, head_dim = query.shape
+            for tokens, scale, to_k, to_v in zip(image_tokens, self.scale, self.to_k_ip, self.to_v_ip):
+                if scale == 0:
+                    continue
+                key, value = (proj(tokens).view(batch, -1, heads, head_dim).transpose(1, 2) for proj in (to_k, to_v))
+                image_out = attn._attend(query, key, value, None)
+                out = out + scale * image_out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+            return out
+
+        return attn.attend(hidden_states, text_states, attention_mask, extra_attention=add_image_attention, **kwargs)
+
+
 class ProcessorHolder:
     """Mixed into an attention layer: the ``processor`` it calls, with ``set_processor`` / ``get_processor``."""
 
@@ -42,6 +89,9 @@ class ProcessorHolder:
         """Compute with ``processor`` from now on."""
         if not callable(processor):
             raise ValueError(f"an attention processor must be callable, got {type(processor).__name__}")
+        modules = getattr(self, "_modules", {})
+        if "processor" in modules and not isinstance(processor, nn.Module):
+            del modules["processor"]  # a processor with weights (IP-Adapter) was a submodule
         self.processor = processor
 
     def get_processor(self, return_deprecated_lora: bool = False) -> Any:

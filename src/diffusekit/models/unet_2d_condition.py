@@ -358,6 +358,22 @@ class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalMode
         add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
         return emb + self.add_embedding(add_embeds)
 
+    def _encoder_states(self, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None) -> Any:
+        """``encoder_hid_proj`` applied: to the text states, or, with an IP-Adapter loaded
+        (``encoder_hid_dim_type="ip_image_proj"``), the pair ``(text states, image tokens per adapter)``."""
+        if self.encoder_hid_proj is None:
+            return encoder_hidden_states
+        if self.config.encoder_hid_dim_type != "ip_image_proj":
+            return self.encoder_hid_proj(encoder_hidden_states)
+        if "image_embeds" not in (added_cond_kwargs or {}):
+            raise ValueError(f"{type(self).__name__} has the config param `encoder_hid_dim_type` set to "
+                             "'ip_image_proj' which requires the keyword argument `image_embeds` to be passed in "
+                             "`added_cond_kwargs`")
+        text_proj = getattr(self, "text_encoder_hid_proj", None)
+        if text_proj is not None:
+            encoder_hidden_states = text_proj(encoder_hidden_states)
+        return encoder_hidden_states, self.encoder_hid_proj(added_cond_kwargs["image_embeds"])
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -398,8 +414,7 @@ class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalMode
         emb = self._augment_embedding(emb, added_cond_kwargs)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
-        if self.encoder_hid_proj is not None:
-            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
+        encoder_hidden_states = self._encoder_states(encoder_hidden_states, added_cond_kwargs)
 
         is_controlnet = mid_block_additional_residual is not None and down_block_additional_residuals is not None
         adapter = list(down_intrablock_additional_residuals or [])

@@ -21,8 +21,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
     Components: ``vae`` (AutoencoderKL), ``text_encoder`` (transformers CLIPTextModel), ``tokenizer``
     (CLIPTokenizer), ``unet`` (UNet2DConditionModel), ``scheduler``, ``safety_checker``
-    (StableDiffusionSafetyChecker or None), ``feature_extractor`` (CLIPImageProcessor), and an unused
-    ``image_encoder`` slot kept for the reference's folder layout.
+    (StableDiffusionSafetyChecker or None), ``feature_extractor`` (CLIPImageProcessor), and
+    ``image_encoder`` (CLIPVisionModelWithProjection or None: IP-Adapter image prompts, see ``load_ip_adapter``).
     """
 
     @torch.no_grad()
@@ -43,6 +43,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -62,6 +64,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         tensors named in ``callback_on_step_end_tensor_inputs`` and may return replacements.
         ``prompt_weighting="a1111"`` reads ``(word:1.3)`` / ``(word)`` / ``[word]`` weights and
         allows prompts longer than 75 tokens (see :mod:`~diffusekit.pipelines.prompt_encoding`).
+        ``ip_adapter_image`` (one per loaded IP-Adapter) or ``ip_adapter_image_embeds`` (a list of
+        tensors, negative half first with guidance): the image prompt (see ``load_ip_adapter``).
         ``output_type``: "pil", "np", "pt" or "latent".
 
         Returns :class:`StableDiffusionPipelineOutput` (or ``(images, nsfw_content_detected)``).
@@ -80,6 +84,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
         prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
             state, prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_weighting)
+        self.add_ip_adapter_conditioning(state, ip_adapter_image, ip_adapter_image_embeds, device,
+                                         num_images_per_prompt)
 
         # 2. schedule and starting noise
         scheduler = state.scheduler

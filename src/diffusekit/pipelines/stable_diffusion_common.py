@@ -24,6 +24,7 @@ from .call_checks import check_image_size
 from .call_state import CallState, CallStateProperties, begin_call, current_call
 from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
 from .image_processing import numpy_to_pil, postprocess_images
+from .ip_adapter_common import IPAdapterPipelineMixin
 from .memory import MemoryMixin
 from .noise import initial_noise
 from .pipeline_utils import DiffusionPipeline
@@ -59,7 +60,7 @@ def _fix_legacy_scheduler_config(scheduler) -> None:
 
 
 class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, LoraLoaderMixin, TextualInversionLoaderMixin,
-                          FromSingleFileMixin):
+                          FromSingleFileMixin, IPAdapterPipelineMixin):
     """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")

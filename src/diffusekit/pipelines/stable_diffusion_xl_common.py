@@ -23,12 +23,11 @@ from . import prompt_encoding
 from .call_checks import check_prompt_text
 from .call_state import CallField, CallState
 from .image_processing import postprocess_images
+from .ip_adapter_common import ADDED_COND, add_denoiser_conditioning
 from .pipeline_utils import DiffusionPipeline
 from .stable_diffusion_common import StableDiffusionBase
 from .vae_codec import decode_latents, vae_scale_factor
 
-#: The added conditioning the UNet takes, under this key of the call's ``denoiser_kwargs``.
-ADDED_COND = "added_cond_kwargs"
 
 
 @dataclass
@@ -54,8 +53,8 @@ class StableDiffusionXLBase(StableDiffusionBase):
     """Components and shared steps of the SDXL pipelines (no ``__call__``).
 
     Components: ``vae``, ``text_encoder`` (CLIPTextModel, None for the refiner), ``text_encoder_2``
-    (CLIPTextModelWithProjection), ``tokenizer``, ``tokenizer_2``, ``unet``, ``scheduler``, and unused
-    ``image_encoder`` / ``feature_extractor`` slots kept for the reference's layout.
+    (CLIPTextModelWithProjection), ``tokenizer``, ``tokenizer_2``, ``unet``, ``scheduler``, and
+    ``image_encoder`` / ``feature_extractor`` (IP-Adapter image prompts, see ``load_ip_adapter``; may be None).
     ``force_zeros_for_empty_prompt``: without a negative prompt, the unconditional embeddings are
     zeros (not the empty prompt's). ``add_watermarker`` is accepted and ignored (no watermark).
     """
@@ -251,7 +250,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
             text = torch.cat([negative_pooled, pooled])
             ids = torch.cat([negative_time_ids.repeat(count, 1), time_ids.repeat(count, 1)])
         added = {"text_embeds": text.to(device), "time_ids": ids.to(device)}
-        state.denoiser_kwargs[ADDED_COND] = added
+        add_denoiser_conditioning(state, **added)
         return added
 
     def after_step(self, state: CallState, step: int, t, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -260,8 +259,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
         added = state.denoiser_kwargs[ADDED_COND]
         tensors = self.step_callback(state, step, t, {**tensors, "add_text_embeds": added["text_embeds"],
                                                       "add_time_ids": added["time_ids"]})
-        state.denoiser_kwargs[ADDED_COND] = {"text_embeds": tensors["add_text_embeds"],
-                                             "time_ids": tensors["add_time_ids"]}
+        add_denoiser_conditioning(state, text_embeds=tensors["add_text_embeds"], time_ids=tensors["add_time_ids"])
         return tensors
 
     # -- output ---------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class StableDiffusionXLImg2ImgPipeline(RefinerConditioning, ImageToImageLatents,
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -147,6 +149,8 @@ class StableDiffusionXLImg2ImgPipeline(RefinerConditioning, ImageToImageLatents,
             state, prompt, prompt_2, device, num_images_per_prompt, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             prompt_weighting)
+        self.add_ip_adapter_conditioning(state, ip_adapter_image, ip_adapter_image_embeds, device,
+                                         num_images_per_prompt)
 
         # 2. the schedule's tail and the image's latents (noised unless a refiner takes over)
         scheduler = state.scheduler
