@@ -111,3 +111,27 @@ def test_errors_name_the_option(sd_folder, adapter, tmp_path, capsys):
                     error("--ip-adapter", folder.parent / "bad.safetensors", "--ip-image", reference,
                           "--ip-image-encoder", folder / "image_encoder"), re.M)
     assert not (tmp_path / "out").exists()  # nothing generated
+
+
+def test_image_prompt_with_a_controlnet(sd_folder, adapter, tmp_path, capsys):
+    """``--ip-adapter`` and ``--controlnet`` together: the ControlNet pipeline takes the image prompt."""
+    from diffusekit import ControlNetModel, StableDiffusionControlNetPipeline
+
+    folder, reference = adapter
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(sd_folder, controlnet=ControlNetModel.from_unet(
+        StableDiffusionPipeline.from_pretrained(sd_folder).unet, conditioning_embedding_out_channels=(8, 16)))
+    pipe.controlnet.save_pretrained(tmp_path / "net")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(folder)
+    pipe.set_ip_adapter_scale(0.6)
+    control = Image.open(reference).convert("RGB").resize((SIZE, SIZE))
+    expected = pipe(PROMPT, image=control, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                    ip_adapter_image=Image.open(reference).convert("RGB"),
+                    generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    control.save(tmp_path / "control.png")
+    path, image = _cli(sd_folder, tmp_path / "out", capsys, "--ip-adapter", folder, "--ip-image", reference,
+                       "--ip-scale", "0.6", "--controlnet", tmp_path / "net", "--control-image",
+                       tmp_path / "control.png")
+    np.testing.assert_array_equal(image, np.asarray(expected))
+    record = read_png_parameters(path)
+    assert record["ip_adapter"]["scale"] == 0.6 and len(record["controlnets"]) == 1

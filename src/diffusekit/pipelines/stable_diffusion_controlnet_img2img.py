@@ -46,6 +46,8 @@ class StableDiffusionControlNetImg2ImgPipeline(ImageToImageLatents, StableDiffus
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -83,6 +85,8 @@ class StableDiffusionControlNetImg2ImgPipeline(ImageToImageLatents, StableDiffus
         prompt_embeds, negative_prompt_embeds = self.unet_prompt_embeds(
             state, prompt, device, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_weighting)
+        self.add_ip_adapter_conditioning(state, ip_adapter_image, ip_adapter_image_embeds, device,
+                                         num_images_per_prompt)
         image = preprocess_images(image, height, width, multiple=self.vae_scale_factor,
                                   latent_channels=self.vae.config.latent_channels).to(torch.float32)
         control_image = self.control_images(state, control_image, height, width, prompts, num_images_per_prompt,

@@ -50,7 +50,7 @@ class StableDiffusionXLControlNetBase(StableDiffusionXLBase, StableDiffusionCont
         ``denoiser_kwargs``, then the guided UNet prediction."""
         state.denoiser_kwargs.update(control.residuals(state.scheduler, step, latents, t, prompt_embeds,
                                                        guided=self.guided(state),
-                                                       added_cond_kwargs=state.denoiser_kwargs[ADDED_COND]))
+                                                       added_cond_kwargs=_text_time(state.denoiser_kwargs[ADDED_COND])))
         return self.predict_noise(state, latents, t, prompt_embeds, timestep_cond, extra_channels=extra_channels)
 
     def control_after_step(self, state: CallState, control: ControlNetCall, step: int, t, latents: torch.Tensor,
@@ -95,6 +95,8 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLControlNetBase):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -145,6 +147,8 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLControlNetBase):
             state, prompt, prompt_2, device, num_images_per_prompt, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             prompt_weighting)
+        self.add_ip_adapter_conditioning(state, ip_adapter_image, ip_adapter_image_embeds, device,
+                                         num_images_per_prompt)
 
         # 2. control images: they set the output size
         images = self.control_images(state, image, height, width, prompts, num_images_per_prompt, guess_mode)
@@ -184,3 +188,8 @@ class StableDiffusionXLControlNetPipeline(StableDiffusionXLControlNetBase):
         # 6. decode and convert
         images, _ = self.latents_to_output(latents, output_type, generator)
         return self._finish_call(images, None, return_dict)
+
+
+def _text_time(added: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The added conditioning a ControlNet reads: pooled text and time ids (IP-Adapter image tokens are the UNet's)."""
+    return {key: added[key] for key in ("text_embeds", "time_ids")}

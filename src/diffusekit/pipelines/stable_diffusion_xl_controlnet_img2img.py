@@ -58,6 +58,8 @@ class StableDiffusionXLControlNetImg2ImgPipeline(RefinerConditioning, ImageToIma
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -104,6 +106,8 @@ class StableDiffusionXLControlNetImg2ImgPipeline(RefinerConditioning, ImageToIma
             state, prompt, prompt_2, device, num_images_per_prompt, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             prompt_weighting)
+        self.add_ip_adapter_conditioning(state, ip_adapter_image, ip_adapter_image_embeds, device,
+                                         num_images_per_prompt)
 
         # 2. the image and the control image(s), which set the size of the time ids
         image = preprocess_images(image, height, width, multiple=self.vae_scale_factor, latent_channels=4)
