@@ -114,11 +114,17 @@ def command_batch_ray(args: argparse.Namespace) -> int:
                                    override_num_blocks=len(jobs))
         results = rows.map_batches(LineWorker, fn_constructor_args=(args,), batch_size=1,
                                    compute=ray.data.ActorPoolStrategy(size=workers), **worker_resources(args.device))
-        for row in results.iter_rows():
-            if row["error"]:
-                raise CommandError(row["error"])
-            if row["written"]:
-                print(out / f"{int(row['line']):06d}.png", flush=True)
+        from tqdm.auto import tqdm
+
+        from .cli_system import progress_bar_options
+
+        with tqdm(total=len(jobs), unit="image", **progress_bar_options("batch")) as bar:
+            for row in results.iter_rows():
+                if row["error"]:
+                    raise CommandError(row["error"])
+                if row["written"]:
+                    print(out / f"{int(row['line']):06d}.png", flush=True)
+                bar.update(1)
     finally:
         if started:
             ray.shutdown()
