@@ -58,21 +58,25 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 def float_timestep(forward: Callable, eager: Callable) -> Callable:
     """``forward`` (taking ``eager``'s arguments) with the ``timestep`` argument made a float32 tensor
-    (exact for integer steps below 2**24)."""
-    position = list(inspect.signature(eager).parameters).index("timestep")
+    (exact for integer steps below 2**24); ``forward`` itself when ``eager`` takes no timestep."""
+    names = list(inspect.signature(eager).parameters)
+    if "timestep" not in names:
+        return forward
+    position = names.index("timestep")
 
     @functools.wraps(eager)
     def call(*args: Any, **kwargs: Any):
+        like = next((v for v in (*args, *kwargs.values()) if torch.is_tensor(v)), None)
         if "timestep" in kwargs:
-            kwargs["timestep"] = _as_float(kwargs["timestep"], args[0] if args else None)
+            kwargs["timestep"] = _as_float(kwargs["timestep"], like)
         elif len(args) > position:
-            args = (*args[:position], _as_float(args[position], args[0]), *args[position + 1:])
+            args = (*args[:position], _as_float(args[position], like), *args[position + 1:])
         return forward(*args, **kwargs)
 
     return call
 
 
-def _as_float(timestep: Any, like: Any) -> Any:
+def _as_float(timestep: Any, like: torch.Tensor | None) -> Any:
     if timestep is None:
         return None
     if not torch.is_tensor(timestep):
