@@ -2,6 +2,7 @@
 
     python benchmarks/compile_cpu.py                          # tiny UNet and SD 1.5-size UNet, inductor
     python benchmarks/compile_cpu.py --models tiny --steps 20 --threads 1
+    python benchmarks/compile_cpu.py --models sd15 --variants regional   # skip the (slow) full compile
 
 One UNet forward is one sampling step (batch 1, float32, random weights; SD 1.5 size: 64x64
 latents, 77 text tokens). Compile time is the first compiled call minus one eager step. Each
@@ -85,15 +86,20 @@ def run_variant(name: str, variant: str, steps: int, threads: int, folder: Path)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,sd15", help="comma-separated: " + ",".join(MODELS))
+    parser.add_argument("--variants", default=",".join(VARIANTS[1:]),
+                        help="compiled variants to run after eager: regional, full")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after the first call)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="compile-cpu-results.json")
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS[1:]) | set(args.models.split(",")) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models or variants {unknown}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             eager = None
-            for variant in VARIANTS:
+            for variant in ("eager", *args.variants.split(",")):
                 r = run_variant(name, variant, args.steps, args.threads, Path(tmp))
                 eager = eager or r
                 results[f"{name} {variant}"] = row = summarise(r, eager, variant)
