@@ -4,12 +4,15 @@ latents back to the host. Compiles use the fast "eager"/"aot_eager" backends (on
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 from diffusekit import EulerDiscreteScheduler, FluxTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
-from diffusekit.pipelines.compile import compile_denoiser, find_denoiser, repeated_blocks, reset_compiled
+from diffusekit.pipelines.compile import (compile_denoiser, find_denoiser, float_timestep, repeated_blocks,
+                                          reset_compiled)
 from flux_components import TRANSFORMER_CONFIG
 from helpers import guarded, plain
 from lora_files import lora_tensors, peft_layout
@@ -166,3 +169,24 @@ def test_compile_argument_errors(pipe):
         find_denoiser(StableDiffusionPipeline.__new__(StableDiffusionPipeline))
     with pytest.raises(ValueError, match=r"Sequential has no repeated blocks .*use regional=False"):
         repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_float_timestep_gives_the_graph_float32_tensors():
+    seen = []
+
+    def forward(sample, timestep, encoder_hidden_states=None):
+        seen.append(timestep)
+
+    wrapped = float_timestep(forward, forward)
+    sample = torch.zeros(1)
+    wrapped(sample, 10)
+    wrapped(sample, torch.tensor(10))
+    wrapped(sample, timestep=torch.tensor([2.5], dtype=torch.float16))
+    assert [(t.dtype, t.tolist()) for t in seen] == [(torch.float32, 10.0), (torch.float32, 10.0),
+                                                     (torch.float16, [2.5])]
+    assert float_timestep(plain, plain) is plain  # nothing to convert without a timestep argument
+
+
+def test_find_denoiser_takes_the_unet_or_the_transformer():
+    transformer = torch.nn.Linear(1, 1)
+    assert find_denoiser(SimpleNamespace(unet=None, transformer=transformer)) is transformer
