@@ -102,6 +102,7 @@ def compile_denoiser(model: nn.Module, *, mode: str | None = None, regional: boo
     previous compilation."""
     if mode is not None and options is not None:
         raise ValueError("pass either mode or options to compile, not both")
+    blocks = repeated_blocks(model) if regional else []  # checked before anything changes
     reset_compiled(model)
     if fuse_qkv:
         if not hasattr(model, "fuse_qkv_projections"):
@@ -111,7 +112,7 @@ def compile_denoiser(model: nn.Module, *, mode: str | None = None, regional: boo
         model.to(memory_format=torch.channels_last)
     settings = dict(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic, options=options)
     if regional:
-        for block in repeated_blocks(model):
+        for block in blocks:
             block.compile(**settings)
     else:
         bound = type(model).forward.__get__(model)
