@@ -190,3 +190,41 @@ def test_float_timestep_gives_the_graph_float32_tensors():
 def test_find_denoiser_takes_the_unet_or_the_transformer():
     transformer = torch.nn.Linear(1, 1)
     assert find_denoiser(SimpleNamespace(unet=None, transformer=transformer)) is transformer
+
+
+def _sdxl_pipe(tmp_path):
+    from diffusekit import AutoencoderKL, StableDiffusionXLPipeline
+    from sdxl_pipeline_parts import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, text_encoders, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    text_encoder, text_encoder_2 = text_encoders(tokenizer)
+    torch.manual_seed(0)
+    return StableDiffusionXLPipeline(vae=AutoencoderKL(**VAE_CONFIG).eval(), text_encoder=text_encoder,
+                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+                                     unet=UNet2DConditionModel(**UNET_CONFIG).eval(),
+                                     scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))
+
+
+def _flux_pipe(tmp_path):
+    from diffusekit import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from flux_components import SCHEDULER_CONFIG, VAE_CONFIG, tiny_t5, tiny_t5_tokenizer
+    from sd_components import tiny_text_encoder, tiny_tokenizer
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(tmp_path), tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+                        vae=AutoencoderKL(**VAE_CONFIG).eval(), text_encoder=tiny_text_encoder(tokenizer),
+                        tokenizer=tokenizer, text_encoder_2=tiny_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2,
+                        transformer=tiny_flux())
+
+
+@pytest.mark.parametrize("build, options", [(_sdxl_pipe, {}), (_flux_pipe, {"max_sequence_length": 16})],
+                         ids=["sdxl", "flux"])
+def test_sdxl_and_flux_pipelines_compile_to_one_graph(build, options, tmp_path):
+    pipe = build(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    eager = _sample(pipe, **options)
+    counter = CompileCounterWithBackend("eager")
+    assert pipe.compile(regional=False, backend=counter) is find_denoiser(pipe)
+    torch.testing.assert_close(_sample(pipe, **options), eager, atol=1e-5, rtol=0)
+    assert counter.frame_count == 1  # one graph, kept across the steps
