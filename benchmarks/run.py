@@ -12,9 +12,9 @@ cold_start (import + from_pretrained in fresh processes, taken in turn: the SD 1
 and a reduced-width FLUX.1-architecture pipeline in bf16, ~1 GB more under --cache),
 sdxl_load (the same for an SDXL-size base pipeline: ~7 GB), sdxl_unet_parity (the real SDXL base
 UNet config in float32, one CPU forward against the reference: ~10 GB of RAM, a few minutes), and,
-only where CUDA is available, gpu_sd15 (512x512, 50 steps, fp16, batch 1 and 8, guided; eager and
-torch.compile), gpu_sdxl_unet (one SDXL-size UNet forward) and gpu_sdxl (SDXL-size pipeline,
-1024x1024, 30 steps, fp16, batch 1; eager and compiled). Peak memory is measured
+only where CUDA is available, gpu (benchmarks/gpu_bench.py's denoising loops, also run alone by
+benchmarks/gpu.sh: SD 1.5 512x512 50 steps batch 1 and 8, SDXL 1024x1024 30 steps, FLUX.1-dev size
+1024x1024 28 steps; eager and compiled) and gpu_sdxl_unet (one SDXL-size UNet forward). Peak memory is measured
 in fresh processes (RSS) or with torch.cuda.max_memory_allocated (VRAM).
 
 Ours and the reference run alternately in the same process; figures are medians. Ratios are
@@ -495,39 +495,20 @@ def _cuda_timed_pair(ours, reference, repeat: int = 3) -> tuple[float, float, fl
     return statistics.median(times[0]), statistics.median(times[1]), peaks[0], peaks[1]
 
 
-def _gpu_text_to_image(loader, folder: Path, label: str, size: int, steps: int, guidance: float,
-                       batches: tuple[int, ...]) -> None:
-    """Ours and the reference (``loader(library, folder)``) on CUDA, eager then with a compiled UNet."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device")
-    pipes = [loader(lib, str(folder)).to("cuda") for lib in ("diffusekit", "diffusers")]
-    for pipe in pipes:
-        pipe.set_progress_bar_config(disable=True)
-    for mode in ("eager", "compile"):
-        if mode == "compile":
-            for pipe in pipes:
-                pipe.unet = torch.compile(pipe.unet)
-        for batch in batches:
-            def make(pipe):
-                return lambda: pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=guidance,
-                                    height=size, width=size, num_images_per_prompt=batch, output_type="np",
-                                    generator=torch.Generator("cuda").manual_seed(0)).images
-            runs = [make(pipe) for pipe in pipes]
-            diff = float(abs(runs[0]() - runs[1]()).max())
-            t_ours, t_ref, vram_ours, vram_ref = _cuda_timed_pair(*runs)
-            name = f"GPU {label} {size}px {steps} steps fp16 batch {batch} ({mode})"
-            record(name, t_ours, t_ref, max_abs_diff=diff)
-            record(f"{name} peak VRAM", vram_ours, vram_ref, unit="MB")
+def bench_gpu(root: Path) -> None:
+    """benchmarks/gpu_bench.py's denoising loops (SD 1.5 batch 1 and 8, SDXL, FLUX.1-dev size; eager and
+    compiled), recorded as ours / reference pairs."""
+    import gpu_bench
 
-
-def bench_gpu_sd15(root: Path) -> None:
-    """SD 1.5-size text-to-image, 512x512, 50 steps, fp16, guidance 7.5, batch 1 and 8; eager and compiled."""
-    _gpu_text_to_image(load_sd15, _sd15_folder(root), "SD1.5", 512, 50, 7.5, (1, 8))
-
-
-def bench_gpu_sdxl(root: Path) -> None:
-    """SDXL-size text-to-image (random weights), 1024x1024, 30 steps, fp16, guidance 5, batch 1; eager and compiled."""
-    _gpu_text_to_image(load_sdxl, _sdxl_folder(root), "SDXL", 1024, 30, 5.0, (1,))
+    rows = {(r["case"], r["variant"]): r for r in gpu_bench.run_cases(list(gpu_bench.CASE_PREFIXES))}
+    for case, variant in rows:
+        side, kind = variant.split()
+        if side != "ours":
+            continue
+        ours, reference = rows[case, variant], rows[case, f"reference {kind}"]
+        record(f"GPU {case} ({kind})", ours["total_s"], reference["total_s"], max_abs_diff=ours["diff"],
+               compile_s=ours["compile_s"], reference_compile_s=reference["compile_s"], x_floor=ours["floor"])
+        record(f"GPU {case} ({kind}) peak VRAM", ours["peak_mb"], reference["peak_mb"], unit="MB")
 
 
 def bench_gpu_sdxl_unet(root: Path) -> None:
@@ -568,13 +549,12 @@ SECTIONS = {
     "tiny_sd": bench_tiny_sd,
     "sd15_load": bench_sd15_load,
     "cold_start": bench_cold_start,
-    "gpu_sd15": bench_gpu_sd15,
+    "gpu": bench_gpu,
     "sdxl_load": bench_sdxl_load,
     "sdxl_unet_parity": bench_sdxl_unet_parity,
     "gpu_sdxl_unet": bench_gpu_sdxl_unet,
-    "gpu_sdxl": bench_gpu_sdxl,
 }
-GPU_SECTIONS = ("gpu_sd15", "gpu_sdxl_unet", "gpu_sdxl")
+GPU_SECTIONS = ("gpu", "gpu_sdxl_unet")
 
 
 def main() -> None:

@@ -89,7 +89,8 @@ class LoraLayer:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = super().forward(x, *args, **kwargs)
-        call_scale = _CALL_SCALES.get().get(id(self), 1.0)
+        # torch.compile cannot read context variables; compiled models refuse call scales (install_scale_hook)
+        call_scale = 1.0 if torch.compiler.is_compiling() else _CALL_SCALES.get().get(id(self), 1.0)
         if not self.lora_enabled or call_scale == 0:
             return out
         for name in self.lora_active:
@@ -288,6 +289,9 @@ def install_scale_hook(model: nn.Module) -> None:
 
     def before(module, args, kwargs):
         scale = _scale_from_call(module, args, kwargs)
+        if scale not in (None, 1.0) and getattr(module, "_diffusekit_compile", None) is not None:
+            raise ValueError(f"a LoRA call scale ({scale}) needs an eager {type(module).__name__}: a compiled model "
+                             "cannot read it; set adapter weights with set_adapters() instead")
         undo = None if scale is None else contextlib.ExitStack()  # most calls give no scale: nothing to undo
         if undo is not None:
             undo.callback(_CALL_SCALES.reset, _set_call_scale(module, scale))

@@ -278,6 +278,8 @@ class FluxTransformer2DModel(FluxTrunkMixin, ModelMixin, AttentionProcessorMixin
     ``guidance_embeds=True``)."""
 
     _supports_gradient_checkpointing = True
+    #: Block classes that ``pipe.compile(regional=True)`` compiles one by one.
+    _repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     @register_to_config
     def __init__(

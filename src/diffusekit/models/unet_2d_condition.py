@@ -181,6 +181,8 @@ class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalMode
     """
 
     _supports_gradient_checkpointing = True
+    #: Block classes that ``pipe.compile(regional=True)`` compiles one by one.
+    _repeated_blocks = ("BasicTransformerBlock",)
 
     legacy_key_renames = LEGACY_ATTENTION_RENAMES
     single_file_component = "unet"

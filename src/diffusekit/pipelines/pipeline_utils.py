@@ -138,6 +138,26 @@ class DiffusionPipeline(ConfigMixin):
         """Compute attention in one step again."""
         self.enable_attention_slicing(None)
 
+    # -- compilation --------------------------------------------------------------------------
+
+    def compile(self, *, mode: str | None = None, regional: bool = True, backend: Any = "inductor",
+                fullgraph: bool = True, dynamic: bool | None = None, options: dict | None = None,
+                channels_last: bool = False, fuse_qkv: bool = False) -> torch.nn.Module:
+        """torch.compile the denoiser (``unet`` or ``transformer``) in place and return it.
+
+        ``regional=True`` compiles each repeated block (transformer blocks) once per shape, a fraction
+        of the full compile time; ``regional=False`` compiles the whole forward as one graph.
+        ``mode`` (e.g. ``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``), ``backend``,
+        ``fullgraph``, ``dynamic`` and ``options`` go to ``torch.compile``. ``channels_last`` and
+        ``fuse_qkv`` (undo with ``unfuse_qkv_projections()``) are opt-in; see
+        :mod:`diffusekit.pipelines.compile` for what recompiles and the LoRA rules.
+        """
+        from .compile import compile_denoiser, find_denoiser
+
+        return compile_denoiser(find_denoiser(self), mode=mode, regional=regional, backend=backend,
+                                fullgraph=fullgraph, dynamic=dynamic, options=options,
+                                channels_last=channels_last, fuse_qkv=fuse_qkv)
+
     # -- progress -----------------------------------------------------------------------------
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
