@@ -35,6 +35,7 @@ from .layers import LayerNorm, Linear, RMSNorm
 from .attention import FeedForward, Transformer2DModelOutput
 from .embeddings import CombinedTimestepTextProjEmbeddings, apply_rotary_emb, rotary_frequencies
 from .attention_processor import AttentionProcessorMixin, AttnProcessor2_0, ProcessorHolder
+from .cache import CacheMixin
 from .modeling import ModelMixin, maybe_checkpoint
 from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 
@@ -228,11 +229,12 @@ class FluxPosEmbed(nn.Module):
         return torch.cat([cos for cos, _ in parts], dim=-1), torch.cat([sin for _, sin in parts], dim=-1)
 
 
-class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin):
+class FluxTransformer2DModel(ModelMixin, AttentionProcessorMixin, CacheMixin):
     """The FLUX.1 transformer; see the module docstring. Defaults are FLUX.1's sizes (dev adds
-    ``guidance_embeds=True``)."""
+    ``guidance_embeds=True``). ``enable_cache`` takes a FirstBlockCacheConfig or FasterCacheConfig."""
 
     _supports_gradient_checkpointing = True
+    _cache_timestep_scale = 1000.0  # forward's timestep (sigma) times this is the schedule's timestep
 
     @register_to_config
     def __init__(
