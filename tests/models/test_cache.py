@@ -169,3 +169,24 @@ def test_two_threads_with_first_block_cache_match_sequential_calls(flux_pipe):
         flux_pipe.transformer.disable_cache()
     assert all(torch.equal(results[i], alone[i]) for i in range(2))
     assert any(not torch.allclose(alone[i], uncached[i], atol=1e-6) for i in range(2))  # the cache did skip
+
+
+def test_deep_cache_in_the_stable_diffusion_pipeline(tmp_path):
+    from diffusekit import StableDiffusionPipeline
+    from sd_components import save_tiny_sd_folder
+
+    pipe = StableDiffusionPipeline.from_pretrained(save_tiny_sd_folder(tmp_path / "sd", tmp_path / "tokenizer"))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run() -> torch.Tensor:
+        return pipe("a cat", num_inference_steps=4, height=32, width=32, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = run()
+    pipe.unet.enable_cache(DeepCacheConfig(cache_interval=2))
+    try:
+        cached, again = run(), run()
+    finally:
+        pipe.unet.disable_cache()
+    assert not torch.allclose(cached, plain, atol=1e-6) and torch.equal(cached, again)  # each call starts clean
+    assert torch.equal(run(), plain)
