@@ -89,11 +89,13 @@ def flux_case(transformer_config: dict, vae_config: dict, text_dim: int, size: i
 
     parts = tiny_flux_pipeline(Path(tempfile.mkdtemp(prefix="cache-bench-"))).components
     torch.manual_seed(0)
-    pipe = diffusekit.FluxPipeline(**{**parts, "transformer": diffusekit.FluxTransformer2DModel(**transformer_config).eval(),
+    transformer = diffusekit.FluxTransformer2DModel(**transformer_config).eval()
+    pipe = diffusekit.FluxPipeline(**{**parts, "transformer": transformer,
                                       "vae": diffusekit.AutoencoderKL(**vae_config).eval()})
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(1)
-    embeds = torch.randn(1, 64, text_dim, generator=g), torch.randn(1, transformer_config["pooled_projection_dim"], generator=g)
+    pooled_dim = transformer_config["pooled_projection_dim"]
+    embeds = torch.randn(1, 64, text_dim, generator=g), torch.randn(1, pooled_dim, generator=g)
 
     def call(steps: int = steps) -> torch.Tensor:
         return pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], height=size, width=size,

@@ -22,7 +22,8 @@ def pipes(tmp_path_factory):
     torch.manual_seed(0)
     transformer = diffusers.FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "num_layers": 2, "num_single_layers": 2})
     diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=diffusers.AutoencoderKL(**VAE_CONFIG),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=diffusers.AutoencoderKL(**VAE_CONFIG),
         text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer, text_encoder_2=tiny_t5(len(tokenizer_2)),
         tokenizer_2=tokenizer_2, transformer=transformer,
     ).save_pretrained(folder)
@@ -75,6 +76,7 @@ def test_faster_cache_matches_reference(pipes):
     options = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
                    attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True)
     out = _cached(ours, diffusekit.FasterCacheConfig(**options))
-    expected = _cached(ref, diffusers.FasterCacheConfig(**options, current_timestep_callback=lambda: ref.current_timestep))
+    expected = _cached(ref, diffusers.FasterCacheConfig(**options,
+                                                        current_timestep_callback=lambda: ref.current_timestep))
     assert _max_diff(out, expected) <= 1e-4
     assert _max_diff(out, _run(ours)) > 1e-3

@@ -1,4 +1,5 @@
-"""Caching accelerators (models/cache.py): API, exact restore, per-call and per-thread state."""
+"""Caching accelerators (models/cache.py): API, exact restore, per-call and per-thread state
+(the reference parity is tests/parity/test_cache.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def unet():
 
 def _flux_inputs(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(1, 16, 16, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+    return dict(hidden_states=torch.randn(1, 16, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
                 img_ids=latent_image_ids(4, 4), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5]),
                 return_dict=False)
