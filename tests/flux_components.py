@@ -39,3 +39,20 @@ def tiny_t5(vocab_size: int) -> transformers.T5EncoderModel:
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(1)
     return transformers.T5EncoderModel(config).eval()
+
+
+def tiny_flux_pipeline(tokenizer_folder, **transformer_options):
+    """diffusekit's FluxPipeline on these tiny parts (seed 0; ``transformer_options`` change
+    TRANSFORMER_CONFIG), progress bar off."""
+    from diffusekit import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from sd_components import tiny_text_encoder, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(tokenizer_folder)
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=AutoencoderKL(**VAE_CONFIG).eval(),
+                        text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
+                        text_encoder_2=tiny_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2,
+                        transformer=FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, **transformer_options}).eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -34,8 +34,19 @@ def _stand_in_for_adapter_capability() -> None:
     peft.PeftAdapterMixin = PeftAdapterMixin
 
 
+def _stand_in_for_cache_capability() -> None:
+    """The reference's model cache tests ask ``issubclass(model_class, CacheMixin)``; diffusekit's
+    models take caches through its own ``CacheMixin`` (models/cache.py), which stands in for the check."""
+    import diffusers.models.cache_utils as cache_utils
+    import diffusers.models.modeling_utils  # noqa: F401
+    from diffusekit.models.cache import CacheMixin
+
+    cache_utils.CacheMixin = CacheMixin
+
+
 _stand_in_for_lora_capability()
 _stand_in_for_adapter_capability()
+_stand_in_for_cache_capability()
 
 
 def pytest_report_header() -> str:

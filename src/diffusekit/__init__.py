@@ -38,6 +38,9 @@ _EXPORTS: dict[str, str] = {
     "StableDiffusionSafetyChecker": "models.safety_checker",
     "AttnProcessor": "models.attention_processor",
     "AttnProcessor2_0": "models.attention_processor",
+    "FirstBlockCacheConfig": "models.cache",
+    "FasterCacheConfig": "models.cache",
+    "DeepCacheConfig": "models.cache",
     # schedulers
     "DDPMScheduler": "schedulers.ddpm",
     "DDIMScheduler": "schedulers.ddim",

@@ -14,15 +14,13 @@ import pytest
 import torch
 
 from diffusekit import (
-    AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-    FluxTransformer2DModel, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+    DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
 )
 from diffusekit.embedded import load_embedded_pipeline
-from flux_components import SCHEDULER_CONFIG as FLUX_SCHEDULER
-from flux_components import TRANSFORMER_CONFIG, tiny_t5, tiny_t5_tokenizer
-from flux_components import VAE_CONFIG as FLUX_VAE
+from flux_components import tiny_flux_pipeline
 from lora_files import lora_tensors, peft_layout
-from sd_components import SCHEDULER_CONFIG, tiny_text_encoder, tiny_tokenizer
+from sd_components import SCHEDULER_CONFIG
 
 THREADS, ROUNDS = 4, 3
 PROMPTS = ["the cat", "a dog", "the cat and dog", "a red sky"]
@@ -69,15 +67,7 @@ def _sd_kind(pipe, cls, scheduler_cls, inputs):
 
 @pytest.fixture(scope="module")
 def flux_pipe(tmp_path_factory):
-    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
-    tokenizer_2 = tiny_t5_tokenizer()
-    torch.manual_seed(0)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=AutoencoderKL(**FLUX_VAE).eval(),
-                        text_encoder=tiny_text_encoder(tokenizer), tokenizer=tokenizer,
-                        text_encoder_2=tiny_t5(len(tokenizer_2)), tokenizer_2=tokenizer_2,
-                        transformer=FluxTransformer2DModel(**TRANSFORMER_CONFIG).eval())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_flux_pipeline(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 def _case(kind: str, request):

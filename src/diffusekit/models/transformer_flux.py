@@ -35,6 +35,7 @@ from .layers import LayerNorm, Linear, RMSNorm
 from .attention import FeedForward, Transformer2DModelOutput
 from .embeddings import CombinedTimestepTextProjEmbeddings, apply_rotary_emb, rotary_frequencies
 from .attention_processor import AttentionProcessorMixin, AttnProcessor2_0, ProcessorHolder
+from .cache import CacheMixin
 from .modeling import ModelMixin, maybe_checkpoint
 from .normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
 
@@ -273,9 +274,9 @@ class FluxTrunkMixin:
         return self.time_text_embed(timestep, pooled_projections, guidance)
 
 
-class FluxTransformer2DModel(FluxTrunkMixin, ModelMixin, AttentionProcessorMixin):
+class FluxTransformer2DModel(FluxTrunkMixin, ModelMixin, AttentionProcessorMixin, CacheMixin):
     """The FLUX.1 transformer; see the module docstring. Defaults are FLUX.1's sizes (dev adds
-    ``guidance_embeds=True``)."""
+    ``guidance_embeds=True``). ``enable_cache`` takes a FirstBlockCacheConfig or FasterCacheConfig."""
 
     _supports_gradient_checkpointing = True
     #: Block classes that ``pipe.compile(regional=True)`` compiles one by one.

@@ -15,6 +15,7 @@ from .layers import Conv2d, Embedding, GroupNorm, Linear
 from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from .attention_processor import AttentionProcessorMixin
+from .cache import CacheMixin
 from .modeling import ModelMixin
 from .unet_2d import timesteps_for_batch
 from .unet_blocks import get_down_block, get_mid_block, get_up_block
@@ -172,12 +173,13 @@ def build_conv_out(channels: int, out_channels: int, kernel: int, *, norm_num_gr
     return norm, act, Conv2d(channels, out_channels, kernel_size=kernel, padding=(kernel - 1) // 2)
 
 
-class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalModelMixin):
+class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalModelMixin, CacheMixin):
     """A conditional 2-D UNet: noisy latents, timestep and encoder hidden states -> sample-shaped output.
 
     Config keys follow the reference ``UNet2DConditionModel``. ``attention_head_dim`` is, as in the
     reference, the number of heads of the cross-attention blocks (an int or one per block).
     SDXL's ``addition_embed_type="text_time"`` takes ``added_cond_kwargs={"text_embeds", "time_ids"}``.
+    ``enable_cache`` takes a :class:`~diffusekit.models.cache.DeepCacheConfig`.
     """
 
     _supports_gradient_checkpointing = True

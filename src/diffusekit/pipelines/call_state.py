@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
+from ..models.cache import cache_call_scope
+
 #: The state of the calls running in this context, by ``id(pipeline)``.
 _CALLS: ContextVar[Mapping[int, "CallState | None"]] = ContextVar("diffusekit_calls", default=MappingProxyType({}))
 
@@ -57,7 +59,8 @@ def pipeline_call(method: Callable) -> Callable:
     def run(pipe, *args, **kwargs):
         token = _CALLS.set({**_CALLS.get(), id(pipe): None})
         try:
-            return method(pipe, *args, **kwargs)
+            with cache_call_scope():  # the denoisers' caches (models/cache.py) start empty in each call
+                return method(pipe, *args, **kwargs)
         finally:
             _CALLS.reset(token)
 

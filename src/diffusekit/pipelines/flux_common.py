@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..loaders.lora import LoraLoaderMixin
+from ..models.cache import denoiser_cache_context
 from ..utils import BaseOutput
 from .call_checks import check_image_size, check_prompt_text
 from .call_state import CallState, CallStateProperties, begin_call
@@ -267,15 +268,16 @@ class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMi
 
     def predict_velocity(self, state: CallState, latents: torch.Tensor, timestep: torch.Tensor,
                          guidance: torch.Tensor | None, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
-                         text_ids: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+                         text_ids: torch.Tensor, image_ids: torch.Tensor, branch: str = "cond") -> torch.Tensor:
         """One transformer call with the call's ``joint_attention_kwargs`` and ``denoiser_kwargs``;
-        ``timestep`` is on the scheduler's 0-1000 scale."""
-        return self.transformer(
-            hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-            pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-            img_ids=image_ids, joint_attention_kwargs=state.joint_attention_kwargs, return_dict=False,
-            **state.denoiser_kwargs,
-        )[0]
+        ``timestep`` is on the scheduler's 0-1000 scale; ``branch`` names the cache context."""
+        with denoiser_cache_context(self.transformer, branch):
+            return self.transformer(
+                hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                img_ids=image_ids, joint_attention_kwargs=state.joint_attention_kwargs, return_dict=False,
+                **state.denoiser_kwargs,
+            )[0]
 
     def guided_velocity(self, state: CallState, latents: torch.Tensor, t: torch.Tensor,
                         guidance: torch.Tensor | None, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
@@ -288,7 +290,7 @@ class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMi
                                          text_ids, image_ids)
         if negative is None:
             return velocity
-        uncond = self.predict_velocity(state, latents, timestep, guidance, *negative, image_ids)
+        uncond = self.predict_velocity(state, latents, timestep, guidance, *negative, image_ids, branch="uncond")
         return uncond + true_cfg_scale * (velocity - uncond)
 
     def latents_to_output(self, latents: torch.Tensor, height: int, width: int, output_type: str):

@@ -18,6 +18,7 @@ from PIL import Image
 from ..loaders.lora import LoraLoaderMixin
 from ..loaders.single_file import FromSingleFileMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
+from ..models.cache import denoiser_cache_context
 from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .call_checks import check_image_size
@@ -216,8 +217,9 @@ class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, L
             model_input = torch.cat([model_input, extra_channels], dim=1)
         options = {k: v for k, v in (("timestep_cond", timestep_cond),
                                      ("cross_attention_kwargs", state.cross_attention_kwargs)) if v is not None}
-        noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False,
-                               **options, **state.denoiser_kwargs)[0]
+        with denoiser_cache_context(self.unet, "cond"):
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False,
+                                   **options, **state.denoiser_kwargs)[0]
         if guided:
             noise_pred = apply_guidance(noise_pred, state.guidance_scale, state.guidance_rescale)
         return noise_pred
