@@ -281,6 +281,7 @@ class FluxTransformer2DModel(FluxTrunkMixin, ModelMixin, AttentionProcessorMixin
     _supports_gradient_checkpointing = True
     #: Block classes that ``pipe.compile(regional=True)`` compiles one by one.
     _repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    _cache_timestep_scale = 1000.0  # forward's timestep (sigma) times this is the schedule's timestep
 
     @register_to_config
     def __init__(
