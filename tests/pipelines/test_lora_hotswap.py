@@ -134,7 +134,7 @@ def test_unprepared_target_and_argument_errors(pipe):
         pipe.enable_lora_hotswap(target_rank=8)
     with pytest.raises(ValueError, match="target_rank must be a positive int, got 0"):
         pipe.enable_lora_hotswap(target_rank=0)
-    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no Linear or Conv2d layer"):
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no Linear or ungrouped Conv2d layer"):
         pipe.enable_lora_hotswap(target_rank=4, target_modules=["nope"])
 
 

@@ -29,7 +29,8 @@ CHECKS = ("error", "warn", "ignore")
 
 
 def _targets(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Module]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1}
     if target_modules is None:
         loaded = {n: m for n, m in found.items() if isinstance(m, layers.LoraLayer) and m.lora_adapters}
         return loaded or found
@@ -38,7 +39,7 @@ def _targets(model: nn.Module, target_modules: list[str] | str | None) -> dict[s
     else:
         chosen = {n: m for n, m in found.items() if any(n == t or n.endswith(f".{t}") for t in target_modules)}
     if not chosen:
-        raise ValueError(f"enable_lora_hotswap: target_modules {target_modules!r} match no Linear or Conv2d layer "
+        raise ValueError(f"enable_lora_hotswap: target_modules {target_modules!r} match no Linear or ungrouped Conv2d layer "
                          f"of {type(model).__name__}")
     return chosen
 

@@ -162,6 +162,9 @@ class LoraLayer:
         self.lora_fused = {}
 
 
+_LORA_ATTRIBUTES = ("lora_adapters", "lora_weights", "lora_active", "lora_fused", "lora_original", "lora_enabled")
+
+
 class HotswapLoraLayer(LoraLayer):
     """A LoRA layer whose forward adds only its fixed slot: ``up(down(x) * scale_per_rank) + bias``.
 
@@ -199,6 +202,7 @@ def _lora_class(cls: type, mixin: type = LoraLayer) -> type:
 
 
 def _slot_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of ``down`` and ``up`` of a rank-``rank`` adapter on ``module``."""
     weight_shape = base_shape(module)
     if isinstance(module, nn.Linear):
         return (rank, weight_shape[1]), (weight_shape[0], rank)
@@ -266,18 +270,12 @@ def check_adapter_shapes(module: nn.Module, down: torch.Tensor, up: torch.Tensor
     """``down``/``up`` reshaped for ``module`` (2-D <-> 1x1 conv); ValueError naming ``where`` when they do not fit."""
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{where}: LoRA targets {type(module).__name__}; only Linear and Conv2d layers take LoRA")
-    weight_shape = base_shape(module)
-    out_features, in_features = weight_shape[:2]
-    rank = down.shape[0]
-    if isinstance(module, nn.Linear):
-        down_shape, up_shape = (rank, in_features), (out_features, rank)
-    else:
-        if module.groups != 1:
-            raise ValueError(f"{where}: LoRA on grouped convolutions is not supported")
-        down_shape, up_shape = (rank, in_features, *weight_shape[2:]), (out_features, rank, 1, 1)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise ValueError(f"{where}: LoRA on grouped convolutions is not supported")
+    down_shape, up_shape = _slot_shapes(module, down.shape[0])
     if down.numel() != _numel(down_shape) or up.numel() != _numel(up_shape):
         raise ValueError(f"{where}: LoRA down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a layer with "
-                         f"weight {weight_shape} (expected {down_shape} / {up_shape})")
+                         f"weight {base_shape(module)} (expected {down_shape} / {up_shape})")
     return down.reshape(down_shape), up.reshape(up_shape)
 
 
@@ -305,9 +303,6 @@ def remove_adapter(module: LoraLayer, name: str) -> None:
     module.lora_active = tuple(n for n in module.lora_active if n != name)
     if not module.lora_adapters:
         remove_lora(module)
-
-
-_LORA_ATTRIBUTES = ("lora_adapters", "lora_weights", "lora_active", "lora_fused", "lora_original", "lora_enabled")
 
 
 def remove_lora(module: nn.Module) -> None:
