@@ -176,3 +176,20 @@ def test_flux_transformer_swaps_without_recompiling():
             model.unload_lora()
         torch.testing.assert_close(model(**inputs).sample, refs["base"], atol=1e-5, rtol=0)
     assert counter.frame_count == 1
+
+
+@torch.no_grad()
+def test_prepared_layers_follow_dtype_moves_and_keep_the_state_dict():
+    model, (_, inputs) = tiny_flux(), flux_inputs()
+    state = _flux_lora(model, seed=1, rank=2)
+    keys = list(model.state_dict())
+    model.load_lora_adapter(state, prefix=None, adapter_name="x")
+    eager = model.double()(**{k: v.double() for k, v in inputs.items()}).sample
+    model.unload_lora()
+    lora_hotswap.enable_lora_hotswap(model.float(), target_rank=3)
+    model.load_lora_adapter(state, prefix=None, adapter_name="x")
+    layer = model.get_submodule("transformer_blocks.0.attn.to_q")
+    assert type(layer).__name__ == "HotswapLoraLinear" and layer.lora_hotswap_down.shape == (3, 32)
+    model.double()
+    assert layer.lora_hotswap_up.dtype == torch.float64 and list(model.state_dict()) == keys
+    torch.testing.assert_close(model(**{k: v.double() for k, v in inputs.items()}).sample, eager, atol=1e-10, rtol=0)
