@@ -44,7 +44,7 @@ from torch import nn
 from ..hub import resolve_first_file, split_hub_kwargs
 from ..weights import WeightsError, check_safetensors_header, load_file
 from . import adapter_layers as adapters
-from . import lora_flux, lora_layers as layers
+from . import lora_flux, lora_hotswap, lora_layers as layers
 from . import single_file_layout
 from .lora_flux import convert_flux_lora, is_flux_transformer
 
@@ -261,9 +261,10 @@ def check_adapter_name(name: str, existing: list[str]) -> None:
 
 
 def load_state(models: dict[str, nn.Module], state: dict, metadata: dict, source: str, adapter_name: str,
-               strict: bool, owner: str) -> None:
+               strict: bool, owner: str, replace: bool = False) -> None:
     """Add the LoRA ``state`` to ``models`` (component -> model) as ``adapter_name``, which becomes their
-    active adapter. Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning)."""
+    active adapter (``replace``: in place of the adapter of that name, once the new one is checked).
+    Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning)."""
     check_lora_values(state, source)
     file_keys, origin = sorted(state), {}
     transformer = models.get("transformer", models.get("model"))
@@ -283,6 +284,11 @@ def load_state(models: dict[str, nn.Module], state: dict, metadata: dict, source
             if strict:
                 raise WeightsError(message + " (pass strict=False to load the rest)")
             logger.warning("%s; loading the rest", message)
+        for component, targets in plan.items():
+            lora_hotswap.check_targets(models[component], targets, source)
+    if replace:
+        for model in models.values():
+            adapters.delete(model, [adapter_name])
     if norms:
         lora_flux.replace_norms(transformer, norms)
     for component, targets in plan.items():
@@ -366,15 +372,30 @@ class LoraLoaderMixin:
         """
         hub = split_hub_kwargs(kwargs)
         kwargs.pop("low_cpu_mem_usage", None)
-        if kwargs.pop("hotswap", False):
-            raise ValueError("hotswap=True is not supported; unload or delete the adapter and load the new one")
+        hotswap = kwargs.pop("hotswap", False)
         if kwargs:
             raise TypeError(f"load_lora_weights got unexpected arguments {sorted(kwargs)}")
         existing = self._all_adapters()
         adapter_name = adapter_name or f"default_{len(existing)}"
-        check_adapter_name(adapter_name, existing)
+        if not hotswap:
+            check_adapter_name(adapter_name, existing)
+        elif adapter_name not in existing:
+            raise ValueError(f"hotswap=True replaces a loaded adapter, but there is no adapter {adapter_name!r} "
+                             f"(loaded: {existing}); pass the name of one or hotswap=False")
         state, metadata, source = read_lora_file(pretrained_model_name_or_path_or_dict, weight_name, **hub)
-        load_state(self._lora_models(), state, metadata, source, adapter_name, strict, type(self).__name__)
+        load_state(self._lora_models(), state, metadata, source, adapter_name, strict, type(self).__name__,
+                   replace=hotswap)
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error",
+                            target_modules: list[str] | str | None = None) -> None:
+        """Prepare the denoiser so that loading, swapping (``load_lora_weights(..., hotswap=True)``) and
+        unloading adapters of rank up to ``target_rank`` never recompiles it; call before ``compile()``
+        (``check_compiled``: "error", "warn" or "ignore" when it is compiled or has adapters already).
+        See :mod:`~diffusekit.loaders.lora_hotswap`."""
+        denoiser = next((m for n, m in self._lora_models().items() if n in ("unet", "transformer")), None)
+        if denoiser is None:
+            raise ValueError(f"enable_lora_hotswap: {type(self).__name__} has no unet or transformer")
+        lora_hotswap.enable_lora_hotswap(denoiser, target_rank, check_compiled, target_modules)
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,

@@ -20,11 +20,18 @@ How: :func:`add_adapter` switches an existing layer's class to a subclass that m
 
 Fusing writes ``W + scale * up @ down`` as a *new* tensor and keeps the original, so unfusing restores
 it bit for bit. :func:`remove_lora` switches the class back.
+
+Hotswap (:mod:`~diffusekit.loaders.lora_hotswap`): :func:`prepare_hotswap` gives a layer the class
+:class:`HotswapLoraLayer` once, with fixed-shape non-persistent buffers (rank padded to a target
+rank, a scale per rank as a tensor). Its forward reads only those buffers, so loading, swapping,
+reweighting and unloading adapters (:func:`sync_slot` copies them in place) change no class,
+shape or Python constant that a compiled graph depends on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 from contextvars import ContextVar, Token
@@ -155,13 +162,104 @@ class LoraLayer:
         self.lora_fused = {}
 
 
-_LORA_CLASSES: dict[type, type] = {}
+_LORA_ATTRIBUTES = ("lora_adapters", "lora_weights", "lora_active", "lora_fused", "lora_original", "lora_enabled")
 
 
-def _lora_class(cls: type) -> type:
-    if cls not in _LORA_CLASSES:
-        _LORA_CLASSES[cls] = type(f"Lora{cls.__name__}", (LoraLayer, cls), {"_lora_base_class": cls})
-    return _LORA_CLASSES[cls]
+class HotswapLoraLayer(LoraLayer):
+    """A LoRA layer whose forward adds only its fixed slot: ``up(down(x) * scale_per_rank) + bias``.
+
+    ``lora_adapters`` and the rest keep the bookkeeping; :func:`sync_slot` mirrors the active,
+    enabled, unfused adapters into the buffers (side by side along the rank, zeros elsewhere)."""
+
+    lora_hotswap_down: torch.Tensor
+    lora_hotswap_up: torch.Tensor
+    lora_hotswap_bias: torch.Tensor
+    lora_hotswap_scale: torch.Tensor
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = super(LoraLayer, self).forward(x, *args, **kwargs)
+        down, up, scale = self.lora_hotswap_down, self.lora_hotswap_up, self.lora_hotswap_scale
+        x_cast = x.to(down.dtype)
+        if isinstance(self, nn.Conv2d):
+            hidden = self._conv_forward(x_cast, down, None) * scale.view(-1, 1, 1)
+            branch = F.conv2d(hidden, up, self.lora_hotswap_bias)
+        else:
+            branch = F.linear(F.linear(x_cast, down) * scale, up, self.lora_hotswap_bias)
+        if not torch.compiler.is_compiling():  # compiled models refuse call scales (install_scale_hook)
+            call_scale = _CALL_SCALES.get().get(id(self), 1.0)
+            branch = branch if call_scale == 1.0 else branch * call_scale
+        return out + branch.to(out.dtype)
+
+
+_LORA_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _lora_class(cls: type, mixin: type = LoraLayer) -> type:
+    if (cls, mixin) not in _LORA_CLASSES:
+        prefix = "HotswapLora" if mixin is HotswapLoraLayer else "Lora"
+        _LORA_CLASSES[cls, mixin] = type(f"{prefix}{cls.__name__}", (mixin, cls), {"_lora_base_class": cls})
+    return _LORA_CLASSES[cls, mixin]
+
+
+def _slot_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of ``down`` and ``up`` of a rank-``rank`` adapter on ``module``."""
+    weight_shape = base_shape(module)
+    if isinstance(module, nn.Linear):
+        return (rank, weight_shape[1]), (weight_shape[0], rank)
+    return (rank, *weight_shape[1:]), (weight_shape[0], rank, 1, 1)
+
+
+def prepare_hotswap(module: nn.Module, rank: int, where: str) -> None:
+    """Make ``module`` (Linear/Conv2d, with or without adapters) a :class:`HotswapLoraLayer` of ``rank``."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "groups", 1) != 1:
+        raise ValueError(f"{where}: only Linear and ungrouped Conv2d layers can be prepared for LoRA hotswap")
+    if isinstance(module, HotswapLoraLayer):
+        if module.lora_hotswap_rank != rank:
+            raise ValueError(f"{where} is prepared for LoRA hotswap with rank {module.lora_hotswap_rank}, not {rank}")
+        return
+    state = {k: module.__dict__[k] for k in _LORA_ATTRIBUTES if k in module.__dict__}
+    module.__class__ = _lora_class(getattr(module, "_lora_base_class", type(module)), HotswapLoraLayer)
+    module._init_lora()
+    module.__dict__.update(state)
+    ref = module.weight
+    make = functools.partial(torch.zeros, device=ref.device, dtype=ref.dtype)
+    down_shape, up_shape = _slot_shapes(module, rank)
+    for name, shape in (("down", down_shape), ("up", up_shape), ("bias", (up_shape[0],)), ("scale", (rank,))):
+        module.register_buffer(f"lora_hotswap_{name}", make(shape), persistent=False)
+    module.lora_hotswap_rank, module.lora_hotswap_seen = rank, None
+    sync_slot(module, where)
+
+
+def _slot_signature(layer: LoraLayer) -> tuple:
+    adapters = tuple((n, id(a.down), id(a.up), id(a.up_bias), a.scale) for n, a in layer.lora_adapters.items())
+    return (layer.lora_enabled, layer.lora_active, tuple(layer.lora_weights.items()), tuple(layer.lora_fused),
+            adapters)
+
+
+@torch.no_grad()
+def sync_slot(layer: HotswapLoraLayer, where: str) -> None:
+    """Copy the layer's active, enabled, unfused adapters into its buffers in place (nothing when unchanged)."""
+    signature = _slot_signature(layer)
+    if signature == layer.lora_hotswap_seen:
+        return
+    names = [n for n in layer.lora_active if n in layer.lora_adapters and n not in layer.lora_fused]
+    names = names if layer.lora_enabled else []
+    ranks = [layer.lora_adapters[n].down.shape[0] for n in names]
+    if sum(ranks) > layer.lora_hotswap_rank:
+        raise ValueError(f"{where}: the active LoRA adapters {names} have ranks {ranks} (together {sum(ranks)}), "
+                         f"above the hotswap target_rank {layer.lora_hotswap_rank}")
+    for buffer in (layer.lora_hotswap_down, layer.lora_hotswap_up, layer.lora_hotswap_bias, layer.lora_hotswap_scale):
+        buffer.zero_()
+    start = 0
+    for name, rank in zip(names, ranks):
+        adapter, scale = layer.lora_adapters[name], layer.lora_scale(name)
+        layer.lora_hotswap_down[start:start + rank].copy_(adapter.down)
+        layer.lora_hotswap_up[:, start:start + rank].copy_(adapter.up)
+        layer.lora_hotswap_scale[start:start + rank] = scale
+        if adapter.up_bias is not None:
+            layer.lora_hotswap_bias.add_(adapter.up_bias.to(layer.lora_hotswap_bias) * scale)
+        start += rank
+    layer.lora_hotswap_seen = signature
 
 
 def base_shape(module: nn.Module) -> tuple[int, ...]:
@@ -172,18 +270,12 @@ def check_adapter_shapes(module: nn.Module, down: torch.Tensor, up: torch.Tensor
     """``down``/``up`` reshaped for ``module`` (2-D <-> 1x1 conv); ValueError naming ``where`` when they do not fit."""
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{where}: LoRA targets {type(module).__name__}; only Linear and Conv2d layers take LoRA")
-    weight_shape = base_shape(module)
-    out_features, in_features = weight_shape[:2]
-    rank = down.shape[0]
-    if isinstance(module, nn.Linear):
-        down_shape, up_shape = (rank, in_features), (out_features, rank)
-    else:
-        if module.groups != 1:
-            raise ValueError(f"{where}: LoRA on grouped convolutions is not supported")
-        down_shape, up_shape = (rank, in_features, *weight_shape[2:]), (out_features, rank, 1, 1)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise ValueError(f"{where}: LoRA on grouped convolutions is not supported")
+    down_shape, up_shape = _slot_shapes(module, down.shape[0])
     if down.numel() != _numel(down_shape) or up.numel() != _numel(up_shape):
         raise ValueError(f"{where}: LoRA down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a layer with "
-                         f"weight {weight_shape} (expected {down_shape} / {up_shape})")
+                         f"weight {base_shape(module)} (expected {down_shape} / {up_shape})")
     return down.reshape(down_shape), up.reshape(up_shape)
 
 
@@ -214,10 +306,15 @@ def remove_adapter(module: LoraLayer, name: str) -> None:
 
 
 def remove_lora(module: nn.Module) -> None:
-    """Switch a LoRA layer back to its original class; its current weights stay."""
+    """Switch a LoRA layer back to its original class; its current weights stay. A hotswap layer keeps
+    its class and buffers, zeroed (the base layer's output exactly)."""
+    if isinstance(module, HotswapLoraLayer):
+        module._init_lora()
+        sync_slot(module, type(module).__name__)
+        return
     if not isinstance(module, LoraLayer):
         return
-    for attr in ("lora_adapters", "lora_weights", "lora_active", "lora_fused", "lora_original", "lora_enabled"):
+    for attr in _LORA_ATTRIBUTES:
         module.__dict__.pop(attr, None)
     module.__class__ = module._lora_base_class
 
