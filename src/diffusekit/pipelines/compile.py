@@ -12,7 +12,8 @@
 Module objects, parameters and state-dict keys are unchanged (no ``_orig_mod.`` prefix), so LoRA
 loading, ``save_pretrained`` and ``.to()`` keep working. What recompiles: a new input shape or
 dtype, the first LoRA load (the layers change class; unloading returns to the graphs compiled
-before), a change of adapter weights (``set_adapters``). Per-call LoRA scales
+before), a change of adapter weights (``set_adapters``); none of these LoRA changes recompile after
+``pipe.enable_lora_hotswap(target_rank=R)`` (fixed-shape LoRA buffers, loaders/lora_hotswap.py). Per-call LoRA scales
 (``cross_attention_kwargs={"scale": s}``) live in a context variable that torch.compile cannot
 read, so a compiled model refuses scales other than 1.0 (set adapter weights instead).
 
