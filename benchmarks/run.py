@@ -326,11 +326,16 @@ def load_sd15(library: str, folder: str):
     return _library(library).StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
 
 
+def bench_fp16_load(label: str, folder: Path, loader: str, repeat: int) -> None:
+    """``from_pretrained`` time (best of ``repeat``, side by side) and fresh-process peak RSS of ``loader``."""
+    load = globals()[loader]
+    loads = [lambda lib=lib: load(lib, str(folder)) for lib in ("diffusekit", "diffusers")]
+    record(f"from_pretrained {label} fp16", *timed_pair(*loads, repeat=repeat))
+    record(f"from_pretrained {label} fp16 peak RSS", *peak_rss(loader, str(folder)), unit="MB")
+
+
 def bench_sd15_load(root: Path) -> None:
-    folder = _sd15_folder(root)
-    loads = [lambda lib=lib: load_sd15(lib, str(folder)) for lib in ("diffusekit", "diffusers")]
-    record("from_pretrained SD 1.5-size fp16", *timed_pair(*loads, repeat=7))
-    record("from_pretrained SD 1.5-size fp16 peak RSS", *peak_rss("load_sd15", str(folder)), unit="MB")
+    bench_fp16_load("SD 1.5-size", _sd15_folder(root), "load_sd15", repeat=7)
 
 
 FLUX_SMALL_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
@@ -439,10 +444,7 @@ def load_sdxl(library: str, folder: str):
 
 
 def bench_sdxl_load(root: Path) -> None:
-    folder = _sdxl_folder(root)
-    loads = [lambda lib=lib: load_sdxl(lib, str(folder)) for lib in ("diffusekit", "diffusers")]
-    record("from_pretrained SDXL-size fp16", *timed_pair(*loads, repeat=3))
-    record("from_pretrained SDXL-size fp16 peak RSS", *peak_rss("load_sdxl", str(folder)), unit="MB")
+    bench_fp16_load("SDXL-size", _sdxl_folder(root), "load_sdxl", repeat=3)
 
 
 def bench_sdxl_unet_parity(root: Path) -> None:

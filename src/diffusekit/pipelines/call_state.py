@@ -21,6 +21,9 @@ from ..models.cache import cache_call_scope
 #: The state of the calls running in this context, by ``id(pipeline)``.
 _CALLS: ContextVar[Mapping[int, "CallState | None"]] = ContextVar("diffusekit_calls", default=MappingProxyType({}))
 
+#: The UNet keyword argument holding added conditioning (SDXL's text_time, the IP image embeddings).
+ADDED_COND = "added_cond_kwargs"
+
 
 @dataclass
 class CallState:
@@ -49,6 +52,10 @@ class CallState:
         """The call's LoRA scale: ``scale`` in the cross- or joint-attention kwargs, else None."""
         options = self.cross_attention_kwargs or self.joint_attention_kwargs or {}
         return options.get("scale")
+
+    def add_conditioning(self, **values: Any) -> None:
+        """Merge ``values`` into the call's added conditioning (``denoiser_kwargs["added_cond_kwargs"]``)."""
+        self.denoiser_kwargs[ADDED_COND] = {**self.denoiser_kwargs.get(ADDED_COND, {}), **values}
 
 
 def pipeline_call(method: Callable) -> Callable:

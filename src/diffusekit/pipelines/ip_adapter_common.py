@@ -23,14 +23,6 @@ from ..loaders.ip_adapter import IPAdapterMixin, loaded_ip_adapters
 from ..models.image_projection import ImageProjection
 from .call_state import CallState
 
-#: The UNet keyword argument holding added conditioning (SDXL's text_time, the IP image embeddings).
-ADDED_COND = "added_cond_kwargs"
-
-
-def add_denoiser_conditioning(state: CallState, **values: Any) -> None:
-    """Merge ``values`` into the call's added conditioning (``denoiser_kwargs["added_cond_kwargs"]``)."""
-    state.denoiser_kwargs[ADDED_COND] = {**state.denoiser_kwargs.get(ADDED_COND, {}), **values}
-
 
 def check_ip_adapter_inputs(ip_adapter_image: Any, ip_adapter_image_embeds: Any, loaded: int) -> None:
     """ValueError naming the argument when the image prompt does not fit ``loaded`` adapters."""
@@ -122,4 +114,4 @@ class IPAdapterPipelineMixin(IPAdapterMixin):
             return
         embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                       num_images_per_prompt, self.guided(state))
-        add_denoiser_conditioning(state, image_embeds=embeds)
+        state.add_conditioning(image_embeds=embeds)

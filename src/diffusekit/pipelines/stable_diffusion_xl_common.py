@@ -21,9 +21,8 @@ from PIL import Image
 from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .call_checks import check_prompt_text
-from .call_state import CallField, CallState
+from .call_state import ADDED_COND, CallField, CallState
 from .image_processing import postprocess_images
-from .ip_adapter_common import ADDED_COND, add_denoiser_conditioning
 from .pipeline_utils import DiffusionPipeline
 from .stable_diffusion_common import StableDiffusionBase
 from .vae_codec import decode_latents, vae_scale_factor
@@ -250,7 +249,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
             text = torch.cat([negative_pooled, pooled])
             ids = torch.cat([negative_time_ids.repeat(count, 1), time_ids.repeat(count, 1)])
         added = {"text_embeds": text.to(device), "time_ids": ids.to(device)}
-        add_denoiser_conditioning(state, **added)
+        state.add_conditioning(**added)
         return added
 
     def after_step(self, state: CallState, step: int, t, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -259,7 +258,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
         added = state.denoiser_kwargs[ADDED_COND]
         tensors = self.step_callback(state, step, t, {**tensors, "add_text_embeds": added["text_embeds"],
                                                       "add_time_ids": added["time_ids"]})
-        add_denoiser_conditioning(state, text_embeds=tensors["add_text_embeds"], time_ids=tensors["add_time_ids"])
+        state.add_conditioning(text_embeds=tensors["add_text_embeds"], time_ids=tensors["add_time_ids"])
         return tensors
 
     # -- output ---------------------------------------------------------------------------------

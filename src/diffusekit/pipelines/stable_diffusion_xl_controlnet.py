@@ -13,11 +13,11 @@ import torch
 
 from ..utils import Generator
 from .call_checks import check_call_arguments
-from .call_state import CallState, pipeline_call
+from .call_state import ADDED_COND, CallState, pipeline_call
 from .controlnet_common import ControlNetCall, as_controlnet, prepare_controlnet_call
 from .prompt_encoding import prompt_batch_size
 from .stable_diffusion_controlnet import StableDiffusionControlNetBase
-from .stable_diffusion_xl_common import ADDED_COND, StableDiffusionXLBase
+from .stable_diffusion_xl_common import StableDiffusionXLBase
 from .timesteps import progress_due, retrieve_timesteps, step_kwargs, timesteps_until, warmup_steps
 
 __all__ = ["StableDiffusionXLControlNetBase", "StableDiffusionXLControlNetPipeline"]
