@@ -273,3 +273,45 @@ class T5TokenizerFast(Tokenizer):
 
 CLIPTokenizerFast = CLIPTokenizer
 T5Tokenizer = T5TokenizerFast
+
+
+def write_word_tokenizer(save_directory: str | os.PathLike, words: Iterable[str], model_max_length: int = 77) -> Path:
+    """Write a small CLIP tokenizer folder (vocab.json, merges.txt, configs) in which each of ``words``
+    is one token; other text still tokenizes, into byte-level pieces. Returns the folder.
+
+    The merges are learned by the ``tokenizers`` BPE trainer on the words themselves, so every
+    word's merges apply in rank order without conflict; the vocabulary holds the 256 byte symbols
+    (plain and word-final), the merged words, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    words = sorted({word.lower() for word in words})
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer_backend = Backend(BPE(end_of_word_suffix="</w>"))
+    trainer_backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False, initial_alphabet=alphabet,
+                         end_of_word_suffix="</w>", special_tokens=[])
+    trainer_backend.train_from_iterator(words, trainer=trainer)
+    learned = json.loads(trainer_backend.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned]
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
+    for left, right in merges:
+        if left + right not in tokens:
+            tokens.append(left + right)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>"}
+    config = dict(specials, tokenizer_class="CLIPTokenizer", model_max_length=model_max_length, do_lower_case=True,
+                  errors="replace", add_prefix_space=False)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n",
+                                                    encoding="utf-8")
+    return folder

@@ -27,7 +27,13 @@ def run_train_command(args: argparse.Namespace) -> Path:
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, the other ranks leave --out alone
     if main_process:  # before train() makes the process group, so the others cannot write to --out yet
         prepare_output(config.out, config.resume, overwrite=getattr(args, "overwrite", False))
-    out = train(config)
+    if config.task == "unet":
+        out = train(config)
+    else:
+        from .text_to_image import train_text_to_image, train_vae
+
+        config.check()
+        out = (train_vae if config.task == "vae" else train_text_to_image)(config)
     if main_process:  # one line, also under accelerate launch
         print(f"saved pipeline to {out}")
     return out

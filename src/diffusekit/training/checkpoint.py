@@ -66,7 +66,8 @@ def prepare_output(out: str | Path, resume: str | Path | None = None, overwrite:
         raise ValueError(f"--out {out}: the folder exists and is not empty; pass --overwrite to replace "
                          "the run in it, or choose a new folder")
 
-    for name in ("model_index.json", "unet", "scheduler", CHECKPOINTS, SAMPLES, LOG_FILE, CLASS_LABELS_FILE):
+    for name in ("model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "config.json",
+                 "diffusion_pytorch_model.safetensors", CHECKPOINTS, SAMPLES, LOG_FILE, CLASS_LABELS_FILE):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)

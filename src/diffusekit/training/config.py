@@ -14,6 +14,9 @@ CLASS_LABELS_FILE = "class_labels.json"
 LOG_FILE = "train_log.jsonl"
 SAMPLES = "samples"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: What a run trains: a pixel UNet2DModel, an AutoencoderKL, or text encoder + UNet on VAE latents.
+TASKS = ("unet", "vae", "text-to-image")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
@@ -21,7 +24,8 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 class TrainConfig:
     """Settings of :func:`diffusekit.training.train`. The first group mirrors ``diffusekit train``."""
 
-    data: Any = "sklearn-digits"  # "sklearn-digits", an image folder, an array or an ImageDataset
+    data: Any = "sklearn-digits"  # "sklearn-digits", "shapes", an image folder, an array or an ImageDataset
+    task: str = "unet"
     resolution: int = 16
     steps: int = 3000  # optimizer steps (each one of grad_accum micro-batches)
     out: Path = Path("diffusekit-train")
@@ -35,6 +39,8 @@ class TrainConfig:
     sample_every: int = 1000  # 0: never
     resume: Path | None = None  # a checkpoint folder, or an output folder (its latest checkpoint)
     seed: int = 0
+    vae: Path | None = None  # text-to-image: the AutoencoderKL folder whose latents the UNet learns
+    dataset_size: int = 16000  # images of the synthetic "shapes" data
 
     # Not on the command line.
     labels: Any = None  # labels of an array dataset
@@ -55,27 +61,46 @@ class TrainConfig:
     sample_guidance_scale: float = 2.0
     progress: bool = True
     extra_model_config: dict = field(default_factory=dict)
+    # VAE and text-to-image runs.
+    vae_block_out_channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 4
+    vae_kl_weight: float = 1e-4  # on the KL per pixel
+    text_width: int = 64  # CLIP text encoder hidden size (also the UNet's cross-attention width)
+    text_layers: int = 3
+    max_text_length: int = 32  # tokens, the tokenizer's model_max_length
+    caption_dropout: float = 0.1  # captions dropped to "" this often (classifier-free guidance)
 
     def check(self) -> None:
         """Raise ValueError naming the setting that cannot work."""
-        positive = ("resolution", "steps", "batch_size", "grad_accum", "num_train_timesteps", "sample_steps")
+        positive = ("resolution", "steps", "batch_size", "grad_accum", "num_train_timesteps", "sample_steps",
+                "dataset_size", "text_width", "text_layers", "max_text_length", "latent_channels")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("save_every", "sample_every", "warmup_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.task != "unet" and self.resume is not None:
+            raise ValueError(f"--resume works for --task unet only, not {self.task}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.null_class_prob < 1.0:
             raise ValueError(f"null_class_prob must be in [0, 1), got {self.null_class_prob}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.task == "text-to-image":
+            factor *= 2 ** (len(self.vae_block_out_channels) - 1)
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} must be divisible by {factor} "
                              f"for {len(self.block_out_channels)} UNet levels")
@@ -103,7 +128,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     :class:`TrainConfig`'s defaults, or the values of the run that ``--resume`` continues."""
     d = TrainConfig()
     option = parser.add_argument
-    option("--data", required=True, help="an image folder (subfolders = classes) or 'sklearn-digits'")
+    option("--data", required=True, help="an image folder (subfolders = classes; with --task text-to-image, "
+                                         "a NAME.txt caption beside each image), 'sklearn-digits' or 'shapes'")
+    option("--task", choices=TASKS, help="unet: a pixel UNet2DModel (default); vae: an AutoencoderKL; "
+                                         "text-to-image: text encoder + UNet on the latents of --vae")
+    option("--vae", type=Path, help="--task text-to-image: the AutoencoderKL folder (from a --task vae run)")
+    option("--dataset-size", type=int, help=f"images of --data shapes (default: {d.dataset_size})")
+    option("--beta-schedule", choices=BETA_SCHEDULES, help=f"default: {d.beta_schedule}")
     option("--resolution", type=int, help=f"square image side (default: {d.resolution})")
     option("--steps", type=int, required=True, help="optimizer steps to train for")
     option("--out", type=Path, required=True, help="output folder (a loadable pipeline)")
@@ -156,7 +187,7 @@ def config_from_args(args: argparse.Namespace, resumed: dict[str, Any] | None = 
 
 
 def _from_json(name: str, value: Any) -> Any:
-    return tuple(value) if name == "block_out_channels" and isinstance(value, list) else value
+    return tuple(value) if name.endswith("block_out_channels") and isinstance(value, list) else value
 
 
 def check_resume_conflicts(given: dict[str, Any], resumed: dict[str, Any]) -> None:
