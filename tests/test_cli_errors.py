@@ -72,7 +72,7 @@ def test_device_size_and_class_errors_name_the_option(tmp_path, capsys):
     assert error("--width", "16", "--height", "16", "--class-label", "12") == \
         "error: --class-label 12: the model has classes 0 to 9\n"
     assert error("--class-label", "seven") == "error: --class-label seven: not a class number or name\n"
-    assert error("--prompt", "a cat") == "error: ClassConditionalPipeline does not take prompt\n"
+    assert error("diffusekit:digits", "--prompt", "a cat") == "error: ClassConditionalPipeline does not take prompt\n"
     assert error("--lora", tmp_path) == "error: --lora: ClassConditionalPipeline does not take LoRAs\n"
     assert list(tmp_path.iterdir()) == []
 

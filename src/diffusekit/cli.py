@@ -90,27 +90,41 @@ def command_schedulers(args: argparse.Namespace) -> int:
 
 def command_demo(args: argparse.Namespace) -> int:
     from . import __version__
-    from .cli_generate import EMBEDDED_MODEL, check_out
+    from .cli_generate import EMBEDDED_MODEL, EMBEDDED_TEXT_MODEL, check_out
     from .cli_system import set_threads
     from .configuration import read_json
-    from .embedded import DEMO_GUIDANCE_SCALE, DEMO_STEPS, embedded_model_path, generate_demo_grid
+    from .embedded import (DEMO_GUIDANCE_SCALE, DEMO_STEPS, SHAPES_DEMO_PROMPTS, embedded_model_path,
+                           generate_demo_grid, generate_shapes_grid)
 
     check_out(args.out)
     set_threads(args.threads)
     start = time.perf_counter()
     path = generate_demo_grid(Path(args.out), seed=args.seed)
-    from PIL import Image
-
     scheduler = read_json(embedded_model_path() / "scheduler" / "scheduler_config.json")
     record = {"diffusekit_version": __version__, "model": EMBEDDED_MODEL, "pipeline": "ClassConditionalPipeline",
               "seed": args.seed, "steps": DEMO_STEPS, "guidance": DEMO_GUIDANCE_SCALE,
               "class_labels": [d for d in range(10) for _ in range(8)], "grid": {"rows": 10, "cols": 8},
               "scheduler": {"name": None, "class": scheduler["_class_name"], "config": scheduler}}
+    _add_record(path, record)
+    print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
+    start = time.perf_counter()
+    path = generate_shapes_grid(Path(args.out), seed=args.seed)
+    scheduler = read_json(embedded_model_path("shapes") / "scheduler" / "scheduler_config.json")
+    _add_record(path, {"diffusekit_version": __version__, "model": EMBEDDED_TEXT_MODEL,
+                       "pipeline": "StableDiffusionPipeline", "seed": args.seed, "prompts": list(SHAPES_DEMO_PROMPTS),
+                       "grid": {"rows": len(SHAPES_DEMO_PROMPTS), "cols": 8},
+                       "scheduler": {"name": None, "class": scheduler["_class_name"], "config": scheduler}})
+    print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _add_record(path: Path, record: dict) -> None:
+    """Store the generation record in the PNG at ``path``."""
+    from PIL import Image
+
     with Image.open(path) as grid:
         grid.load()
     save_png(grid, path, record)
-    print(f"wrote {path} ({time.perf_counter() - start:.1f} s)")
-    return 0
 
 
 def command_generate(args: argparse.Namespace) -> int:
@@ -203,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("schedulers", "list the sampler names that --scheduler takes", command_schedulers)
 
-    demo = command("demo", "write a grid of digits from the embedded model", command_demo)
+    demo = command("demo", "write grids of digits and of shapes from the embedded models", command_demo)
     demo.add_argument("--out", default="demo-output", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
 

@@ -26,11 +26,14 @@ from .cli_system import check_device, progress_bar_options, set_threads
 from .hub import check_local
 from .training.config import CLASS_LABELS_FILE
 
-#: How the embedded model is named on the command line and in records.
+#: How the embedded models are named on the command line and in records: the digits model (class
+#: labels, the default without a prompt) and the shapes model (text-to-image, the default with one).
 EMBEDDED_MODEL = "diffusekit:digits"
+EMBEDDED_TEXT_MODEL = "diffusekit:shapes"
+EMBEDDED_PREFIX = "diffusekit:"
 #: Record keys that ``--from`` copies onto options the command line leaves unset.
 REPLAYED_OPTIONS = ("model", "prompt", "negative_prompt", "steps", "guidance", "strength", "height", "width",
-                    "seed", "dtype", "refiner", "refiner_start")
+                    "seed", "dtype", "refiner", "refiner_start", "prompt_weighting")
 #: File endings of single-file checkpoints that ``generate`` loads as a whole pipeline.
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 #: Where the SDXL refiner takes over from the base (``--refiner-start``), as a fraction of the schedule.
@@ -88,8 +91,56 @@ def _check_image_file(option: str, path: str) -> None:
         raise CommandError(f"{option} {path}: not a readable image ({err})") from None
 
 
+def embedded_name(model: str | None) -> str | None:
+    """``"digits"`` for ``diffusekit:digits`` and so on; None for other models. CommandError for an
+    unknown ``diffusekit:`` name."""
+    if model is None or not model.startswith(EMBEDDED_PREFIX):
+        return None
+    from .embedded import EMBEDDED_MODELS
+
+    name = model[len(EMBEDDED_PREFIX):]
+    if name not in EMBEDDED_MODELS:
+        raise CommandError(f"model {model}: no such embedded model; there are "
+                           + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS))
+    return name
+
+
+def choose_model(args: argparse.Namespace) -> None:
+    """Fill in ``args.model``: ``generate "a red circle"`` (a MODEL with a space that is no file) is a
+    prompt; with no model, a prompt picks the embedded text-to-image model and none the digits."""
+    model = args.model
+    if model is not None and args.prompt is None and " " in model and not Path(model).expanduser().exists():
+        args.prompt, args.model = model, None
+    if args.model is None:
+        args.model = EMBEDDED_TEXT_MODEL if args.prompt is not None else EMBEDDED_MODEL
+
+
+def apply_model_defaults(args: argparse.Namespace) -> None:
+    """Fill unset ``--steps/--guidance/--scheduler`` from the model folder's ``diffusekit_defaults.json``."""
+    name = embedded_name(args.model)
+    if name is not None:
+        from .embedded import embedded_model_path
+
+        folder = embedded_model_path(name)
+    elif args.model is not None and Path(args.model).expanduser().is_dir():
+        folder = Path(args.model).expanduser()
+    else:
+        return
+    from .embedded import generation_defaults
+
+    try:
+        defaults = generation_defaults(folder)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None and not (key == "scheduler" and getattr(args, "scheduler_record", None)):
+            setattr(args, key, value)
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Every check that needs no model, so mistakes fail before anything loads."""
+    choose_model(args)
+    apply_model_defaults(args)
     _check_numbers(args)
     _check_files(args)
     check_controlnet_options(args)
@@ -130,7 +181,7 @@ def _check_files(args: argparse.Namespace) -> None:
     for option, path in images:
         if path is not None:
             _check_image_file(option, path)
-    if args.model not in (None, EMBEDDED_MODEL):
+    if embedded_name(args.model) is None:
         check_local(args.model)
     if args.refiner is not None:
         try:
@@ -252,10 +303,11 @@ def load_pipeline(args: argparse.Namespace, device) -> tuple[Any, dict[str, Any]
     import torch
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.model in (None, EMBEDDED_MODEL):
+    name = embedded_name(args.model) or ("digits" if args.model is None else None)
+    if name is not None:
         from .embedded import load_embedded_pipeline
 
-        pipe = load_embedded_pipeline()
+        pipe = load_embedded_pipeline(name)
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
@@ -330,17 +382,19 @@ def _choose_task(pipe, from_image: bool, inpainting: bool):
 
 def model_record(model: str | None) -> str:
     """The model as recorded: the embedded name, an absolute folder, or the Hub id as given."""
-    if model in (None, EMBEDDED_MODEL):
+    if model is None:
         return EMBEDDED_MODEL
+    if embedded_name(model) is not None:
+        return model
     return str(Path(model).resolve()) if Path(model).expanduser().is_dir() else model
 
 
 def class_names(model: str | None) -> list[str] | None:
     """The class names saved with a local class-conditional model (``class_labels.json``), if any."""
-    if model in (None, EMBEDDED_MODEL):
+    if model is None or embedded_name(model) is not None:
         from .embedded import embedded_model_path
 
-        folder = embedded_model_path()
+        folder = embedded_model_path(embedded_name(model) or "digits")
     else:
         folder = Path(model).expanduser()
     path = folder / CLASS_LABELS_FILE
@@ -406,7 +460,7 @@ def call_arguments(pipe, args: argparse.Namespace, labels: list[int] | None, gen
     wanted: dict[str, Any] = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_inference_steps": args.steps,
         "guidance_scale": args.guidance, "strength": args.strength, "class_labels": labels,
-        "height": args.height, "width": args.width,
+        "height": args.height, "width": args.width, "prompt_weighting": getattr(args, "prompt_weighting", None),
     }
     if args.image is not None:
         wanted["image"] = Image.open(args.image).convert("RGB")
@@ -453,6 +507,7 @@ def _base_record(pipe, args: argparse.Namespace, loaded: dict, seed: int, count:
     return {
         "diffusekit_version": __version__, "model": model_record(args.model), "pipeline": type(pipe).__name__,
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed, "batch": count,
+        "prompt_weighting": getattr(args, "prompt_weighting", None),
         "scheduler": {"name": args.scheduler or (getattr(args, "scheduler_record", None) or {}).get("name"),
                       "class": type(pipe.scheduler).__name__,
                       "config": json.loads(pipe.scheduler.to_json_string())},
@@ -556,7 +611,9 @@ def command_generate(args: argparse.Namespace) -> int:
 def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     """The ``diffusekit generate`` options; unset ones stay None (pipeline defaults, or ``--from``'s record)."""
     gen.add_argument("model", nargs="?",
-                     help=f"pipeline folder or Hub id (default: the embedded digits model, {EMBEDDED_MODEL})")
+                     help=f"pipeline folder or Hub id (default: with a prompt the embedded text-to-image model "
+                          f"{EMBEDDED_TEXT_MODEL}, else the digits model {EMBEDDED_MODEL}); a MODEL with spaces "
+                          "that is no file is taken as the prompt: generate \"a red circle at the top\"")
     gen.add_argument("--config", metavar="DIR",
                      help="for a single-file MODEL: a pipeline folder whose component configs to use "
                           "(default: the shipped configs of the detected family)")
@@ -567,6 +624,8 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="one image per line (seed = --seed + line number, file LINE.png, manifest.jsonl); "
                           "under `accelerate launch` the lines are split across processes")
     gen.add_argument("--negative-prompt")
+    gen.add_argument("--prompt-weighting", choices=["a1111"],
+                     help="a1111: (word:1.3) and [word] attention weights, and prompts past 77 tokens")
     gen.add_argument("--image", help="input image: image-to-image (or inpainting with --mask)")
     gen.add_argument("--mask", help="mask image for inpainting (white = repaint)")
     gen.add_argument("--strength", type=float, help="image-to-image strength in [0, 1] (default: the pipeline's)")

@@ -275,32 +275,49 @@ CLIPTokenizerFast = CLIPTokenizer
 T5Tokenizer = T5TokenizerFast
 
 
+def learn_word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """BPE merges that make each of ``words`` one token (``</w>``-terminated symbols, byte-level
+    characters): the most frequent adjacent pair is merged first, ties broken by the pair's text,
+    so the same words always give the same merges, and applying them in rank order rebuilds every word."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pieces = [list(text) for word in sorted(set(words)) for text, _ in byte_level.pre_tokenize_str(word)]
+    words_symbols = [piece[:-1] + [piece[-1] + "</w>"] for piece in pieces if piece]
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in words_symbols:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for index, symbols in enumerate(words_symbols):
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            words_symbols[index] = merged
+
+
 def write_word_tokenizer(save_directory: str | os.PathLike, words: Iterable[str], model_max_length: int = 77) -> Path:
     """Write a small CLIP tokenizer folder (vocab.json, merges.txt, configs) in which each of ``words``
     is one token; other text still tokenizes, into byte-level pieces. Returns the folder.
 
-    The merges are learned by the ``tokenizers`` BPE trainer on the words themselves, so every
-    word's merges apply in rank order without conflict; the vocabulary holds the 256 byte symbols
-    (plain and word-final), the merged words, then ``<|startoftext|>`` and ``<|endoftext|>``.
+    The vocabulary holds the 256 byte symbols (plain and word-final), the merged pieces of
+    :func:`learn_word_merges`, then ``<|startoftext|>`` and ``<|endoftext|>``.
     """
-    from tokenizers import Tokenizer as Backend
     from tokenizers import pre_tokenizers
-    from tokenizers.models import BPE
-    from tokenizers.trainers import BpeTrainer
 
-    words = sorted({word.lower() for word in words})
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer_backend = Backend(BPE(end_of_word_suffix="</w>"))
-    trainer_backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False, initial_alphabet=alphabet,
-                         end_of_word_suffix="</w>", special_tokens=[])
-    trainer_backend.train_from_iterator(words, trainer=trainer)
-    learned = json.loads(trainer_backend.to_str())["model"]["merges"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned]
-    tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
-    for left, right in merges:
-        if left + right not in tokens:
-            tokens.append(left + right)
+    merges = learn_word_merges(word.lower() for word in words)
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + [left + right for left, right in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     folder = Path(save_directory)

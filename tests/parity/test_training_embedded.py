@@ -35,3 +35,18 @@ def test_the_reference_loads_the_embedded_folder():
     with torch.no_grad():
         torch.testing.assert_close(reference.unet(x, t, class_labels=labels).sample,
                                    ours.unet(x, t, class_labels=labels).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_the_reference_runs_the_embedded_shapes_model_alike():
+    """The shipped text-to-image model: diffusers' StableDiffusionPipeline loads the folder (its
+    transformers text encoder and tokenizer included) and draws the same image for the same seed."""
+    folder = embedded_model_path("shapes")
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    ours = load_embedded_pipeline("shapes")
+    reference.set_progress_bar_config(disable=True)
+    prompt = "a yellow triangle at the bottom right and a blue circle at the top on a gray background"
+    kwargs = dict(num_inference_steps=10, output_type="np")
+    expected = reference(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images
+    actual = ours(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert type(reference.text_encoder).__module__.startswith("transformers")
+    assert abs(expected - actual).max() < 1e-4

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cli_generate import EMBEDDED_MODEL, class_names, load_pipeline
+from ..cli_generate import EMBEDDED_MODEL, EMBEDDED_TEXT_MODEL, class_names, load_pipeline
 
 #: The name of the embedded digits model in requests.
 DEFAULT_MODEL = "digits"
+#: What ``diffusekit serve`` serves when given no model: both embedded models.
+DEFAULT_SPECS = (f"{DEFAULT_MODEL}={EMBEDDED_MODEL}", f"shapes={EMBEDDED_TEXT_MODEL}")
 
 
 class FieldError(ValueError):
@@ -89,9 +91,9 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
 
 
 def load_models(specs: list[str], device, loras: list[str] = ()) -> dict[str, ServedModel]:
-    """Load every ``MODEL`` or ``name=MODEL`` (none: the embedded digits model), keyed by name, with
+    """Load every ``MODEL`` or ``name=MODEL`` (none: the embedded digits and shapes models), keyed by name, with
     every ``name=LORA_FILE`` loaded (off) into each model that takes LoRAs."""
-    specs = specs or [f"{DEFAULT_MODEL}={EMBEDDED_MODEL}"]
+    specs = specs or list(DEFAULT_SPECS)
     models: dict[str, ServedModel] = {}
     for spec in specs:
         name, source = parse_model_spec(spec)

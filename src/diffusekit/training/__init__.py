@@ -30,10 +30,10 @@ def run_train_command(args: argparse.Namespace) -> Path:
     if config.task == "unet":
         out = train(config)
     else:
-        from .text_to_image import train_text_to_image, train_vae
+        from .text_to_image import train_lora, train_text_to_image, train_vae
 
         config.check()
-        out = (train_vae if config.task == "vae" else train_text_to_image)(config)
+        out = {"vae": train_vae, "text-to-image": train_text_to_image, "lora": train_lora}[config.task](config)
     if main_process:  # one line, also under accelerate launch
         print(f"saved pipeline to {out}")
     return out

@@ -14,8 +14,9 @@ CLASS_LABELS_FILE = "class_labels.json"
 LOG_FILE = "train_log.jsonl"
 SAMPLES = "samples"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-#: What a run trains: a pixel UNet2DModel, an AutoencoderKL, or text encoder + UNet on VAE latents.
-TASKS = ("unet", "vae", "text-to-image")
+#: What a run trains: a pixel UNet2DModel, an AutoencoderKL, text encoder + UNet on VAE latents, or a
+#: LoRA of a text-to-image pipeline's UNet.
+TASKS = ("unet", "vae", "text-to-image", "lora")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -41,6 +42,8 @@ class TrainConfig:
     seed: int = 0
     vae: Path | None = None  # text-to-image: the AutoencoderKL folder whose latents the UNet learns
     dataset_size: int = 16000  # images of the synthetic "shapes" data
+    base: Path | None = None  # lora: the StableDiffusionPipeline folder the LoRA adapts
+    lora_rank: int = 4
 
     # Not on the command line.
     labels: Any = None  # labels of an array dataset
@@ -64,7 +67,7 @@ class TrainConfig:
     # VAE and text-to-image runs.
     vae_block_out_channels: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 4
-    vae_kl_weight: float = 1e-4  # on the KL per pixel
+    vae_kl_weight: float = 1e-6  # on the KL per pixel (Stable Diffusion's weight)
     text_width: int = 64  # CLIP text encoder hidden size (also the UNet's cross-attention width)
     text_layers: int = 3
     max_text_length: int = 32  # tokens, the tokenizer's model_max_length
@@ -73,7 +76,7 @@ class TrainConfig:
     def check(self) -> None:
         """Raise ValueError naming the setting that cannot work."""
         positive = ("resolution", "steps", "batch_size", "grad_accum", "num_train_timesteps", "sample_steps",
-                "dataset_size", "text_width", "text_layers", "max_text_length", "latent_channels")
+                "dataset_size", "lora_rank", "text_width", "text_layers", "max_text_length", "latent_channels")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -128,11 +131,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     :class:`TrainConfig`'s defaults, or the values of the run that ``--resume`` continues."""
     d = TrainConfig()
     option = parser.add_argument
-    option("--data", required=True, help="an image folder (subfolders = classes; with --task text-to-image, "
-                                         "a NAME.txt caption beside each image), 'sklearn-digits' or 'shapes'")
+    option("--data", required=True, help="an image folder (subfolders = classes; with --task text-to-image or lora, "
+                                         "a NAME.txt caption beside each image), 'sklearn-digits', 'shapes' or "
+                                         "'shapes-outlined'")
     option("--task", choices=TASKS, help="unet: a pixel UNet2DModel (default); vae: an AutoencoderKL; "
-                                         "text-to-image: text encoder + UNet on the latents of --vae")
+                                         "text-to-image: text encoder + UNet on the latents of --vae; "
+                                         "lora: a LoRA of the UNet of --base")
     option("--vae", type=Path, help="--task text-to-image: the AutoencoderKL folder (from a --task vae run)")
+    option("--base", type=Path, help="--task lora: the Stable Diffusion pipeline folder to adapt")
+    option("--lora-rank", type=int, help=f"--task lora: rank of the LoRA matrices (default: {d.lora_rank})")
     option("--dataset-size", type=int, help=f"images of --data shapes (default: {d.dataset_size})")
     option("--beta-schedule", choices=BETA_SCHEDULES, help=f"default: {d.beta_schedule}")
     option("--resolution", type=int, help=f"square image side (default: {d.resolution})")

@@ -35,6 +35,9 @@ SHAPE_SIZE = 16  # pixels, a quarter of the image width
 SIZE_JITTER = 2  # the side varies by up to this many pixels either way
 PLACE_JITTER = 2  # and the centre moves by up to this many pixels on each axis
 SUPERSAMPLE = 4  # edges are antialiased by drawing at 4x and averaging
+#: How shapes are drawn: filled, or as a 2-pixel outline (the example style LoRA's data).
+STYLES = ("filled", "outlined")
+OUTLINE_WIDTH = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class ShapeScene:
         return any(obj.held_out() for obj in self.objects)
 
 
+def grammar_words() -> set[str]:
+    """Every word the caption grammar uses."""
+    phrases = [*COLOURS, *SHAPES, *BACKGROUNDS, *POSITIONS, "a and on background"]
+    return {word for phrase in phrases for word in phrase.split()}
+
+
 def cell_centre(position: str, resolution: int = RESOLUTION) -> tuple[float, float]:
     """(x, y) of the centre of a position's grid cell, in pixels."""
     if position not in POSITIONS:
@@ -91,25 +100,30 @@ def random_scene(rng: np.random.Generator, num_objects: int, split: str = "train
             return scene
 
 
-def shape_mask(shape: str, centre: tuple[float, float], size: float, resolution: int = RESOLUTION) -> np.ndarray:
-    """Coverage in [0, 1] (H, W) of a shape of side ``size`` centred at ``centre`` (triangles point up)."""
+def shape_mask(shape: str, centre: tuple[float, float], size: float, resolution: int = RESOLUTION,
+               inset: float = 0.0) -> np.ndarray:
+    """Coverage in [0, 1] (H, W) of a shape of side ``size`` centred at ``centre`` (triangles point up),
+    its edges moved ``inset`` pixels inwards."""
     grid = resolution * SUPERSAMPLE
     coords = (np.arange(grid) + 0.5) / SUPERSAMPLE
     x, y = coords[None, :] - centre[0], coords[:, None] - centre[1]
     half = size / 2
     if shape == "circle":
-        inside = x * x + y * y <= half * half
+        inside = x * x + y * y <= (half - inset) ** 2
     elif shape == "square":
-        inside = (np.abs(x) <= half) & (np.abs(y) <= half)
-    elif shape == "triangle":  # apex at the top centre, base along the bottom edge
-        inside = (y <= half) & (y >= -half) & (np.abs(x) <= (y + half) / 2)
+        inside = (np.abs(x) <= half - inset) & (np.abs(y) <= half - inset)
+    elif shape == "triangle":  # apex at the top centre, base along the bottom edge; sides have slope 2
+        inside = (y <= half - inset) & (np.abs(x) <= (y + half) / 2 - inset * np.sqrt(5) / 2)
     else:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     return inside.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def render(scene: ShapeScene, rng: np.random.Generator, resolution: int = RESOLUTION) -> np.ndarray:
+def render(scene: ShapeScene, rng: np.random.Generator, resolution: int = RESOLUTION,
+           style: str = "filled") -> np.ndarray:
     """The scene as a uint8 (H, W, 3) image, with jitter drawn from ``rng``."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     image = np.empty((resolution, resolution, 3), dtype=np.float32)
     image[:] = BACKGROUNDS[scene.background]
     scale = resolution / RESOLUTION
@@ -117,13 +131,17 @@ def render(scene: ShapeScene, rng: np.random.Generator, resolution: int = RESOLU
         cx, cy = cell_centre(obj.position, resolution)
         dx, dy = rng.uniform(-PLACE_JITTER, PLACE_JITTER, size=2) * scale
         size = (SHAPE_SIZE + rng.uniform(-SIZE_JITTER, SIZE_JITTER)) * scale
-        coverage = shape_mask(obj.shape, (cx + dx, cy + dy), size, resolution)[..., None]
+        coverage = shape_mask(obj.shape, (cx + dx, cy + dy), size, resolution)
+        if style == "outlined":  # the shape less its inside, the outline width in from every edge
+            inner = shape_mask(obj.shape, (cx + dx, cy + dy), size, resolution, inset=OUTLINE_WIDTH * scale)
+            coverage = np.clip(coverage - inner, 0, 1)
+        coverage = coverage[..., None]
         image = image * (1 - coverage) + np.asarray(COLOURS[obj.colour], dtype=np.float32) * coverage
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def make_shapes(count: int, seed: int = 0, split: str = "train", two_object_fraction: float = 0.5,
-                resolution: int = RESOLUTION) -> tuple[np.ndarray, list[ShapeScene]]:
+                resolution: int = RESOLUTION, style: str = "filled") -> tuple[np.ndarray, list[ShapeScene]]:
     """``count`` images (N, H, W, 3) uint8 and their scenes (``scene.caption`` is the text)."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -133,9 +151,26 @@ def make_shapes(count: int, seed: int = 0, split: str = "train", two_object_frac
     scenes, images = [], np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     for index in range(count):
         scene = random_scene(rng, 2 if rng.random() < two_object_fraction else 1, split)
-        images[index] = render(scene, rng, resolution)
+        images[index] = render(scene, rng, resolution, style)
         scenes.append(scene)
     return images, scenes
+
+
+def make_dense_shapes(count: int, seed: int = 0, max_objects: int = 9, resolution: int = RESOLUTION,
+                      style: str = "filled") -> np.ndarray:
+    """``count`` uint8 images (N, H, W, 3) of 1 to ``max_objects`` shapes in distinct cells, held-out
+    combinations included, without captions: autoencoder training data, with much more of each image
+    covered by shapes than in the captioned set."""
+    if not 1 <= max_objects <= len(POSITIONS):
+        raise ValueError(f"max_objects must be in [1, {len(POSITIONS)}], got {max_objects}")
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
+    for index in range(count):
+        cells = rng.choice(len(POSITIONS), size=int(rng.integers(1, max_objects + 1)), replace=False)
+        objects = tuple(ShapeObject(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), POSITIONS[int(cell)])
+                        for cell in cells)
+        images[index] = render(ShapeScene(objects, str(rng.choice(list(BACKGROUNDS)))), rng, resolution, style)
+    return images
 
 
 def parse_caption(caption: str) -> ShapeScene:

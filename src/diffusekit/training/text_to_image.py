@@ -1,11 +1,13 @@
 """Text-to-image latent diffusion training in the Stable Diffusion layout (``diffusekit train --task ...``).
 
-Two runs make a model: ``--task vae`` trains an ``AutoencoderKL`` on the images; ``--task text-to-image``
+Two runs make a model (a third adapts it): ``--task vae`` trains an ``AutoencoderKL`` on the images; ``--task text-to-image``
 then trains a small CLIP text encoder and a ``UNet2DConditionModel`` together on the VAE's latents,
 dropping captions to ``""`` for classifier-free guidance, and saves a ``StableDiffusionPipeline``
-folder (vae, text_encoder, tokenizer, unet, scheduler) that diffusekit and diffusers both load.
+folder (vae, text_encoder, tokenizer, unet, scheduler) that diffusekit and diffusers both load;
+``--task lora`` trains a LoRA of such a pipeline's UNet attention layers (peft's ``LoraConfig``) and
+saves it as ``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_lora_weights``.
 
-Data: ``shapes`` (the synthetic captioned set of :mod:`diffusekit.training.shapes`, ``dataset_size``
+Data: ``shapes`` or ``shapes-outlined`` (the synthetic captioned set of :mod:`diffusekit.training.shapes`, ``dataset_size``
 images drawn from ``seed``) or a folder of images each with a caption in a ``.txt`` file of the
 same name (the kohya / A1111 convention). Runs are single-process and seeded.
 """
@@ -26,7 +28,8 @@ from .data import IMAGE_SUFFIXES, load_image_folder
 from .ema import EMAWeights
 from .loop import BatchOrder, build_noise_scheduler, build_sampling_scheduler, learning_rate_factor, training_targets
 
-SHAPES_DATA = "shapes"
+#: The synthetic data sets: ``--data NAME`` -> the drawing style of :func:`~diffusekit.training.shapes.render`.
+SHAPES_DATA = {"shapes": "filled", "shapes-outlined": "outlined"}
 #: Words every tokenizer of a shapes run knows as single tokens, beside those of the captions.
 TOKENIZER_WORDS = ("a", "an", "and", "the", "on", "in", "at", "of", "with", "background")
 
@@ -47,11 +50,13 @@ class CaptionedImages:
 
 
 def load_captioned(config: TrainConfig) -> CaptionedImages:
-    """The captioned images of ``config.data``: ``"shapes"`` or a folder with ``.txt`` captions."""
-    if config.data == SHAPES_DATA:
+    """The captioned images of ``config.data``: ``"shapes"``, ``"shapes-outlined"`` or a folder with
+    ``.txt`` captions."""
+    if config.data in SHAPES_DATA:
         from .shapes import make_shapes
 
-        images, scenes = make_shapes(config.dataset_size, seed=config.seed, resolution=config.resolution)
+        images, scenes = make_shapes(config.dataset_size, seed=config.seed, resolution=config.resolution,
+                                     style=SHAPES_DATA[config.data])
         return CaptionedImages(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                                [scene.caption for scene in scenes])
     root = Path(config.data)
@@ -86,7 +91,7 @@ def _run_steps(config: TrainConfig, out: Path, step_loss, parameters, models: di
     emas = {name: EMAWeights(model, config.ema_decay) for name, model in models.items()}
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(out / LOG_FILE, "a", encoding="utf-8") as log, \
+    with open(out / LOG_FILE, "a", encoding="utf-8", buffering=1) as log, \
             tqdm(total=config.steps, desc=f"train {config.task}", disable=not config.progress) as bar:
         for step in range(1, config.steps + 1):
             loss, extra = step_loss()
@@ -140,10 +145,22 @@ def latent_scaling_factor(vae, data: CaptionedImages, count: int = 512) -> float
     return float(1.0 / torch.cat(means).std())
 
 
+def load_autoencoder_images(config: TrainConfig) -> CaptionedImages:
+    """The images of a VAE run: for ``shapes`` data the dense variant (up to nine shapes an image, so
+    colours and edges fill more of each batch), else ``config.data`` itself."""
+    if config.data in SHAPES_DATA:
+        from .shapes import make_dense_shapes
+
+        images = make_dense_shapes(config.dataset_size, seed=config.seed, resolution=config.resolution,
+                                   style=SHAPES_DATA[config.data])
+        return CaptionedImages(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [""] * len(images))
+    return load_captioned(config)
+
+
 def train_vae(config: TrainConfig) -> Path:
     """Train an AutoencoderKL on ``config.data``; save it (with its measured ``scaling_factor``) to ``out``."""
     out, device = Path(config.out), _device()
-    data = load_captioned(config)
+    data = load_autoencoder_images(config)
     torch.manual_seed(config.seed)
     vae = build_vae(config).to(device).train()
     order, generator = BatchOrder(len(data), config.seed), torch.Generator().manual_seed(config.seed * 1_000)
@@ -166,7 +183,11 @@ def build_tokenizer(config: TrainConfig, captions: list[str], folder: Path):
     """A CLIP tokenizer whose vocabulary is the captions' words (each one token), saved in ``folder``."""
     from ..tokenization import CLIPTokenizer, write_word_tokenizer
 
+    from .shapes import grammar_words
+
     words = {word for caption in captions for word in caption.lower().split()} | set(TOKENIZER_WORDS)
+    if config.data in SHAPES_DATA:
+        words |= grammar_words()
     write_word_tokenizer(folder, words, model_max_length=config.max_text_length)
     return CLIPTokenizer.from_pretrained(folder)
 
@@ -289,3 +310,48 @@ def save_caption_samples(pipeline, captions: list[str], path: Path, config: Trai
     images += [images[-1]] * (rows * per_row - len(images))
     make_image_grid(images, rows, per_row, gap=2).save(path)
     return path
+
+
+# -- a LoRA of a trained pipeline --------------------------------------------------------------------
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def train_lora(config: TrainConfig) -> Path:
+    """Train a LoRA of the UNet of ``config.base`` on ``config.data``; write ``pytorch_lora_weights.safetensors``."""
+    from ..pipelines.stable_diffusion import StableDiffusionPipeline
+
+    if config.base is None:
+        raise ValueError("--task lora needs --base: the Stable Diffusion pipeline folder to adapt")
+    try:
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+    except ImportError:
+        raise ImportError("--task lora needs peft: pip install peft") from None
+    out, device = Path(config.out), _device()
+    data = load_captioned(config)
+    pipe = StableDiffusionPipeline.from_pretrained(config.base).to(device)
+    means, stds = encode_latents(pipe.vae, data)
+    scale = pipe.vae.config.scaling_factor
+    ids, empty_ids = tokenize(pipe.tokenizer, data.captions), tokenize(pipe.tokenizer, [""])
+    for model in (pipe.unet, pipe.text_encoder, pipe.vae):
+        model.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    pipe.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
+                                     target_modules=list(LORA_TARGETS)))
+    parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer, schedule = _optimizer(parameters, config)
+    order, generator = BatchOrder(len(data), config.seed), torch.Generator().manual_seed(config.seed * 1_000)
+    noise_scheduler = build_noise_scheduler(config)
+    pipe.text_encoder.eval()
+
+    def step_loss():
+        rows = order.take(config.batch_size)
+        noise = torch.randn(means[rows].shape, generator=generator)
+        latents = ((means[rows] + stds[rows] * noise) * scale).to(device)
+        return text_to_image_loss(pipe.unet, pipe.text_encoder, noise_scheduler, latents, ids[rows].to(device),
+                                  empty_ids.to(device), generator, config), {}
+
+    _run_steps(config, out, step_loss, parameters, {}, optimizer, schedule)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return out
