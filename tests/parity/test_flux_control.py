@@ -301,6 +301,38 @@ def test_control_lora_widens_x_embedder_and_unloads(lora_pipes, base):
     np.testing.assert_array_equal(_run(plain, prompt="a cat"), before)
 
 
+def test_control_lora_adapters_fuse_unfuse_delete_and_from_pipe(lora_pipes, base):
+    ours, ref = lora_pipes
+    kwargs = dict(prompt="a red cat", control_image=_image(11))
+    regular = {k: v for k, v in _control_lora(1, 16).items() if "norm" not in k}
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(_control_lora(0, 32), adapter_name="canny")
+        pipe.load_lora_weights(dict(regular), adapter_name="style")
+    assert ours.get_active_adapters() == ref.get_active_adapters() == ["style"]
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.set_adapters(["canny", "style"], [1.0, 0.8])
+    unfused = _run(ours, **kwargs)
+    _close(unfused, _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.fuse_lora(lora_scale=1.0, adapter_names=["canny", "style"])
+    _close(_run(ours, **kwargs), unfused)
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.unfuse_lora()
+    np.testing.assert_array_equal(_run(ours, **kwargs), unfused)  # unfusing is exact
+    for pipe in (ours, ref):
+        pipe.delete_adapters("style")
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.unload_lora_weights(reset_to_overwritten_params=True)
+    plain = [lib.FluxPipeline.from_pipe(pipe) for lib, pipe in ((diffusekit, ours), (diffusers, ref))]
+    assert plain[0].transformer is ours.transformer and plain[0].transformer.config.in_channels == 16
+    for pipe in plain:
+        pipe.set_progress_bar_config(disable=True)
+    _close(_run(plain[0], prompt="a cat"), _run(plain[1], prompt="a cat"))
+
+
 def test_control_pipeline_model_index_both_ways(base, tmp_path):
     torch.manual_seed(6)
     ref_transformer = diffusers.FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "in_channels": 32, "out_channels": 16})
