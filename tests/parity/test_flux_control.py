@@ -301,7 +301,7 @@ def test_control_lora_widens_x_embedder_and_unloads(lora_pipes, base):
     np.testing.assert_array_equal(_run(plain, prompt="a cat"), before)
 
 
-def test_control_lora_adapters_fuse_unfuse_delete_and_from_pipe(lora_pipes, base):
+def test_control_lora_adapters_set_fuse_and_unfuse(lora_pipes):
     ours, ref = lora_pipes
     kwargs = dict(prompt="a red cat", control_image=_image(11))
     regular = {k: v for k, v in _control_lora(1, 16).items() if "norm" not in k}
@@ -321,16 +321,6 @@ def test_control_lora_adapters_fuse_unfuse_delete_and_from_pipe(lora_pipes, base
     for pipe in (ours, ref):
         pipe.unfuse_lora()
     _close(_run(ours, **kwargs), unfused, 1e-6)
-    for pipe in (ours, ref):
-        pipe.delete_adapters("style")
-    _close(_run(ours, **kwargs), _run(ref, **kwargs))
-    for pipe in (ours, ref):
-        pipe.unload_lora_weights(reset_to_overwritten_params=True)
-    plain = [lib.FluxPipeline.from_pipe(pipe) for lib, pipe in ((diffusekit, ours), (diffusers, ref))]
-    assert plain[0].transformer is ours.transformer and plain[0].transformer.config.in_channels == 16
-    for pipe in plain:
-        pipe.set_progress_bar_config(disable=True)
-    _close(_run(plain[0], prompt="a cat"), _run(plain[1], prompt="a cat"))
 
 
 def test_control_pipeline_model_index_both_ways(base, tmp_path):
