@@ -5,6 +5,8 @@ Installed when pytest loads the plugin, before any conftest or test module impor
 
 from __future__ import annotations
 
+import logging
+
 import diffusekit
 import diffusers
 from standin import install
@@ -44,7 +46,45 @@ def _stand_in_for_cache_capability() -> None:
     cache_utils.CacheMixin = CacheMixin
 
 
+def _stand_in_for_lora_layer_type() -> None:
+    """The reference's LoRA tests check that LoRA is in a model with ``isinstance(module, BaseTunerLayer)``
+    (peft's layer base); LoRA files load into diffusekit's own layers (docs/compatibility.md, "Adapters:
+    which layers"), so those count as tuner layers for that check. diffusekit itself never counts them so
+    (``lora_layers.peft_layers``)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft the reference's LoRA tests skip
+        return
+    from diffusekit.loaders.lora_layers import LoraLayer
+
+    BaseTunerLayer.register(LoraLayer)
+
+
+class _ToReferenceLoggers(logging.Handler):
+    """Hands diffusekit's loader log records to the handlers of the reference's loader loggers, where the
+    reference's tests capture them (``CaptureLogger(logging.get_logger("diffusers.loaders.peft"))``), at the
+    levels those loggers are set to. Only the wording is diffusekit's own."""
+
+    TARGETS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for name in self.TARGETS:
+            target = logging.getLogger(name)
+            if target.isEnabledFor(record.levelno):
+                for handler in target.handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+
+
+def _log_to_reference_loggers() -> None:
+    source = logging.getLogger("diffusekit.loaders")
+    source.setLevel(logging.DEBUG)  # what reaches a test is decided by the reference's logger levels
+    source.addHandler(_ToReferenceLoggers())
+
+
 _stand_in_for_lora_capability()
+_log_to_reference_loggers()
+_stand_in_for_lora_layer_type()
 _stand_in_for_adapter_capability()
 _stand_in_for_cache_capability()
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from diffusekit.configuration import register_to_config
+from diffusekit.loaders import adapter_layers as adapters
 from diffusekit.loaders import lora_layers as layers
 from diffusekit.loaders.lora import LoraLoaderMixin
 from diffusekit.models.modeling import ModelMixin
@@ -170,3 +171,35 @@ def test_set_adapters_with_an_unknown_name_says_which():
     pipe.unet.add_adapter(_config(), adapter_name="a")
     with pytest.raises(ValueError, match=r"Adapter name\(s\) \['test'\] not in the list of present adapters: \['a'\]"):
         pipe.set_adapters("test")
+
+
+def test_a_loaded_file_is_the_only_active_adapter_of_the_models_it_reaches():
+    pipe = Pipe()
+    pipe.unet.add_adapter(_config(), adapter_name="trained")
+    pipe.text_encoder.add_adapter(_config(), adapter_name="te")
+    state = {f"unet.{k}": v for k, v in adapters.adapter_state_dict(pipe.unet, "trained")[0].items()}
+    pipe.load_lora_weights(state, adapter_name="file")
+    assert adapters.active_adapters(pipe.unet) == ["file"] and adapters.active_adapters(pipe.text_encoder) == ["te"]
+    pipe.set_adapters("trained")
+    trained = pipe.unet(X)
+    pipe.set_adapters("file")  # the same weights as a file: the same function, the peft adapter off
+    assert torch.allclose(pipe.unet(X), trained, atol=1e-6)
+
+
+def test_set_adapters_ignores_components_the_pipeline_lacks_with_a_warning(caplog):
+    pipe = Pipe()
+    pipe.unet.add_adapter(_config(), adapter_name="a")
+    plain = Pipe().unet(X)
+    with caplog.at_level("WARNING", logger="diffusekit.loaders.lora"):
+        pipe.set_adapters("a", adapter_weights={"unet": 0.0, "foo": 1.0, "bar": 1.0})
+    assert "components in `adapter_weights` are not part of the pipeline: ['bar', 'foo']" in caplog.text
+    assert torch.allclose(pipe.unet(X), plain)
+
+
+def test_unload_and_delete_reset_the_transformers_peft_flag():
+    """transformers' ``add_adapter`` reads ``peft_config`` while ``_hf_peft_config_loaded`` is set."""
+    for remove in (adapters.unload, lambda model: adapters.delete(model, ["a"])):
+        model = _model_with("a")
+        model._hf_peft_config_loaded = True  # as transformers' add_adapter leaves it
+        remove(model)
+        assert "peft_config" not in model.__dict__ and model._hf_peft_config_loaded is False

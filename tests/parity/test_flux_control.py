@@ -301,6 +301,28 @@ def test_control_lora_widens_x_embedder_and_unloads(lora_pipes, base):
     np.testing.assert_array_equal(_run(plain, prompt="a cat"), before)
 
 
+def test_control_lora_adapters_set_fuse_and_unfuse(lora_pipes):
+    ours, ref = lora_pipes
+    kwargs = dict(prompt="a red cat", control_image=_image(11))
+    regular = {k: v for k, v in _control_lora(1, 16).items() if "norm" not in k}
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(_control_lora(0, 32), adapter_name="canny")
+        pipe.load_lora_weights(dict(regular), adapter_name="style")
+    assert ours.get_active_adapters() == ref.get_active_adapters() == ["style"]
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.set_adapters(["canny", "style"], [1.0, 0.8])
+    unfused = _run(ours, **kwargs)
+    _close(unfused, _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.fuse_lora(lora_scale=1.0, adapter_names=["canny", "style"])
+    _close(_run(ours, **kwargs), unfused)
+    _close(_run(ours, **kwargs), _run(ref, **kwargs))
+    for pipe in (ours, ref):
+        pipe.unfuse_lora()
+    _close(_run(ours, **kwargs), unfused, 1e-6)
+
+
 def test_control_pipeline_model_index_both_ways(base, tmp_path):
     torch.manual_seed(6)
     ref_transformer = diffusers.FluxTransformer2DModel(**{**TRANSFORMER_CONFIG, "in_channels": 32, "out_channels": 16})

@@ -126,8 +126,8 @@ def delete(model: nn.Module, names: list[str]) -> None:
     configs = peft_configs(model)
     for name in names:
         configs.pop(name, None)
-    if "peft_config" in model.__dict__ and not configs:
-        del model.peft_config
+    if not configs:
+        _drop_peft_config(model)
     drop_scale_hook_if_unused(model)
 
 
@@ -153,8 +153,16 @@ def unload(model: nn.Module) -> None:
     for layer in layers.lora_layers(model):
         layers.remove_lora(layer)
     _unwrap(model, peft_layers(model))
-    model.__dict__.pop("peft_config", None)
+    _drop_peft_config(model)
     drop_scale_hook_if_unused(model)
+
+
+def _drop_peft_config(model: nn.Module) -> None:
+    """Forget ``model.peft_config``; a transformers model also forgets that it had one (its ``add_adapter``
+    reads ``peft_config`` while that flag is set)."""
+    model.__dict__.pop("peft_config", None)
+    if model.__dict__.get("_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False
 
 
 def _unwrap(model: nn.Module, tuned: list[nn.Module]) -> None:

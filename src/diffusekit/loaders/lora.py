@@ -262,16 +262,16 @@ def check_adapter_name(name: str, existing: list[str]) -> None:
 
 def load_state(models: dict[str, nn.Module], state: dict, metadata: dict, source: str, adapter_name: str,
                strict: bool, owner: str, replace: bool = False) -> None:
-    """Add the LoRA ``state`` to ``models`` (component -> model) as ``adapter_name``, which becomes their
-    active adapter (``replace``: in place of the adapter of that name, once the new one is checked).
-    Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning)."""
+    """Add the LoRA ``state`` to ``models`` (component -> model) as ``adapter_name``, the only active adapter
+    of the models it reaches from then on (``replace``: in place of the adapter of that name, once the new one
+    is checked). Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning)."""
     check_lora_values(state, source)
     file_keys, origin = sorted(state), {}
     transformer = models.get("transformer", models.get("model"))
     norms, widened = {}, []
     if is_flux_transformer(transformer):
         state, origin = convert_flux_lora(state, transformer, source)
-        state, norms, widened = lora_flux.prepare_control_lora(transformer, state, source)
+        state, norms, widened = lora_flux.prepare_control_lora(transformer, state, source, adapter_name)
     with lora_flux.undo_widening_on_error(transformer, widened):
         grouped, unknown = group_lora_keys(state, list(models))
         plan, unmatched = plan_adapters(grouped, models, metadata, source)
@@ -295,9 +295,8 @@ def load_state(models: dict[str, nn.Module], state: dict, metadata: dict, source
         for module, adapter in targets:
             layers.add_adapter(module, adapter_name, adapter)
         layers.install_scale_hook(models[component])
-    for model in models.values():
-        for layer in layers.lora_layers(model):
-            layer.lora_active = (adapter_name,)
+    for component in plan:  # in each model it reached, the new adapter alone is active (layers of both kinds)
+        adapters.activate(models[component], [adapter_name])
 
 
 def load_into_model(model: nn.Module, state: dict, metadata: dict, source: str, adapter_name: str,
@@ -311,9 +310,6 @@ def load_into_model(model: nn.Module, state: dict, metadata: dict, source: str, 
 def _component_weight(weight: Any, component: str, name: str, model: nn.Module) -> adapters.Weight:
     """The weight of adapter ``name`` for ``component``: a number, or (UNet) weights by block."""
     if isinstance(weight, dict):
-        unknown = set(weight) - set(LORA_COMPONENTS)
-        if unknown:
-            raise ValueError(f"adapter weight for {name!r} names unknown components {sorted(unknown)}")
         weight = weight.get(component, 1.0)
     if isinstance(weight, dict):
         if component != "unet":
@@ -366,7 +362,8 @@ class LoraLoaderMixin:
                           adapter_name: str | None = None, weight_name: str | None = None, strict: bool = True,
                           **kwargs: Any) -> None:
         """Load a LoRA (diffusers/peft, kohya, FLUX BFL layouts; a file, a folder, a Hub repo or a state dict)
-        as adapter ``adapter_name`` (default ``default_<n>``), which becomes the active adapter.
+        as adapter ``adapter_name`` (default ``default_<n>``), which becomes the only active adapter of each
+        model it reaches (layers of both kinds).
 
         Keys that reach no layer raise WeightsError listing them (``strict=False``: a warning).
         """
@@ -438,8 +435,18 @@ class LoraLoaderMixin:
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"{len(names)} adapter names but {len(weights)} adapter weights")
+        weights = [self._known_component_weights(w) if isinstance(w, dict) else w for w in weights]
         for component, model in self._lora_models().items():
             adapters.activate(model, names, [_component_weight(w, component, n, model) for n, w in zip(names, weights)])
+
+    def _known_component_weights(self, weights: dict) -> dict:
+        """``weights`` by component without the components that take no LoRA here (a warning names them)."""
+        unknown = sorted(set(weights) - set(self._lora_loadable_modules))
+        if unknown:
+            logger.warning("The following components in `adapter_weights` are not part of the pipeline: %s. "
+                           "Available components that are LoRA-compatible: %s. Their weights are ignored.",
+                           unknown, self._lora_loadable_modules)
+        return {k: v for k, v in weights.items() if k not in unknown}
 
     def set_lora_device(self, adapter_names: list[str], device: torch.device | str | int) -> None:
         """Move the named adapters' tensors to ``device`` (the base weights stay where they are)."""

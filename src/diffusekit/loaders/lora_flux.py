@@ -207,19 +207,26 @@ def _lora_a_targets(state: dict[str, torch.Tensor], transformer: nn.Module) -> I
             yield key, match.group(1), module
 
 
-def _widen(transformer: nn.Module, name: str, module: nn.Linear, in_features: int, key: str, source: str) -> None:
+class LoraShapeError(ValueError, RuntimeError):
+    """A LoRA whose shapes do not fit a layer (a RuntimeError too, as torch's "size mismatch" errors are)."""
+
+
+def _widen(transformer: nn.Module, name: str, module: nn.Linear, in_features: int, key: str, source: str,
+           adapter_name: str) -> None:
     """Give ``module`` ``in_features`` inputs (new weight columns are zeros); the original is kept for restoring."""
     if isinstance(module, LoraLayer):
-        raise ValueError(f"{source}: {key} needs {name} widened from {module.in_features} to {in_features} input "
-                         f"features, but that layer already carries LoRA adapters {list(module.lora_adapters)}; "
-                         "load the widening LoRA first (or unload the others)")
+        raise LoraShapeError(f"{source}: size mismatch for {name}.lora_A.{adapter_name}.weight ({key}): it needs "
+                             f"{name} widened from {module.in_features} to {in_features} input features, but that "
+                             f"layer already carries LoRA adapters {list(module.lora_adapters)}; load the widening "
+                             "LoRA first (or unload the others)")
     old = module.weight
     weight = torch.zeros(old.shape[0], in_features, dtype=old.dtype, device=old.device)
     weight[:, : old.shape[1]] = old.detach()
     config_key = _WIDTH_CONFIG.get(name.rpartition(".")[2])
     old_config = {config_key: transformer.config[config_key]} if config_key else {}
     transformer.__dict__.setdefault("_widened_layers", {}).setdefault(name, (old, module.in_features, old_config))
-    logger.debug("Widening %s from %d to %d input features for a control LoRA", name, module.in_features, in_features)
+    logger.debug('Expanding the nn.Linear input/output features for module="%s" for a control LoRA: its input '
+                 "features go from %d to %d (the new weight columns are zeros)", name, module.in_features, in_features)
     module.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
     module.in_features = in_features
     if config_key:
@@ -252,22 +259,28 @@ def _split_norm_weights(state: dict[str, torch.Tensor], transformer: nn.Module,
     return rest, norms
 
 
-def prepare_control_lora(transformer: nn.Module, state: dict[str, torch.Tensor],
-                         source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+def prepare_control_lora(transformer: nn.Module, state: dict[str, torch.Tensor], source: str,
+                         adapter_name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
     """``(state without norm weights and with narrow lora_A padded, {norm layer: weight}, widened layer names)``;
     widens the layers that wider ``lora_A`` keys need (see the module docstring)."""
     state, norms = _split_norm_weights(state, transformer, source)
     if norms:
-        logger.info("%s: the LoRA replaces %d normalisation weights of the transformer", source, len(norms))
-    widened = []
-    for key, name, module in list(_lora_a_targets(state, transformer)):
-        width = state[key].shape[1]
-        if width > module.in_features:
-            _widen(transformer, name, module, width, key, source)
-            widened.append(name)
-        elif width < module.in_features:
-            logger.info("%s: %s zero-padded from %d to %d input features", source, key, width, module.in_features)
-            state = {**state, key: _pad_columns(state[key], module.in_features)}
+        logger.info("The provided state dict contains normalization layers in addition to LoRA layers (%s: %d "
+                    "weights). They replace the transformer's norm weights until unload_lora_weights() puts the "
+                    "originals back.", source, len(norms))
+    widened, padded = [], []
+    with undo_widening_on_error(transformer, widened):  # a refused layer undoes the widenings before it
+        for key, name, module in list(_lora_a_targets(state, transformer)):
+            width = state[key].shape[1]
+            if width > module.in_features:
+                _widen(transformer, name, module, width, key, source, adapter_name)
+                widened.append(name)
+            elif width < module.in_features:
+                padded.append(name)
+                state = {**state, key: _pad_columns(state[key], module.in_features)}
+    if padded:
+        logger.info("The following LoRA modules were zero padded to match the state dict of transformer: %s "
+                    "(%s: their lora_A has fewer input features than the layer)", padded, source)
     return state, norms, widened
 
 

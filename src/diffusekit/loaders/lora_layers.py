@@ -355,11 +355,12 @@ def _scale_from_call(model: nn.Module, args: tuple, kwargs: dict) -> float | Non
 
 
 def peft_layers(model: nn.Module) -> list[nn.Module]:
-    """peft's tuner layers in ``model`` (none unless peft is imported)."""
+    """peft's tuner layers in ``model`` (none unless peft is imported); never diffusekit's own, even where
+    ``BaseTunerLayer`` counts them as its (a virtual subclass registered by code written for peft)."""
     tuners = sys.modules.get("peft.tuners.tuners_utils")
     if tuners is None:
         return []
-    return [m for m in model.modules() if isinstance(m, tuners.BaseTunerLayer)]
+    return [m for m in model.modules() if isinstance(m, tuners.BaseTunerLayer) and not isinstance(m, LoraLayer)]
 
 
 @contextlib.contextmanager

@@ -101,6 +101,18 @@ class DiffusionPipeline(ConfigMixin):
         """The components by name, ready to build another pipeline: ``Other(**pipe.components)``."""
         return {name: getattr(self, name) for name in self._component_names}
 
+    @classmethod
+    def from_pipe(cls, pipeline: "DiffusionPipeline", **kwargs: Any) -> "DiffusionPipeline":
+        """A ``cls`` pipeline on the components of ``pipeline`` that ``cls`` takes (shared, not copied);
+        keyword arguments add or replace components and options (``torch_dtype`` moves the result)."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        params = inspect.signature(cls.__init__).parameters
+        takes = {n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if unknown := sorted(set(kwargs) - takes):
+            raise ValueError(f"from_pipe: {cls.__name__} takes no {unknown} (it takes {sorted(takes)})")
+        pipe = cls(**{**{n: c for n, c in pipeline.components.items() if n in takes}, **kwargs})
+        return pipe if torch_dtype is None else pipe.to(torch_dtype)
+
     def _modules(self) -> list[torch.nn.Module]:
         return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
 

@@ -40,7 +40,18 @@ def load_transformers_component(component_cls: type, path: Path, torch_dtype: to
     """``component_cls.from_pretrained(path)``, in ``torch_dtype`` for modules, with ``variant``
     weights where the folder has them (else its default weights)."""
     is_module = issubclass(component_cls, torch.nn.Module)
+    if is_module and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        component_cls = _transformers_class(component_cls)
     options = {"dtype": torch_dtype} if torch_dtype is not None and is_module else {}
     if is_module and variant is not None and any(f".{variant}." in p.name for p in path.glob("*")):
         options["variant"] = variant
     return component_cls.from_pretrained(path, **options)
+
+
+def _transformers_class(component_cls: type) -> type:
+    """transformers' class of a folder that transformers saved with peft adapters only (``adapter_config.json``
+    naming the base model): transformers loads the base model and the adapters."""
+    import transformers
+
+    found = getattr(transformers, component_cls.__name__, None)
+    return found if isinstance(found, type) else component_cls
