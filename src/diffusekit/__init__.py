@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "FirstBlockCacheConfig": "models.cache",
     "FasterCacheConfig": "models.cache",
     "DeepCacheConfig": "models.cache",
+    "MagCacheConfig": "models.cache",
+    "TaylorSeerCacheConfig": "models.cache",
     # schedulers
     "DDPMScheduler": "schedulers.ddpm",
     "DDIMScheduler": "schedulers.ddim",
