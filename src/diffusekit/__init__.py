@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "FirstBlockCacheConfig": "models.cache",
     "FasterCacheConfig": "models.cache",
     "DeepCacheConfig": "models.cache",
+    "PyramidAttentionBroadcastConfig": "models.cache",
     "MagCacheConfig": "models.cache",
     "TaylorSeerCacheConfig": "models.cache",
     # schedulers

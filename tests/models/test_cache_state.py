@@ -10,7 +10,7 @@ import torch
 
 from diffusekit import (
     DeepCacheConfig, FasterCacheConfig, FirstBlockCacheConfig, FluxTransformer2DModel, MagCacheConfig,
-    TaylorSeerCacheConfig, UNet2DConditionModel,
+    PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, UNet2DConditionModel,
 )
 from diffusekit.pipelines.flux_common import latent_image_ids
 from flux_components import TRANSFORMER_CONFIG, tiny_flux_pipeline
@@ -110,6 +110,22 @@ def test_faster_cache_extrapolates_attention_on_skipped_steps(flux):
     assert torch.equal(cached[0], plain[0])  # t=600: outside the range, computed
     assert not torch.allclose(cached[1], plain[1], atol=1e-6)  # t=500: iteration 1, attention extrapolated
     assert "forward" not in flux.__dict__ and "forward" not in flux.transformer_blocks[0].attn.__dict__
+
+
+def test_pyramid_attention_broadcast_reuses_the_last_attention_output(flux):
+    inputs = [{**_flux_inputs(0), "timestep": torch.tensor([t])} for t in (0.6, 0.5, 0.4, 0.3)]
+    plain = _steps(flux, inputs, context=None)
+    flux.enable_cache(PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                      spatial_attention_timestep_skip_range=(-1, 550)))
+    try:
+        cached = _steps(flux, inputs, context=None)
+    finally:
+        flux.disable_cache()
+    assert torch.equal(cached[0], plain[0])  # t=600: outside the range
+    assert not torch.allclose(cached[1], plain[1], atol=1e-6)  # t=500, iteration 1: step 0's attention outputs
+    assert torch.equal(cached[2], plain[2])  # iteration 2: due, computed
+    assert not torch.allclose(cached[3], plain[3], atol=1e-6)
+    assert "forward" not in flux.transformer_blocks[0].attn.__dict__
 
 
 def test_mag_cache_config_needs_ratios_and_resamples_them():

@@ -102,3 +102,14 @@ def test_taylorseer_cache_matches_reference(pipes, options):
     out = _cached(ours, diffusekit.TaylorSeerCacheConfig(**options))
     assert _max_diff(out, _cached(ref, diffusers.TaylorSeerCacheConfig(**options))) <= 1e-4
     assert _max_diff(out, _run(ours)) > 1e-3
+
+
+def test_pyramid_attention_broadcast_matches_reference(pipes):
+    ours, ref = pipes
+    options = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 900),
+                   spatial_attention_block_identifiers=["transformer_blocks"])
+    out = _cached(ours, diffusekit.PyramidAttentionBroadcastConfig(**options))
+    expected = _cached(ref, diffusers.PyramidAttentionBroadcastConfig(
+        **options, current_timestep_callback=lambda: ref.current_timestep))
+    assert _max_diff(out, expected) <= 1e-4
+    assert _max_diff(out, _run(ours)) > 1e-3

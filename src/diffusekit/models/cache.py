@@ -1,7 +1,7 @@
 """Caching accelerators for denoisers: skip work that changes little from one step to the next.
 
 The reference's API (``model.enable_cache(config)``, ``disable_cache()``, ``is_cache_enabled``,
-``cache_context(name)``) with five configs, all off unless enabled:
+``cache_context(name)``) with six configs, all off unless enabled:
 
 - :class:`FirstBlockCacheConfig` (transformers with ``transformer_blocks`` /
   ``single_transformer_blocks``, i.e. FLUX): run the first block; when its residual moved less than
@@ -10,6 +10,8 @@ The reference's API (``model.enable_cache(config)``, ``disable_cache()``, ``is_c
 - :class:`FasterCacheConfig` (FLUX): every ``spatial_attention_block_skip_range``-th step inside
   ``spatial_attention_timestep_skip_range`` the attention layers run; on the others they return
   ``last + (last - previous) * attention_weight_callback(attn)`` from their last two outputs.
+- :class:`PyramidAttentionBroadcastConfig` (FLUX): the same attention layers, inside their timestep
+  range, run every ``*_block_skip_range``-th step and return their last output on the others.
 - :class:`MagCacheConfig` (FLUX): from the step ``retention_ratio * num_inference_steps`` on, the
   blocks are skipped (the last full step's residual added to the first block's input) while the
   error accumulated from the calibrated ``mag_ratios`` stays under ``threshold``, at most
@@ -50,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 _FLUX_ATTENTION_NAMES = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn")
 _TEMPORAL_ATTENTION_NAMES = ("^temporal_transformer_blocks.*attn",)
+_PAB_SPATIAL_NAMES = ("blocks", "transformer_blocks", "single_transformer_blocks")  # re.search on layer names
+_PAB_TEMPORAL_NAMES = ("temporal_transformer_blocks",)
+_PAB_CROSS_NAMES = ("blocks", "transformer_blocks")
 _UNCOND_COND_INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
                             "encoder_attention_mask")
 _TENSOR_FORMATS = ("BCFHW", "BFCHW", "BCHW")
@@ -100,6 +105,26 @@ class FasterCacheConfig:
     is_guidance_distilled: bool = False
     current_timestep_callback: Callable[[], float] | None = None
     _unconditional_conditional_input_kwargs_identifiers: tuple[str, ...] = _UNCOND_COND_INPUT_NAMES
+
+
+@dataclass
+class PyramidAttentionBroadcastConfig:
+    """Pyramid Attention Broadcast: inside its timestep range, an attention layer runs every
+    ``*_block_skip_range``-th step and otherwise returns its last output. Layers are matched by name
+    (``re.search`` of the identifiers; cross-attention layers only by the cross plan). The current
+    timestep (0-1000) is ``current_timestep_callback()``, or, when that is None, the timestep the
+    model was called with."""
+
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    temporal_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    cross_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    spatial_attention_block_identifiers: tuple[str, ...] = _PAB_SPATIAL_NAMES
+    temporal_attention_block_identifiers: tuple[str, ...] = _PAB_TEMPORAL_NAMES
+    cross_attention_block_identifiers: tuple[str, ...] = _PAB_CROSS_NAMES
+    current_timestep_callback: Callable[[], float] | None = None
 
 
 @dataclass
@@ -226,7 +251,8 @@ class CacheMixin:
 
     def enable_cache(self, config: Any) -> None:
         """Turn on the caching technique ``config`` describes (one at a time): a
-        FirstBlockCacheConfig, FasterCacheConfig, MagCacheConfig, TaylorSeerCacheConfig or DeepCacheConfig."""
+        FirstBlockCacheConfig, FasterCacheConfig, PyramidAttentionBroadcastConfig, MagCacheConfig,
+        TaylorSeerCacheConfig or DeepCacheConfig."""
         if self.is_cache_enabled:
             raise ValueError(f"Caching has already been enabled with {type(self._cache_config)}. To apply a new "
                              "caching technique, please disable the existing one first.")
@@ -370,22 +396,41 @@ def _apply_faster_cache(model: nn.Module, config: FasterCacheConfig, undo: list)
     if not config.is_guidance_distilled:
         raise ValueError(f"FasterCacheConfig on {type(model).__name__}: only the attention reuse is implemented, "
                          "which needs is_guidance_distilled=True (FLUX runs each guidance branch in its own call)")
-    timestep_scale = getattr(model, "_cache_timestep_scale", None)
-    if timestep_scale is None:
-        raise ValueError(f"FasterCacheConfig is not supported by {type(model).__name__}")
     weight = config.attention_weight_callback
     if weight is None:
         logger.warning("No `attention_weight_callback` provided when enabling FasterCache. Defaulting to using a "
                        "weight of 0.5 for all timesteps.")
         weight = lambda _: 0.5  # noqa: E731
+    plans = ((config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
+              config.spatial_attention_timestep_skip_range, False),
+             (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
+              config.temporal_attention_timestep_skip_range, False))
+    _reuse_attention(model, config, plans, weight, undo)
+
+
+def _apply_pyramid_attention_broadcast(model: nn.Module, config: PyramidAttentionBroadcastConfig,
+                                       undo: list) -> None:
+    plans = ((config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
+              config.spatial_attention_timestep_skip_range, False),
+             (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
+              config.temporal_attention_timestep_skip_range, False),
+             (config.cross_attention_block_identifiers, config.cross_attention_block_skip_range,
+              config.cross_attention_timestep_skip_range, True))
+    _reuse_attention(model, config, plans, None, undo)
+
+
+def _reuse_attention(model: nn.Module, config: Any, plans: tuple, weight: Callable[[nn.Module], float] | None,
+                     undo: list) -> None:
+    """Wrap the attention layers of the first plan ``(identifiers, skip range, timestep range, cross)``
+    each matches; reused outputs are extrapolated with ``weight`` (None: the last output as it is)."""
+    timestep_scale = getattr(model, "_cache_timestep_scale", None)
+    if timestep_scale is None:
+        raise ValueError(f"{type(config).__name__} is not supported by {type(model).__name__}")
     state = functools.partial(_state, model, _FasterState)
     now = config.current_timestep_callback or (lambda: state().timestep)
-    plans = ((config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
-              config.spatial_attention_timestep_skip_range),
-             (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
-              config.temporal_attention_timestep_skip_range))
     for name, module in model.named_modules():
-        plan = next((p for p in plans if p[1] is not None and _matches(name, p[0]) and _is_attention(module)), None)
+        plan = next((p for p in plans if p[1] is not None and _matches(name, p[0]) and _is_attention(module, p[3])),
+                    None)
         if plan is not None:
             rule = _AttentionRule(plan[1], plan[2], weight, now)
             _wrap(module, lambda inner, rule=rule, module=module: functools.partial(
@@ -400,15 +445,15 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(pattern, name) for pattern in patterns)
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return hasattr(module, "processor") and not getattr(module, "is_cross_attention", False)
+def _is_attention(module: nn.Module, cross: bool = False) -> bool:
+    return hasattr(module, "processor") and bool(getattr(module, "is_cross_attention", False)) == cross
 
 
 @dataclass(frozen=True)
 class _AttentionRule:
     skip_range: int
     timestep_range: tuple[float, float]
-    weight: Callable[[nn.Module], float]
+    weight: Callable[[nn.Module], float] | None  # None: reuse the last output as it is
     now: Callable[[], float]
 
     def reuse(self, layer: _AttentionState) -> bool:
@@ -420,7 +465,10 @@ class _AttentionRule:
 def _attention_forward(inner: Callable, module: nn.Module, state_of: Callable, rule: _AttentionRule,
                        *args: Any, **kwargs: Any):
     layer = state_of().layers.setdefault(id(module), _AttentionState())
-    if rule.reuse(layer):
+    reuse = rule.reuse(layer)
+    if reuse and rule.weight is None:
+        output = layer.outputs[-1]
+    elif reuse:
         weight = rule.weight(module)
         previous, last = layer.outputs
         output = _map_outputs(lambda old, new: new + (new - old) * weight, previous, last)
@@ -713,6 +761,7 @@ _APPLIERS: dict[type, Callable[[nn.Module, Any, list], None]] = {
     FirstBlockCacheConfig: _apply_first_block_cache,
     FasterCacheConfig: _apply_faster_cache,
     DeepCacheConfig: _apply_deep_cache,
+    PyramidAttentionBroadcastConfig: _apply_pyramid_attention_broadcast,
     MagCacheConfig: _apply_mag_cache,
     TaylorSeerCacheConfig: _apply_taylorseer_cache,
 }
