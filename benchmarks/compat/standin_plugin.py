@@ -5,6 +5,8 @@ Installed when pytest loads the plugin, before any conftest or test module impor
 
 from __future__ import annotations
 
+import logging
+
 import diffusekit
 import diffusers
 from standin import install
@@ -67,3 +69,28 @@ def pytest_collection_finish(session) -> None:
         if name.startswith("tests.") and getattr(module, "IPAdapterMixin", None) is reference.IPAdapterMixin:
             module.IPAdapterMixin = IPAdapterMixin
 
+
+class _PipelineLogsToReference(logging.Handler):
+    """Hands diffusekit's pipeline log records to the handlers of the reference's pipeline loggers, where its
+    tests capture them (``CaptureLogger(logging.get_logger("diffusers.pipelines.pipeline_utils"))``: the
+    components loaded; the SD pipeline's logger: truncated prompts), at those loggers' levels. The wording is
+    diffusekit's own."""
+
+    TARGETS = ("diffusers.pipelines.pipeline_utils", "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+
+    def emit(self, record) -> None:
+        for name in self.TARGETS:
+            target = logging.getLogger(name)
+            if target.isEnabledFor(record.levelno):
+                for handler in target.handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+
+
+def _pipeline_logs_to_reference() -> None:
+    source = logging.getLogger("diffusekit.pipelines")
+    source.setLevel(logging.DEBUG)  # what reaches a test is decided by the reference's logger levels
+    source.addHandler(_PipelineLogsToReference())
+
+
+_pipeline_logs_to_reference()
