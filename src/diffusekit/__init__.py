@@ -41,6 +41,9 @@ _EXPORTS: dict[str, str] = {
     "FirstBlockCacheConfig": "models.cache",
     "FasterCacheConfig": "models.cache",
     "DeepCacheConfig": "models.cache",
+    "PyramidAttentionBroadcastConfig": "models.cache",
+    "MagCacheConfig": "models.cache",
+    "TaylorSeerCacheConfig": "models.cache",
     # schedulers
     "DDPMScheduler": "schedulers.ddpm",
     "DDIMScheduler": "schedulers.ddim",

@@ -343,7 +343,10 @@ def find_weights(folder: Path, variant: str | None = None, use_safetensors: bool
         for path in (single, index):
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"no weights file in {folder} (looked for {', '.join(candidates)})")
+    # the reference's wording (users and its tests match on it), naming its last candidate
+    last = weights_filenames(stem, extensions[-1], variant)[0]
+    raise FileNotFoundError(f"Error no file named {last} found in directory {folder} "
+                            f"(no weights file: looked for {', '.join(candidates)})")
 
 
 def _newer_save(single: Path, index: Path) -> Path:

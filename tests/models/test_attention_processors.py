@@ -89,3 +89,50 @@ def test_vae_and_flux_expose_their_attention_layers():
     flux.set_attn_processor(recording)
     assert torch.equal(flux(**inputs).sample, expected)
     assert recording.calls == [("FluxAttention", True), ("FluxAttention", False)]
+
+
+class Classic:
+    """A processor written against the reference's Attention helpers; it names no ``temb`` / ``**kwargs``."""
+
+    def __init__(self):
+        self.numbers = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, number=None):
+        batch, length, _ = hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = (attn.head_to_batch_dim(p(x)) for p, x in
+                             ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context)))
+        out = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(query, key, attention_mask), value))
+        self.numbers.append(number)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_a_classic_processor_gets_only_its_keywords_and_matches_the_default(caplog):
+    model = _unet()
+    torch.manual_seed(1)
+    inputs = (torch.randn(1, 4, 8, 8), 3, torch.randn(1, 5, 8))
+    expected = model(*inputs).sample
+    classic = Classic()
+    model.set_attn_processor(classic)
+    with caplog.at_level("WARNING", logger="diffusekit.models.attention_processor"):
+        out = model(*inputs, cross_attention_kwargs={"number": 7, "other": 1}).sample
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert classic.numbers == [7] * 8
+    assert "cross_attention_kwargs ['other'] are not expected by Classic and will be ignored." in caplog.text
+
+
+def test_classic_helpers_fold_heads_and_repeat_masks():
+    attn = _unet().down_blocks[0].attentions[0].transformer_blocks[0].attn1  # 2 heads of 4
+    x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
+    folded = attn.head_to_batch_dim(x)
+    assert folded.shape == (4, 3, 4) and torch.equal(folded[1], x[0, :, 4:])
+    assert attn.head_to_batch_dim(x, out_dim=4).shape == (2, 2, 3, 4)
+    assert torch.equal(attn.batch_to_head_dim(folded), x)
+    mask = torch.tensor([[[0.0, -1.0, 0.0]], [[0.0, 0.0, -1.0]]])
+    assert torch.equal(attn.prepare_attention_mask(mask, 3, 2)[2:], mask[1:].expand(2, 1, 3))
+    assert attn.prepare_attention_mask(mask, 3, 2, out_dim=4).shape == (2, 2, 1, 3)
+    assert attn.prepare_attention_mask(mask[:, :, :2], 3, 2).shape == (4, 1, 5)  # padded by target_length
+    assert attn.prepare_attention_mask(None, 3, 2) is None
+    probs = attn.get_attention_scores(folded, folded)
+    torch.testing.assert_close(probs, (folded @ folded.transpose(1, 2) * attn.scale).softmax(-1))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffusekit import (
-    DeepCacheConfig, FasterCacheConfig, FirstBlockCacheConfig, FluxTransformer2DModel, UNet2DConditionModel,
+    DeepCacheConfig, FasterCacheConfig, FirstBlockCacheConfig, FluxTransformer2DModel, MagCacheConfig,
+    PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, UNet2DConditionModel,
 )
 from diffusekit.pipelines.flux_common import latent_image_ids
 from flux_components import TRANSFORMER_CONFIG, tiny_flux_pipeline
@@ -109,6 +110,88 @@ def test_faster_cache_extrapolates_attention_on_skipped_steps(flux):
     assert torch.equal(cached[0], plain[0])  # t=600: outside the range, computed
     assert not torch.allclose(cached[1], plain[1], atol=1e-6)  # t=500: iteration 1, attention extrapolated
     assert "forward" not in flux.__dict__ and "forward" not in flux.transformer_blocks[0].attn.__dict__
+
+
+def test_pyramid_attention_broadcast_reuses_the_last_attention_output(flux):
+    inputs = [{**_flux_inputs(0), "timestep": torch.tensor([t])} for t in (0.6, 0.5, 0.4, 0.3)]
+    plain = _steps(flux, inputs, context=None)
+    flux.enable_cache(PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                      spatial_attention_timestep_skip_range=(-1, 550)))
+    try:
+        cached = _steps(flux, inputs, context=None)
+    finally:
+        flux.disable_cache()
+    assert torch.equal(cached[0], plain[0])  # t=600: outside the range
+    assert not torch.allclose(cached[1], plain[1], atol=1e-6)  # t=500, iteration 1: step 0's attention outputs
+    assert torch.equal(cached[2], plain[2])  # iteration 2: due, computed
+    assert not torch.allclose(cached[3], plain[3], atol=1e-6)
+    assert "forward" not in flux.transformer_blocks[0].attn.__dict__
+
+
+def test_mag_cache_config_needs_ratios_and_resamples_them():
+    with pytest.raises(ValueError, match="`mag_ratios` must be given"):
+        MagCacheConfig()
+    assert MagCacheConfig(calibrate=True).mag_ratios is None
+    config = MagCacheConfig(num_inference_steps=5, mag_ratios=[1.0, 2.0, 3.0])
+    assert torch.equal(config.mag_ratios, torch.tensor([1.0, 1.0, 2.0, 3.0, 3.0]))  # nearest (halves to even)
+    assert torch.equal(MagCacheConfig(num_inference_steps=1, mag_ratios=[1.0, 2.0]).mag_ratios, torch.tensor([2.0]))
+
+
+def test_mag_cache_skips_steps_and_restarts_after_the_last_step(flux):
+    inputs = [{**_flux_inputs(i), "timestep": torch.tensor([t])} for i, t in enumerate((0.9, 0.8, 0.7))]
+    plain = _steps(flux, inputs, context=None)
+    flux.enable_cache(MagCacheConfig(num_inference_steps=3, retention_ratio=0.0, threshold=1.0, max_skip_steps=1,
+                                     mag_ratios=[1.0, 1.0, 1.0]))
+    try:
+        cached = _steps(flux, inputs + inputs[:1], context=None)
+    finally:
+        flux.disable_cache()
+    assert torch.equal(cached[0], plain[0]) and torch.equal(cached[2], plain[2])  # full steps
+    assert not torch.allclose(cached[1], plain[1], atol=1e-6)  # step 1: the last residual reused
+    assert torch.equal(cached[3], plain[0])  # after step 3 of 3 the state starts over
+    assert "forward" not in flux.transformer_blocks[0].__dict__
+
+
+def test_mag_cache_calibration_skips_nothing_and_logs_ratios(flux, caplog):
+    inputs = [_flux_inputs(0), _flux_inputs(1)]
+    plain = _steps(flux, inputs, context=None)
+    flux.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=2))
+    try:
+        with caplog.at_level("INFO", logger="diffusekit.models.cache"):
+            cached = _steps(flux, inputs, context=None)
+    finally:
+        flux.disable_cache()
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain))
+    assert "MagCache calibration: mag_ratios=[1.0, " in caplog.text
+
+
+def test_taylorseer_predicts_attention_between_full_steps(flux):
+    inputs = [{**_flux_inputs(i), "timestep": torch.tensor([t])} for i, t in enumerate((0.9, 0.8, 0.7, 0.6))]
+    plain = _steps(flux, inputs)
+    flux.enable_cache(TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=2, max_order=1,
+                                            taylor_factors_dtype=torch.float32))
+    try:
+        with pytest.raises(ValueError, match="no cache context is set"), torch.no_grad():
+            flux(**inputs[0])
+        cached = _steps(flux, inputs)
+    finally:
+        flux.disable_cache()
+    assert torch.equal(cached[0], plain[0]) and torch.equal(cached[1], plain[1])  # warm-up steps
+    assert not torch.allclose(cached[2], plain[2], atol=1e-6)  # step 2: predicted from steps 0 and 1
+    assert torch.equal(cached[3], plain[3])  # step 3 = before + 1 + interval * k: full again
+    assert "forward" not in flux.transformer_blocks[0].attn.__dict__
+
+
+def test_taylorseer_lite_mode_zeroes_blocks_and_predicts_proj_out(flux):
+    flux.enable_cache(TaylorSeerCacheConfig(use_lite_mode=True, disable_cache_before_step=1, cache_interval=5))
+    try:
+        wrapped = sorted(name for name, m in flux.named_modules() if "forward" in m.__dict__)
+        cached = _steps(flux, [_flux_inputs(0), _flux_inputs(1)])
+    finally:
+        flux.disable_cache()
+    assert wrapped == ["proj_out", "single_transformer_blocks.0", "single_transformer_blocks.1",
+                       "transformer_blocks.0", "transformer_blocks.1"]
+    assert torch.equal(cached[1], cached[0].to(torch.bfloat16).to(cached[0].dtype))  # proj_out's last output
 
 
 def test_disable_restores_a_forward_that_was_there(unet):

@@ -48,8 +48,9 @@ def test_dtype_variant_and_shards(tmp_path):
     assert (tmp_path / "v" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     half = TinyModel.from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.float16)
     assert half.dtype == torch.float16
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors") as error:
         TinyModel.from_pretrained(tmp_path / "v")
+    assert str(error.value).startswith("Error no file named diffusion_pytorch_model.bin found in directory")
 
     model.save_pretrained(tmp_path / "s", max_shard_size=600)
     index = json.loads((tmp_path / "s" / "diffusion_pytorch_model.safetensors.index.json").read_text())

@@ -80,3 +80,36 @@ def test_faster_cache_matches_reference(pipes):
                                                         current_timestep_callback=lambda: ref.current_timestep))
     assert _max_diff(out, expected) <= 1e-4
     assert _max_diff(out, _run(ours)) > 1e-3
+
+
+def test_mag_cache_matches_reference(pipes):
+    """Steps 1, 2 and 4 of 5 reuse the residual (retention step 1, at most 2 skips in a row)."""
+    ours, ref = pipes
+    options = dict(num_inference_steps=5, retention_ratio=0.2, threshold=0.5, max_skip_steps=2,
+                   mag_ratios=[1.0, 1.05, 1.1, 0.95, 0.9])
+    out = _cached(ours, diffusekit.MagCacheConfig(**options))
+    assert _max_diff(out, _cached(ref, diffusers.MagCacheConfig(**options))) <= 1e-4
+    assert _max_diff(out, _run(ours)) > 1e-3
+
+
+@pytest.mark.parametrize("options", [
+    dict(cache_interval=2, disable_cache_before_step=2, max_order=1, taylor_factors_dtype=torch.float32),
+    dict(cache_interval=3, disable_cache_before_step=1, max_order=2, taylor_factors_dtype=torch.bfloat16),
+    dict(cache_interval=2, disable_cache_before_step=1, use_lite_mode=True),
+], ids=["order1-fp32", "order2-bf16", "lite"])
+def test_taylorseer_cache_matches_reference(pipes, options):
+    ours, ref = pipes
+    out = _cached(ours, diffusekit.TaylorSeerCacheConfig(**options))
+    assert _max_diff(out, _cached(ref, diffusers.TaylorSeerCacheConfig(**options))) <= 1e-4
+    assert _max_diff(out, _run(ours)) > 1e-3
+
+
+def test_pyramid_attention_broadcast_matches_reference(pipes):
+    ours, ref = pipes
+    options = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 900),
+                   spatial_attention_block_identifiers=["transformer_blocks"])
+    out = _cached(ours, diffusekit.PyramidAttentionBroadcastConfig(**options))
+    expected = _cached(ref, diffusers.PyramidAttentionBroadcastConfig(
+        **options, current_timestep_callback=lambda: ref.current_timestep))
+    assert _max_diff(out, expected) <= 1e-4
+    assert _max_diff(out, _run(ours)) > 1e-3

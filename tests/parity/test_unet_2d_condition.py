@@ -172,3 +172,22 @@ def test_full_size_sd15_unet_matches_reference(all_threads):
     scale = expected.abs().max()
     assert ((got - expected).abs().max() / scale).item() < 1e-4
     print(f"full-size SD1.5 UNet forward: ours {ours_seconds:.1f}s")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [8, 6])  # 6: not a power of two, filtered in float32
+def test_freeu_matches_reference(sd1_pair, size):
+    ref, ours = sd1_pair
+    kwargs = inputs(SD1, size=size)
+    plain = ours(**kwargs).sample
+    for model in (ref, ours):
+        model.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    try:
+        out = ours(**kwargs).sample
+        close(out, ref(**kwargs).sample)
+    finally:
+        for model in (ref, ours):
+            model.disable_freeu()
+    assert not torch.allclose(out, plain, atol=1e-4)
+    assert torch.equal(ours(**kwargs).sample, plain)
+    assert all(block.s1 is None and block.b2 is None for block in ours.up_blocks)

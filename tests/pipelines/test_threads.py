@@ -154,10 +154,31 @@ def test_callbacks_see_and_change_only_their_own_call(sd_pipe):
         worker.join()
     assert errors == []
     assert seen == {0: [(1.5, 3, True, None)], 1: [(2.5, 1, True, {"scale": 0.5})]}
-    with pytest.raises(AttributeError, match="no call running"):
-        sd_pipe.guidance_scale
     with pytest.raises(AttributeError, match="read-only"):
         sd_pipe.guidance_scale = 3.0
+
+
+def test_after_a_call_its_thread_reads_what_the_call_ended_with(sd_pipe):
+    def raise_guidance(pipe, step, t, tensors):
+        pipe._guidance_scale += 1.0
+        return {}
+
+    _call(sd_pipe, lambda _: {**_sd_options(0), "callback_on_step_end": raise_guidance, "num_inference_steps": 2}, 0, 0)
+    assert (sd_pipe.guidance_scale, sd_pipe.num_timesteps) == (3.5, 2)
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(_finished_guidance(sd_pipe)))
+    thread.start()
+    thread.join()
+    assert other == ["no call running"]  # another thread never sees this thread's calls
+    with pytest.raises(AttributeError, match="no call running"):
+        sd_pipe._interrupt = True  # writing needs a running call
+
+
+def _finished_guidance(pipe):
+    try:
+        return pipe.guidance_scale
+    except AttributeError as error:
+        return "no call running" if "no call running" in str(error) else repr(error)
 
 
 def test_a_callback_may_change_the_guidance_scale_of_its_call(sd_pipe):

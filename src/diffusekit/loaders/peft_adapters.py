@@ -22,7 +22,7 @@ from typing import Any
 from . import lora_layers as layers
 from .adapter_layers import (active_adapters, activate, adapter_names, adapter_state_dict, block_weights, delete,
                              fuse, set_enabled, unfuse, unload, write_lora_file)
-from .lora import load_into_model, read_lora_file
+from .lora import LORA_WEIGHT_NAMES, load_into_model, read_lora_file
 from ..hub import split_hub_kwargs
 
 
@@ -124,6 +124,9 @@ class PeftAdapterMixin:
         hub = split_hub_kwargs(kwargs)
         for ignored in ("low_cpu_mem_usage", "network_alphas", "metadata", "_pipeline"):
             kwargs.pop(ignored, None)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        if weight_name is None and use_safetensors is not None:  # only that format's file name
+            weight_name = LORA_WEIGHT_NAMES[0 if use_safetensors else 1]
         if kwargs.pop("hotswap", False):
             raise ValueError("hotswap=True is not supported; delete the adapter and load the new one")
         if kwargs:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils import BaseOutput
-from .attention_processor import AttnProcessor2_0, ProcessorHolder
+from .attention_processor import AttnProcessor2_0, ClassicAttentionHelpers, ProcessorHolder
 from .layers import Conv2d, GroupNorm, LayerNorm, Linear
 from .modeling import maybe_checkpoint
 
@@ -35,7 +35,7 @@ LEGACY_ATTENTION_RENAMES = (
 )
 
 
-class Attention(ProcessorHolder, nn.Module):
+class Attention(ProcessorHolder, ClassicAttentionHelpers, nn.Module):
     """Multi-head (self or cross) attention; see the module docstring for the arguments in use.
 
     ``forward`` calls ``self.processor`` (see :mod:`.attention_processor`); :meth:`attend` is the default computation."""
@@ -159,8 +159,8 @@ class Attention(ProcessorHolder, nn.Module):
         temb: torch.Tensor | None = None,
         **cross_attention_kwargs: Any,
     ) -> torch.Tensor:
-        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                              attention_mask=attention_mask, temb=temb, **cross_attention_kwargs)
+        return self.call_processor(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=attention_mask, temb=temb, **cross_attention_kwargs)
 
     def attend(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None, extra_attention: Callable | None = None,

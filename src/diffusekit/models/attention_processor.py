@@ -9,16 +9,30 @@ change the computation (custom attention, logging, masks) and install it with
 
 Processors are plain objects, not modules: they add nothing to the state dict; the exception is
 :class:`IPAdapterAttnProcessor2_0`, whose image key/value projections are UNet weights.
+
+A processor gets only the keyword arguments its signature names (unless it takes ``**kwargs``):
+``temb`` and ``cross_attention_kwargs`` entries it does not name are dropped, the latter with a
+warning, as the reference does. Processors written against the reference's ``Attention`` helpers
+(``prepare_attention_mask``, ``head_to_batch_dim``, ``get_attention_scores``, ``batch_to_head_dim``)
+work on :class:`~diffusekit.models.attention.Attention` (:class:`ClassicAttentionHelpers`).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import Linear
+
+logger = logging.getLogger(__name__)
+
+#: keyword arguments dropped without a warning when a processor does not name them
+_QUIET_KEYWORDS = frozenset({"temb", "ip_adapter_masks", "ip_hidden_states"})
 
 
 class AttnProcessor2_0:
@@ -85,6 +99,13 @@ class ProcessorHolder:
 
     processor: Any
 
+    def call_processor(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+        """``processor(self, hidden_states, **kwargs)`` with only the keywords the processor takes."""
+        processor = self.processor
+        if type(processor) not in _TAKE_ANY_KEYWORD:
+            kwargs = _keywords_taken(processor, kwargs)
+        return processor(self, hidden_states, **kwargs)
+
     def set_processor(self, processor: Any) -> None:
         """Compute with ``processor`` from now on."""
         if not callable(processor):
@@ -96,6 +117,86 @@ class ProcessorHolder:
 
     def get_processor(self, return_deprecated_lora: bool = False) -> Any:
         return self.processor
+
+
+_TAKE_ANY_KEYWORD = (AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0)
+
+
+def _keywords_taken(processor: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` less those ``processor``'s signature does not name (all kept for ``**kwargs``)."""
+    plain_module = isinstance(processor, nn.Module) and type(processor).__call__ is nn.Module.__call__
+    call = processor.forward if plain_module else processor
+    parameters = inspect.signature(call).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    unused = [k for k, v in kwargs.items() if k not in parameters and k not in _QUIET_KEYWORDS and v is not None]
+    if unused:
+        logger.warning("cross_attention_kwargs %s are not expected by %s and will be ignored.", unused,
+                       type(processor).__name__)
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
+class ClassicAttentionHelpers:
+    """The reference's ``Attention`` helpers that hand-written processors call: masks per head,
+    heads folded into the batch and back, and the attention probabilities (``baddbmm`` + softmax)."""
+
+    heads: int
+    scale: float
+    upcast_attention: bool = False
+    upcast_softmax: bool = False
+    norm_cross = None  # no cross-attention norm in this library
+
+    def prepare_attention_mask(self, attention_mask: torch.Tensor | None, target_length: int, batch_size: int,
+                               out_dim: int = 3) -> torch.Tensor | None:
+        """An additive mask with one row per (batch, head): ``(batch * heads, q, k)`` for ``out_dim=3``,
+        ``(batch, heads, q, k)`` for ``out_dim=4``; padded with zeros when its key length is not
+        ``target_length`` (the reference pads by ``target_length``, kept for equal results)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape[-1] != target_length:
+            attention_mask = F.pad(attention_mask, (0, target_length), value=0.0)
+        if out_dim == 3:
+            if attention_mask.shape[0] < batch_size * self.heads:
+                attention_mask = attention_mask.repeat_interleave(self.heads, dim=0)
+            return attention_mask
+        if out_dim == 4:
+            return attention_mask.unsqueeze(1).repeat_interleave(self.heads, dim=1)
+        raise ValueError(f"prepare_attention_mask: out_dim must be 3 or 4, got {out_dim}")
+
+    def head_to_batch_dim(self, tensor: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
+        """``(batch, seq, heads * dim)`` -> ``(batch * heads, seq, dim)`` (``out_dim=4``: ``(batch, heads, seq, dim)``)."""
+        if tensor.ndim == 3:
+            batch, seq, width = tensor.shape
+            extra = 1
+        else:
+            batch, extra, seq, width = tensor.shape
+        tensor = tensor.reshape(batch, seq * extra, self.heads, width // self.heads).permute(0, 2, 1, 3)
+        if out_dim == 3:
+            return tensor.reshape(batch * self.heads, seq * extra, width // self.heads)
+        return tensor
+
+    def batch_to_head_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``(batch * heads, seq, dim)`` -> ``(batch, seq, heads * dim)``."""
+        rows, seq, dim = tensor.shape
+        tensor = tensor.reshape(rows // self.heads, self.heads, seq, dim).permute(0, 2, 1, 3)
+        return tensor.reshape(rows // self.heads, seq, dim * self.heads)
+
+    def get_attention_scores(self, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``softmax(scale * query @ key^T + mask)`` for heads folded into the batch, in query's dtype
+        (computed in float32 when the layer upcasts)."""
+        dtype = query.dtype
+        if self.upcast_attention:
+            query, key = query.float(), key.float()
+        if attention_mask is None:
+            start = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device)
+            beta = 0
+        else:
+            start, beta = attention_mask, 1
+        scores = torch.baddbmm(start, query, key.transpose(-1, -2), beta=beta, alpha=self.scale)
+        if self.upcast_softmax:
+            scores = scores.float()
+        return scores.softmax(dim=-1).to(dtype)
 
 
 class AttentionProcessorMixin:
@@ -129,3 +230,12 @@ class AttentionProcessorMixin:
     def set_default_attn_processor(self) -> None:
         """Back to the default computation on every attention layer."""
         self.set_attn_processor(AttnProcessor())
+
+    def fuse_qkv_projections(self) -> None:
+        """Fuse each attention layer's q/k/v (or k/v) projections into one matmul."""
+        for layer in self._attention_layers().values():
+            layer.fuse_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        for layer in self._attention_layers().values():
+            layer.unfuse_projections()

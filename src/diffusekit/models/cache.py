@@ -1,7 +1,7 @@
 """Caching accelerators for denoisers: skip work that changes little from one step to the next.
 
 The reference's API (``model.enable_cache(config)``, ``disable_cache()``, ``is_cache_enabled``,
-``cache_context(name)``) with three configs, all off unless enabled:
+``cache_context(name)``) with six configs, all off unless enabled:
 
 - :class:`FirstBlockCacheConfig` (transformers with ``transformer_blocks`` /
   ``single_transformer_blocks``, i.e. FLUX): run the first block; when its residual moved less than
@@ -10,6 +10,15 @@ The reference's API (``model.enable_cache(config)``, ``disable_cache()``, ``is_c
 - :class:`FasterCacheConfig` (FLUX): every ``spatial_attention_block_skip_range``-th step inside
   ``spatial_attention_timestep_skip_range`` the attention layers run; on the others they return
   ``last + (last - previous) * attention_weight_callback(attn)`` from their last two outputs.
+- :class:`PyramidAttentionBroadcastConfig` (FLUX): the same attention layers, inside their timestep
+  range, run every ``*_block_skip_range``-th step and return their last output on the others.
+- :class:`MagCacheConfig` (FLUX): from the step ``retention_ratio * num_inference_steps`` on, the
+  blocks are skipped (the last full step's residual added to the first block's input) while the
+  error accumulated from the calibrated ``mag_ratios`` stays under ``threshold``, at most
+  ``max_skip_steps`` steps in a row.
+- :class:`TaylorSeerCacheConfig` (FLUX): chosen modules (the attention layers, or in lite mode
+  ``proj_out``) run fully on some steps and on the others return a Taylor expansion of their
+  recent outputs (modules in ``skip_predict_identifiers`` return zeros instead).
 - :class:`DeepCacheConfig` (diffusekit's own, UNet2DConditionModel): every ``cache_interval``-th
   step runs the whole UNet; the others run only the outer ``cache_branch_id + 1`` down and up
   levels and reuse the deeper levels' last output (DeepCache, Ma et al. 2023).
@@ -28,6 +37,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import re
 import weakref
 from contextvars import ContextVar
@@ -42,10 +52,16 @@ logger = logging.getLogger(__name__)
 
 _FLUX_ATTENTION_NAMES = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn")
 _TEMPORAL_ATTENTION_NAMES = ("^temporal_transformer_blocks.*attn",)
+_PAB_SPATIAL_NAMES = ("blocks", "transformer_blocks", "single_transformer_blocks")  # re.search on layer names
+_PAB_TEMPORAL_NAMES = ("temporal_transformer_blocks",)
+_PAB_CROSS_NAMES = ("blocks", "transformer_blocks")
 _UNCOND_COND_INPUT_NAMES = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
                             "encoder_attention_mask")
 _TENSOR_FORMATS = ("BCFHW", "BFCHW", "BCHW")
 _CONTEXT_FIELDS = ("step_index", "num_inference_steps", "timestep", "sigma")
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+_TAYLOR_LITE_PREDICTED = (r"proj_out",)  # full-match patterns of TaylorSeer's lite mode
+_TAYLOR_LITE_ZEROED = (r"[^.]*block[^.]*\.[^.]+",)  # the blocks of each top-level block list
 
 
 @dataclass
@@ -89,6 +105,81 @@ class FasterCacheConfig:
     is_guidance_distilled: bool = False
     current_timestep_callback: Callable[[], float] | None = None
     _unconditional_conditional_input_kwargs_identifiers: tuple[str, ...] = _UNCOND_COND_INPUT_NAMES
+
+
+@dataclass
+class PyramidAttentionBroadcastConfig:
+    """Pyramid Attention Broadcast: inside its timestep range, an attention layer runs every
+    ``*_block_skip_range``-th step and otherwise returns its last output. Layers are matched by name
+    (``re.search`` of the identifiers; cross-attention layers only by the cross plan). The current
+    timestep (0-1000) is ``current_timestep_callback()``, or, when that is None, the timestep the
+    model was called with."""
+
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    temporal_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    cross_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    spatial_attention_block_identifiers: tuple[str, ...] = _PAB_SPATIAL_NAMES
+    temporal_attention_block_identifiers: tuple[str, ...] = _PAB_TEMPORAL_NAMES
+    cross_attention_block_identifiers: tuple[str, ...] = _PAB_CROSS_NAMES
+    current_timestep_callback: Callable[[], float] | None = None
+
+
+@dataclass
+class MagCacheConfig:
+    """MagCache: skip whole steps while the accumulated magnitude-ratio error stays small.
+
+    ``mag_ratios`` (one per step, model-dependent; resampled to ``num_inference_steps`` by nearest
+    neighbour) are required unless ``calibrate=True``, which skips nothing and logs the ratios it
+    measured when the last step ends."""
+
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+    num_inference_steps: int = 28
+    mag_ratios: torch.Tensor | list[float] | None = None
+    calibrate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.calibrate or self.mag_ratios is None:
+            if self.mag_ratios is None and not self.calibrate:
+                raise ValueError("MagCacheConfig: `mag_ratios` must be given (they are model-dependent): run once "
+                                 "with `MagCacheConfig(calibrate=True, ...)` and pass the logged ratios.")
+            return
+        ratios = self.mag_ratios if torch.is_tensor(self.mag_ratios) else torch.tensor(self.mag_ratios)
+        self.mag_ratios = _nearest_resample(ratios, self.num_inference_steps)
+
+
+def _nearest_resample(values: torch.Tensor, length: int) -> torch.Tensor:
+    """``values`` stretched or shrunk to ``length`` entries by nearest neighbour (ends kept)."""
+    if len(values) == length:
+        return values
+    if length == 1:
+        return values[-1:]
+    positions = torch.arange(length, dtype=torch.float32) * ((len(values) - 1) / (length - 1))
+    return values[torch.round(positions).long()]
+
+
+@dataclass
+class TaylorSeerCacheConfig:
+    """TaylorSeer: modules run fully for the first ``disable_cache_before_step`` steps, then every
+    ``cache_interval``-th step (and from ``disable_cache_after_step`` on); on the other steps they
+    return the Taylor expansion (up to ``max_order``) of their last full outputs, kept in
+    ``taylor_factors_dtype``. ``cache_identifiers`` / ``skip_predict_identifiers`` are regexes
+    (full match on module names) of modules to predict / to return zeros on predicted steps;
+    by default the attention layers are predicted. ``use_lite_mode`` predicts only ``proj_out``
+    and zeroes the blocks (overriding the identifiers)."""
+
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    disable_cache_after_step: int | None = None
+    max_order: int = 1
+    taylor_factors_dtype: torch.dtype | None = torch.bfloat16
+    skip_predict_identifiers: list[str] | None = None
+    cache_identifiers: list[str] | None = None
+    use_lite_mode: bool = False
 
 
 @dataclass
@@ -158,8 +249,10 @@ class CacheMixin:
     def is_cache_enabled(self) -> bool:
         return self._cache_config is not None
 
-    def enable_cache(self, config: FirstBlockCacheConfig | FasterCacheConfig | DeepCacheConfig) -> None:
-        """Turn on the caching technique ``config`` describes (one at a time)."""
+    def enable_cache(self, config: Any) -> None:
+        """Turn on the caching technique ``config`` describes (one at a time): a
+        FirstBlockCacheConfig, FasterCacheConfig, PyramidAttentionBroadcastConfig, MagCacheConfig,
+        TaylorSeerCacheConfig or DeepCacheConfig."""
         if self.is_cache_enabled:
             raise ValueError(f"Caching has already been enabled with {type(self._cache_config)}. To apply a new "
                              "caching technique, please disable the existing one first.")
@@ -222,10 +315,21 @@ def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+def _encoder_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+
+
+def _transformer_blocks(model: nn.Module, technique: str) -> list[nn.Module]:
+    """The blocks of ``_BLOCK_LISTS`` in order; blocks are called ``block(hidden_states,
+    encoder_hidden_states, ...)`` and return ``(encoder_hidden_states, hidden_states)`` (FLUX)."""
+    blocks = [block for name in _BLOCK_LISTS for block in getattr(model, name, ())]
+    if len(blocks) < 2:
+        raise ValueError(f"{technique} needs a transformer with at least 2 blocks in {_BLOCK_LISTS}; "
+                         f"{type(model).__name__} has {len(blocks)}")
+    return blocks
+
+
 # -- First Block Cache --------------------------------------------------------------------------------
-
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-
 
 @dataclass
 class _FirstBlockState:
@@ -236,12 +340,7 @@ class _FirstBlockState:
 
 
 def _apply_first_block_cache(model: nn.Module, config: FirstBlockCacheConfig, undo: list) -> None:
-    """Blocks are called ``block(hidden_states, encoder_hidden_states, ...)`` and return
-    ``(encoder_hidden_states, hidden_states)`` (FLUX's double- and single-stream blocks)."""
-    blocks = [block for name in _BLOCK_LISTS for block in getattr(model, name, ())]
-    if len(blocks) < 2:
-        raise ValueError(f"FirstBlockCacheConfig needs a transformer with at least 2 blocks in {_BLOCK_LISTS}; "
-                         f"{type(model).__name__} has {len(blocks)}")
+    blocks = _transformer_blocks(model, "FirstBlockCacheConfig")
     state = functools.partial(_state, model, _FirstBlockState, need_context=True)
     _wrap(blocks[0], lambda inner: functools.partial(_head_block, inner, state, config.threshold), undo)
     for block in blocks[1:-1]:
@@ -268,8 +367,7 @@ def _relative_change(residual: torch.Tensor, previous: torch.Tensor) -> float:
 def _later_block(inner: Callable, state_of: Callable, is_tail: bool, *args: Any, **kwargs: Any):
     state = state_of()
     if not state.compute:
-        encoder = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-        return encoder, _hidden_input(args, kwargs)
+        return _encoder_input(args, kwargs), _hidden_input(args, kwargs)
     encoder, hidden = inner(*args, **kwargs)
     if is_tail:
         head_hidden, head_encoder = state.head_output
@@ -298,22 +396,41 @@ def _apply_faster_cache(model: nn.Module, config: FasterCacheConfig, undo: list)
     if not config.is_guidance_distilled:
         raise ValueError(f"FasterCacheConfig on {type(model).__name__}: only the attention reuse is implemented, "
                          "which needs is_guidance_distilled=True (FLUX runs each guidance branch in its own call)")
-    timestep_scale = getattr(model, "_cache_timestep_scale", None)
-    if timestep_scale is None:
-        raise ValueError(f"FasterCacheConfig is not supported by {type(model).__name__}")
     weight = config.attention_weight_callback
     if weight is None:
         logger.warning("No `attention_weight_callback` provided when enabling FasterCache. Defaulting to using a "
                        "weight of 0.5 for all timesteps.")
         weight = lambda _: 0.5  # noqa: E731
+    plans = ((config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
+              config.spatial_attention_timestep_skip_range, False),
+             (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
+              config.temporal_attention_timestep_skip_range, False))
+    _reuse_attention(model, config, plans, weight, undo)
+
+
+def _apply_pyramid_attention_broadcast(model: nn.Module, config: PyramidAttentionBroadcastConfig,
+                                       undo: list) -> None:
+    plans = ((config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
+              config.spatial_attention_timestep_skip_range, False),
+             (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
+              config.temporal_attention_timestep_skip_range, False),
+             (config.cross_attention_block_identifiers, config.cross_attention_block_skip_range,
+              config.cross_attention_timestep_skip_range, True))
+    _reuse_attention(model, config, plans, None, undo)
+
+
+def _reuse_attention(model: nn.Module, config: Any, plans: tuple, weight: Callable[[nn.Module], float] | None,
+                     undo: list) -> None:
+    """Wrap the attention layers of the first plan ``(identifiers, skip range, timestep range, cross)``
+    each matches; reused outputs are extrapolated with ``weight`` (None: the last output as it is)."""
+    timestep_scale = getattr(model, "_cache_timestep_scale", None)
+    if timestep_scale is None:
+        raise ValueError(f"{type(config).__name__} is not supported by {type(model).__name__}")
     state = functools.partial(_state, model, _FasterState)
     now = config.current_timestep_callback or (lambda: state().timestep)
-    plans = ((config.spatial_attention_block_identifiers, config.spatial_attention_block_skip_range,
-              config.spatial_attention_timestep_skip_range),
-             (config.temporal_attention_block_identifiers, config.temporal_attention_block_skip_range,
-              config.temporal_attention_timestep_skip_range))
     for name, module in model.named_modules():
-        plan = next((p for p in plans if p[1] is not None and _matches(name, p[0]) and _is_attention(module)), None)
+        plan = next((p for p in plans if p[1] is not None and _matches(name, p[0]) and _is_attention(module, p[3])),
+                    None)
         if plan is not None:
             rule = _AttentionRule(plan[1], plan[2], weight, now)
             _wrap(module, lambda inner, rule=rule, module=module: functools.partial(
@@ -328,15 +445,15 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(re.search(pattern, name) for pattern in patterns)
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return hasattr(module, "processor") and not getattr(module, "is_cross_attention", False)
+def _is_attention(module: nn.Module, cross: bool = False) -> bool:
+    return hasattr(module, "processor") and bool(getattr(module, "is_cross_attention", False)) == cross
 
 
 @dataclass(frozen=True)
 class _AttentionRule:
     skip_range: int
     timestep_range: tuple[float, float]
-    weight: Callable[[nn.Module], float]
+    weight: Callable[[nn.Module], float] | None  # None: reuse the last output as it is
     now: Callable[[], float]
 
     def reuse(self, layer: _AttentionState) -> bool:
@@ -348,7 +465,10 @@ class _AttentionRule:
 def _attention_forward(inner: Callable, module: nn.Module, state_of: Callable, rule: _AttentionRule,
                        *args: Any, **kwargs: Any):
     layer = state_of().layers.setdefault(id(module), _AttentionState())
-    if rule.reuse(layer):
+    reuse = rule.reuse(layer)
+    if reuse and rule.weight is None:
+        output = layer.outputs[-1]
+    elif reuse:
         weight = rule.weight(module)
         previous, last = layer.outputs
         output = _map_outputs(lambda old, new: new + (new - old) * weight, previous, last)
@@ -370,6 +490,204 @@ def _record_timestep(inner: Callable, model: nn.Module, signature: inspect.Signa
     timestep = signature.bind(model, *args, **kwargs).arguments["timestep"]
     state_of().timestep = float(torch.as_tensor(timestep).flatten()[0]) * scale
     return inner(*args, **kwargs)
+
+
+# -- MagCache -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _MagState:
+    step: int = 0
+    compute: bool = True
+    head_input: torch.Tensor | None = None
+    residual: torch.Tensor | None = None  # tail output - head input at the last full step
+    ratio: Any = 1.0  # accumulated magnitude ratio since the last full step
+    error: Any = 0.0
+    skipped: int = 0
+    measured: list = field(default_factory=list)  # calibration ratios
+
+
+def _apply_mag_cache(model: nn.Module, config: MagCacheConfig, undo: list) -> None:
+    blocks = _transformer_blocks(model, "MagCacheConfig")
+    state = functools.partial(_state, model, _MagState)
+    for block in blocks[1:-1]:
+        _wrap(block, lambda inner: functools.partial(_mag_later_block, inner, state, config, False), undo)
+    _wrap(blocks[-1], lambda inner: functools.partial(_mag_later_block, inner, state, config, True), undo)
+    _wrap(blocks[0], lambda inner: functools.partial(_mag_head_block, inner, state, config), undo)
+
+
+def _mag_head_block(inner: Callable, state_of: Callable, config: MagCacheConfig, *args: Any, **kwargs: Any):
+    state = state_of()
+    hidden = state.head_input = _hidden_input(args, kwargs)
+    state.compute = config.calibrate or not _mag_may_skip(state, config)
+    if state.compute:
+        return inner(*args, **kwargs)
+    return _encoder_input(args, kwargs), _add_residual(hidden, state.residual.to(hidden.device))
+
+
+def _mag_may_skip(state: _MagState, config: MagCacheConfig) -> bool:
+    """Accumulate this step's ratio; True when the step may reuse the last residual (else the
+    accumulators restart)."""
+    if state.step < int(config.retention_ratio * config.num_inference_steps + 0.5):
+        return False
+    state.ratio = state.ratio * (config.mag_ratios[state.step] if state.step < len(config.mag_ratios) else 1.0)
+    state.skipped += 1
+    state.error = state.error + abs(1.0 - state.ratio)
+    if state.residual is not None and state.error <= config.threshold and state.skipped <= config.max_skip_steps:
+        return True
+    state.ratio, state.error, state.skipped = 1.0, 0.0, 0
+    return False
+
+
+def _add_residual(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``hidden + residual``; a residual over fewer tokens is added to the last tokens."""
+    if residual.shape == hidden.shape:
+        return hidden + residual
+    extra = hidden.shape[1] - residual.shape[1] if hidden.ndim == residual.ndim == 3 else -1
+    if extra > 0 and hidden.shape[::2] == residual.shape[::2]:
+        return torch.cat([hidden[:, :extra], hidden[:, extra:] + residual], dim=1)
+    logger.warning("MagCache: the residual %s does not fit the input %s; the step returns its input.",
+                   tuple(residual.shape), tuple(hidden.shape))
+    return hidden
+
+
+def _mag_later_block(inner: Callable, state_of: Callable, config: MagCacheConfig, is_tail: bool,
+                     *args: Any, **kwargs: Any):
+    state = state_of()
+    if not state.compute:
+        if is_tail:
+            _mag_next_step(state, config)
+        return _encoder_input(args, kwargs), _hidden_input(args, kwargs)
+    encoder, hidden = inner(*args, **kwargs)
+    if is_tail and state.head_input is not None:
+        residual = _mag_residual(hidden, state.head_input)
+        if config.calibrate:
+            state.measured.append(_norm_ratio(residual, state.residual))
+        state.residual = residual
+        _mag_next_step(state, config)
+    return encoder, hidden
+
+
+def _mag_residual(output: torch.Tensor, head_input: torch.Tensor) -> torch.Tensor:
+    if output.shape == head_input.shape:
+        return output - head_input
+    if output.ndim == head_input.ndim == 3 and output.shape[2] == head_input.shape[2]:
+        return output[:, -head_input.shape[1]:] - head_input
+    return output
+
+
+@torch.compiler.disable
+def _norm_ratio(residual: torch.Tensor, previous: torch.Tensor | None) -> float:
+    if previous is None:
+        return 1.0
+    norms = torch.linalg.norm(residual.float(), dim=-1), torch.linalg.norm(previous.float(), dim=-1)
+    return (norms[0] / (norms[1] + 1e-8)).mean().item()
+
+
+def _mag_next_step(state: _MagState, config: MagCacheConfig) -> None:
+    """Count the step; after the last one, log a calibration's ratios and start over."""
+    state.step += 1
+    if state.step < config.num_inference_steps:
+        return
+    if config.calibrate:
+        logger.info("MagCache calibration: mag_ratios=%s", state.measured)
+    state.step, state.ratio, state.error, state.skipped, state.residual, state.measured = 0, 1.0, 0.0, 0, None, []
+
+
+# -- TaylorSeer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _TaylorLayer:
+    step: int = -1
+    last_update: int | None = None
+    factors: list = field(default_factory=list)  # per output: [value, first difference, ...]
+    dtypes: tuple = ()
+    shapes: tuple = ()
+    device: torch.device | None = None
+
+
+@dataclass
+class _TaylorState:
+    layers: dict = field(default_factory=dict)  # id(module) -> _TaylorLayer
+
+
+@dataclass(frozen=True)
+class _TaylorRule:
+    config: TaylorSeerCacheConfig
+    zeroed: bool  # a skip_predict module: zeros on predicted steps
+
+    def computes(self, step: int) -> bool:
+        c = self.config
+        return (step < c.disable_cache_before_step or (step - c.disable_cache_before_step - 1) % c.cache_interval == 0
+                or (c.disable_cache_after_step is not None and step >= c.disable_cache_after_step))
+
+
+def _apply_taylorseer_cache(model: nn.Module, config: TaylorSeerCacheConfig, undo: list) -> None:
+    zeroed, predicted = tuple(config.skip_predict_identifiers or ()), tuple(config.cache_identifiers or ())
+    predicted = predicted or _FLUX_ATTENTION_NAMES + _TEMPORAL_ATTENTION_NAMES
+    if config.use_lite_mode:
+        if config.skip_predict_identifiers or config.cache_identifiers:
+            logger.warning("TaylorSeer lite mode overrides skip_predict_identifiers and cache_identifiers.")
+        zeroed, predicted = _TAYLOR_LITE_ZEROED, _TAYLOR_LITE_PREDICTED
+    state = functools.partial(_state, model, _TaylorState, need_context=True)
+    for name, module in model.named_modules():
+        is_zeroed = any(re.fullmatch(p, name) for p in zeroed)
+        if is_zeroed or any(re.fullmatch(p, name) for p in predicted):
+            rule = _TaylorRule(config, is_zeroed)
+            _wrap(module, lambda inner, rule=rule, module=module: functools.partial(
+                _taylor_forward, inner, module, state, rule), undo)
+
+
+def _taylor_forward(inner: Callable, module: nn.Module, state_of: Callable, rule: _TaylorRule,
+                    *args: Any, **kwargs: Any):
+    layer = state_of().layers.setdefault(id(module), _TaylorLayer())
+    layer.step += 1
+    if rule.computes(layer.step):
+        output = inner(*args, **kwargs)
+        _taylor_update(layer, rule, (output,) if isinstance(output, torch.Tensor) else tuple(output))
+        return output
+    outputs = _taylor_predict(layer, rule.zeroed)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _taylor_update(layer: _TaylorLayer, rule: _TaylorRule, outputs: tuple[torch.Tensor, ...]) -> None:
+    layer.dtypes, layer.device = tuple(o.dtype for o in outputs), outputs[0].device
+    if rule.zeroed:
+        layer.shapes = tuple(o.shape for o in outputs)
+    else:
+        layer.factors = [_taylor_factors(layer, rule.config, i, o) for i, o in enumerate(outputs)]
+    layer.last_update = layer.step
+
+
+def _taylor_factors(layer: _TaylorLayer, config: TaylorSeerCacheConfig, index: int,
+                    output: torch.Tensor) -> list[torch.Tensor]:
+    """[output, its finite differences up to max_order] against the last full step's factors."""
+    factors = [output]
+    previous = layer.factors[index] if layer.last_update is not None and index < len(layer.factors) else []
+    for order in range(min(config.max_order, len(previous))):
+        if previous[order].shape != factors[order].shape:
+            break
+        delta = (factors[order] - previous[order].to(output.dtype)) / (layer.step - layer.last_update)
+        factors.append(delta)
+    dtype = config.taylor_factors_dtype
+    return [f.to(dtype) for f in factors] if dtype is not None else factors
+
+
+@torch.compiler.disable
+def _taylor_predict(layer: _TaylorLayer, zeroed: bool) -> list[torch.Tensor]:
+    if layer.last_update is None:
+        raise ValueError("TaylorSeer: a module was asked to predict before any full step ran")
+    if zeroed:
+        return [torch.zeros(s, dtype=d, device=layer.device) for s, d in zip(layer.shapes, layer.dtypes)]
+    offset = layer.step - layer.last_update
+    outputs = []
+    for factors, dtype in zip(layer.factors, layer.dtypes):
+        output = torch.zeros_like(factors[0], dtype=dtype)
+        for order, factor in enumerate(factors):
+            output = output + factor.to(dtype) * (offset**order / math.factorial(order))
+        outputs.append(output)
+    return outputs
 
 
 # -- DeepCache (UNet) ---------------------------------------------------------------------------------
@@ -443,4 +761,7 @@ _APPLIERS: dict[type, Callable[[nn.Module, Any, list], None]] = {
     FirstBlockCacheConfig: _apply_first_block_cache,
     FasterCacheConfig: _apply_faster_cache,
     DeepCacheConfig: _apply_deep_cache,
+    PyramidAttentionBroadcastConfig: _apply_pyramid_attention_broadcast,
+    MagCacheConfig: _apply_mag_cache,
+    TaylorSeerCacheConfig: _apply_taylorseer_cache,
 }

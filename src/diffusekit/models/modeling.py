@@ -31,6 +31,10 @@ class ModelMixin(PeftAdapterMixin, nn.Module, ConfigMixin):
     _supports_gradient_checkpointing = False
     #: Renames applied to checkpoint keys from older releases before strict checking.
     legacy_key_renames: tuple[tuple[str, str], ...] = ()
+    #: Modules ``from_pretrained(torch_dtype=...)`` keeps in float32 (the reference's name): none here.
+    _keep_in_fp32_modules: list[str] | None = None
+    #: Extra module-path patterns ``enable_layerwise_casting`` leaves in their dtype.
+    _skip_layerwise_casting_patterns: tuple[str, ...] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -79,6 +83,21 @@ class ModelMixin(PeftAdapterMixin, nn.Module, ConfigMixin):
         for block in blocks:
             block.gradient_checkpointing = enable
             block._gradient_checkpointing_func = func
+
+    # -- layerwise casting ---------------------------------------------------------------------
+
+    def enable_layerwise_casting(self, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                                 compute_dtype: torch.dtype | None = None,
+                                 skip_modules_pattern: tuple[str, ...] | None = None,
+                                 skip_modules_classes: tuple[type, ...] | None = None,
+                                 non_blocking: bool = False) -> None:
+        """Keep the Linear/conv weights in ``storage_dtype`` and compute each layer in ``compute_dtype``
+        (default: the model's dtype); see :mod:`~diffusekit.models.layerwise_casting`. ``non_blocking`` is
+        accepted for the reference's signature (the casts here are per call, on the layer's device)."""
+        from .layerwise_casting import enable_layerwise_casting
+
+        enable_layerwise_casting(self, storage_dtype, compute_dtype or self.dtype, skip_modules_pattern,
+                                 skip_modules_classes)
 
     # -- saving ---------------------------------------------------------------------------------
 

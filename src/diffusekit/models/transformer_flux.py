@@ -114,8 +114,8 @@ class FluxAttention(ProcessorHolder, nn.Module):
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any):
-        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                              attention_mask=attention_mask, image_rotary_emb=image_rotary_emb, **kwargs)
+        return self.call_processor(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=attention_mask, image_rotary_emb=image_rotary_emb, **kwargs)
 
     def attend(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None,
@@ -306,18 +306,6 @@ class FluxTransformer2DModel(FluxTrunkMixin, ModelMixin, AttentionProcessorMixin
         self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels, bias=True)
 
     # -- options --------------------------------------------------------------------------------
-
-    def _attentions(self) -> list[FluxAttention]:
-        return [m for m in self.modules() if isinstance(m, FluxAttention)]
-
-    def fuse_qkv_projections(self) -> None:
-        """Compute each attention's q/k/v (and the text tokens' q/k/v) with one matmul."""
-        for attn in self._attentions():
-            attn.fuse_projections()
-
-    def unfuse_qkv_projections(self) -> None:
-        for attn in self._attentions():
-            attn.unfuse_projections()
 
     # -- forward --------------------------------------------------------------------------------
 

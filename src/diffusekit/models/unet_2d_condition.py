@@ -16,6 +16,7 @@ from .attention import LEGACY_ATTENTION_RENAMES, Attention
 from .embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps, get_activation
 from .attention_processor import AttentionProcessorMixin
 from .cache import CacheMixin
+from .freeu import FREEU_KEYS
 from .modeling import ModelMixin
 from .unet_2d import timesteps_for_batch
 from .unet_blocks import get_down_block, get_mid_block, get_up_block
@@ -338,14 +339,17 @@ class UNet2DConditionModel(ModelMixin, AttentionProcessorMixin, FromOriginalMode
                 raise ValueError(f"slice_size {size} is larger than the {dim} heads of a layer")
             attn.set_attention_slice(size or None)
 
-    def fuse_qkv_projections(self) -> None:
-        """Fuse each attention's q/k/v (or k/v) projections into one matmul."""
-        for attn in self._attentions():
-            attn.fuse_projections()
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU on the first two up levels: skip features' low frequencies scaled by ``s1`` / ``s2``,
+        backbone features (half the channels) by ``b1`` / ``b2`` (see :mod:`~diffusekit.models.freeu`)."""
+        for block in self.up_blocks:
+            for key, value in zip(FREEU_KEYS, (s1, s2, b1, b2)):
+                setattr(block, key, value)
 
-    def unfuse_qkv_projections(self) -> None:
-        for attn in self._attentions():
-            attn.unfuse_projections()
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            for key in FREEU_KEYS:
+                setattr(block, key, None)
 
     # -- forward ------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .layers import Conv2d, GroupNorm
 from .attention import Attention, Transformer2DModel
+from .freeu import apply_freeu
 from .modeling import maybe_checkpoint
 from .resnet import Downsample2D, FirDownsample2D, FirUpsample2D, ResnetBlock2D, Upsample2D
 
@@ -412,6 +413,7 @@ class UpBlock2D(nn.Module):
 
     has_cross_attention = False
     with_attention = False
+    s1 = s2 = b1 = b2 = None  # FreeU factors (models/freeu.py), set by the UNet's enable_freeu
 
     def __init__(self, *, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
                  resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
@@ -444,6 +446,10 @@ class UpBlock2D(nn.Module):
         else:
             raise ValueError(f"upsample_type {upsample_type!r} is not one of conv, resnet")
 
+    def _with_skip(self, hidden_states: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``cat([hidden_states, skip])`` on the channels, after FreeU when it is on (``enable_freeu``)."""
+        return torch.cat(apply_freeu(self, hidden_states, skip), dim=1)
+
     def _upsample(self, hidden_states: torch.Tensor, temb: torch.Tensor | None,
                   upsample_size: Any) -> torch.Tensor:
         for up in self.upsamplers:
@@ -457,7 +463,7 @@ class UpBlock2D(nn.Module):
         res = list(res_hidden_states_tuple)
         attentions = self.attentions if self.with_attention else [None] * len(self.resnets)
         for resnet, attn in zip(self.resnets, attentions):
-            hidden_states = maybe_checkpoint(self, resnet, torch.cat([hidden_states, res.pop()], dim=1), temb)
+            hidden_states = maybe_checkpoint(self, resnet, self._with_skip(hidden_states, res.pop()), temb)
             if attn is not None:
                 hidden_states = attn(hidden_states, **dict(cross_attention_kwargs or {}))
         if self.upsamplers is not None:
@@ -515,7 +521,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         res = list(res_hidden_states_tuple)
         for resnet, attn in zip(self.resnets, self.attentions):
-            hidden_states = maybe_checkpoint(self, resnet, torch.cat([hidden_states, res.pop()], dim=1), temb)
+            hidden_states = maybe_checkpoint(self, resnet, self._with_skip(hidden_states, res.pop()), temb)
             hidden_states = attn(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                  cross_attention_kwargs=cross_attention_kwargs, attention_mask=attention_mask,
                                  encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]

@@ -6,11 +6,15 @@ visible, for the call's duration and in the calling thread only (a :class:`conte
 through the reference's read-only pipeline properties that step callbacks use
 (``pipe.guidance_scale``, ``pipe.num_timesteps``, ``pipe.interrupt``, ...; see :class:`CallField`).
 A callback that sets ``pipe._interrupt = True`` (or ``pipe._guidance_scale``) changes only its own call.
+After a call returns, the properties read what that call ended with, in the thread that made it
+(the last call of the pipeline there; its scheduler copy and tensors are not kept).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +24,8 @@ from ..models.cache import cache_call_scope
 
 #: The state of the calls running in this context, by ``id(pipeline)``.
 _CALLS: ContextVar[Mapping[int, "CallState | None"]] = ContextVar("diffusekit_calls", default=MappingProxyType({}))
+#: The last finished call of each pipeline in this context: ``id(pipeline) -> (weak ref, slim state)``.
+_FINISHED: ContextVar[Mapping[int, tuple]] = ContextVar("diffusekit_finished_calls", default=MappingProxyType({}))
 
 #: The UNet keyword argument holding added conditioning (SDXL's text_time, the IP image embeddings).
 ADDED_COND = "added_cond_kwargs"
@@ -69,9 +75,19 @@ def pipeline_call(method: Callable) -> Callable:
             with cache_call_scope():  # the denoisers' caches (models/cache.py) start empty in each call
                 return method(pipe, *args, **kwargs)
         finally:
+            state = _CALLS.get().get(id(pipe))
             _CALLS.reset(token)
+            if state is not None:
+                _remember_finished(pipe, state)
 
     return run
+
+
+def _remember_finished(pipe, state: CallState) -> None:
+    """Keep ``state``'s settings (not its scheduler copy, tensors or callback) as ``pipe``'s last call here."""
+    slim = dataclasses.replace(state, scheduler=None, denoiser_kwargs={}, callback=None)
+    alive = {key: entry for key, entry in _FINISHED.get().items() if entry[0]() is not None}
+    _FINISHED.set({**alive, id(pipe): (weakref.ref(pipe), slim)})
 
 
 def begin_call(pipe, state: CallState) -> CallState:
@@ -83,12 +99,17 @@ def begin_call(pipe, state: CallState) -> CallState:
     return state
 
 
-def current_call(pipe) -> CallState:
-    """The state of ``pipe``'s call running in this thread; AttributeError outside a call."""
+def current_call(pipe, finished: bool = False) -> CallState:
+    """The state of ``pipe``'s call running in this thread (``finished``: else the last one that finished
+    here); AttributeError when there is none."""
     state = _CALLS.get().get(id(pipe))
+    if state is None and finished:
+        ref, last = _FINISHED.get().get(id(pipe), (None, None))
+        state = last if ref is not None and ref() is pipe else None
     if state is None:
         raise AttributeError(f"{type(pipe).__name__} has no call running in this thread; call-state properties "
-                             "(guidance_scale, num_timesteps, interrupt, ...) exist only during a call")
+                             "(guidance_scale, num_timesteps, interrupt, ...) exist only during a call and, "
+                             "read-only, after it in the thread that made it")
     return state
 
 
@@ -105,7 +126,7 @@ class CallField:
     def __get__(self, pipe, owner: type | None = None):
         if pipe is None:
             return self
-        return getattr(current_call(pipe), self.name)
+        return getattr(current_call(pipe, finished=True), self.name)
 
     def __set__(self, pipe, value) -> None:
         if not self.writable:

@@ -225,6 +225,11 @@ class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMi
         embeddings), else None."""
         has_negative = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
+        if true_cfg_scale > 1 and has_negative and prompt_embeds is not None and negative_prompt_embeds is not None \
+                and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed "
+                             f"directly, but got: `prompt_embeds` {tuple(prompt_embeds.shape)} != "
+                             f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)}.")
         lora_scale = state.lora_scale
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,

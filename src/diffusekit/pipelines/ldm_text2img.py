@@ -27,7 +27,7 @@ class LDMTextToImagePipeline(DiffusionPipeline):
         # 8 without a vqvae (a pipeline built for its text encoder only), as the reference
         self.vae_scale_factor = 2 ** (len(vqvae.config.block_out_channels) - 1) if vqvae is not None else 8
 
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+    def _text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """LDM-BERT embeddings (batch, tokens, d_model) of the prompts, padded to full length."""
         tokens = tokenize(self.tokenizer, prompts, self.bert.config.max_position_embeddings, warn=False)
         return self.bert(tokens.input_ids.to(self.device))[0]
@@ -59,9 +59,9 @@ class LDMTextToImagePipeline(DiffusionPipeline):
 
         batch_size = len(prompt)
         guided = guidance_scale != 1.0
-        context = self.encode_prompt(prompt)
+        context = self._text_embeddings(prompt)
         if guided:
-            context = torch.cat([self.encode_prompt([""] * batch_size), context])
+            context = torch.cat([self._text_embeddings([""] * batch_size), context])
         shape = (batch_size, self.unet.config.in_channels, height // factor, width // factor)
         scheduler = self.scheduler.for_call()
         latents = initial_noise(shape, generator, self.device, context.dtype, latents,

@@ -254,6 +254,9 @@ class DiffusionPipeline(ConfigMixin):
             elif name in index and (is_component or isinstance(index[name], list)):
                 arguments[name] = _load_component(name, index[name], folder, index_path,
                                                   torch_dtype=component_dtype(dtype, name), **options)
+                if arguments[name] is not None:
+                    logger.info("Loaded %s as %s from `%s` subfolder of %s.", name, type(arguments[name]).__name__,
+                                name, pretrained_model_name_or_path)
             elif name in index:
                 arguments[name] = index[name]
             elif param.default is inspect.Parameter.empty and name not in pipeline_cls._optional_components:

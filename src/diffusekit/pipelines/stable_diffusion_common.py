@@ -26,6 +26,7 @@ from .call_state import CallState, CallStateProperties, begin_call, current_call
 from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
 from .image_processing import numpy_to_pil, postprocess_images
 from .ip_adapter_common import IPAdapterPipelineMixin
+from .unet_options import UNetOptionsMixin
 from .memory import MemoryMixin
 from .noise import initial_noise
 from .pipeline_utils import DiffusionPipeline
@@ -61,7 +62,7 @@ def _fix_legacy_scheduler_config(scheduler) -> None:
 
 
 class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, LoraLoaderMixin, TextualInversionLoaderMixin,
-                          FromSingleFileMixin, IPAdapterPipelineMixin):
+                          FromSingleFileMixin, IPAdapterPipelineMixin, UNetOptionsMixin):
     """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
@@ -162,11 +163,13 @@ class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, L
         with prompt_encoding.TOKENIZER_LOCK:
             prompt, negative_prompt = self.maybe_convert_prompt(prompt), self.maybe_convert_prompt(negative_prompt)
         with self.lora_text_encoder_scale(lora_scale):
-            return prompt_encoding.encode_prompt(
+            prompt_embeds, negative_prompt_embeds = prompt_encoding.encode_prompt(
                 self.text_encoder, self.tokenizer, prompt, device, num_images_per_prompt,
                 do_classifier_free_guidance, negative_prompt, prompt_embeds, negative_prompt_embeds,
                 clip_skip=clip_skip, prompt_weighting=prompt_weighting, dtype=dtype,
             )
+        # the names returned are the __call__ arguments they feed (tools read them from this source)
+        return prompt_embeds, negative_prompt_embeds
 
     def unet_prompt_embeds(self, state: CallState, prompt, device, num_images_per_prompt: int, negative_prompt,
                            prompt_embeds, negative_prompt_embeds, prompt_weighting: str | None):
