@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from diffusekit import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler
 from diffusekit.pipelines.whole_step import check_whole_step
 from lora_files import lora_tensors, peft_layout
-from test_compile import _sample, fresh_dynamo, pipe  # noqa: F401 (fixtures)
+from test_compile import _flux_pipe, _sample, fresh_dynamo, pipe  # noqa: F401 (fixtures)
 
 
 def test_whole_step_is_one_graph_per_scheduler_class_and_matches_eager(pipe):
@@ -42,6 +42,18 @@ def test_whole_step_is_one_graph_per_scheduler_class_and_matches_eager(pipe):
         pipe.scheduler = euler
         torch.testing.assert_close(_sample(pipe), eager["euler"], atol=1e-4, rtol=0)
     assert counter.frame_count == 2
+
+
+def test_flux_whole_step_is_one_graph_and_matches_eager(tmp_path):
+    pipe = _flux_pipe(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    options = {"max_sequence_length": 16}
+    eager = {steps: _sample(pipe, num_inference_steps=steps, **options) for steps in (2, 3)}
+    counter = CompileCounterWithBackend("eager")
+    pipe.compile(whole_step=True, backend=counter, fullgraph=False)
+    torch.testing.assert_close(_sample(pipe, **options), eager[2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(_sample(pipe, num_inference_steps=3, **options), eager[3], atol=1e-4, rtol=0)
+    assert counter.frame_count == 1
 
 
 def test_unsupported_calls_step_eagerly_with_a_warning(pipe, caplog):
@@ -71,7 +83,7 @@ def _lora(pipe, seed: int) -> dict:
     return peft_layout(lora_tensors(pipe, seed=seed, rank=2))
 
 
-@pytest.mark.parametrize("whole_step", [False, True], ids=["denoiser", "whole-step"])
+@pytest.mark.parametrize("whole_step", [False, True], ids=["regional", "whole-step"])
 def test_lora_call_scale_of_a_compiled_hotswap_model(pipe, whole_step):
     pipe.load_lora_weights(_lora(pipe, seed=1), adapter_name="x")
     eager = {s: _sample(pipe, cross_attention_kwargs={"scale": s}) for s in (0.5, 0.25, 1.0)}
@@ -79,7 +91,7 @@ def test_lora_call_scale_of_a_compiled_hotswap_model(pipe, whole_step):
     pipe.enable_lora_hotswap(target_rank=2)
     pipe.load_lora_weights(_lora(pipe, seed=1), adapter_name="x")
     counter = CompileCounterWithBackend("aot_eager")
-    pipe.compile(regional=False, whole_step=whole_step, backend=counter)
+    pipe.compile(whole_step=whole_step, backend=counter)  # regional when not whole-step
     torch.testing.assert_close(_sample(pipe, cross_attention_kwargs={"scale": 0.5}), eager[0.5], atol=1e-4, rtol=0)
     compiled = counter.frame_count
     with torch._dynamo.config.patch(error_on_recompile=True):
