@@ -200,7 +200,7 @@ def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> to
     dtype = sample.dtype
     batch, channels, *rest = sample.shape
     flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
-    flat = flat.reshape(batch, channels * int(np.prod(rest)))
+    flat = flat.reshape(batch, channels * math.prod(rest))
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     flat = torch.clamp(flat, -s, s) / s
     return flat.reshape(batch, channels, *rest).to(dtype)
