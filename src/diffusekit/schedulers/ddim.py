@@ -126,7 +126,7 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
     def step_plan(self, device=None, eta: float = 0.0, **unused) -> StepPlan | None:
         """The step as a :class:`StepPlan` (rows: alpha_prod at t and at the previous timestep); None
         with ``eta`` > 0 (noise drawn from a generator) and for subclasses that step otherwise."""
-        if eta > 0 or self.num_inference_steps is None or type(self).step is not DDIMScheduler.step:
+        if type(self).step is not DDIMScheduler.step or eta > 0 or self.num_inference_steps is None:
             return None
         stride = self.config.num_train_timesteps // self.num_inference_steps
         rows = torch.stack([torch.stack([self._alpha(t), self._alpha(t - stride)]) for t in self._host_timesteps])

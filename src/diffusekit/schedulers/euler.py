@@ -140,7 +140,7 @@ class EulerDiscreteScheduler(SigmaSchedulerBase):
     def step_plan(self, device=None, **unused) -> StepPlan | None:
         """The step without churn as a :class:`StepPlan` (rows: sigma, next sigma); None for subclasses
         that step otherwise."""
-        if self.num_inference_steps is None or type(self).step is not EulerDiscreteScheduler.step:
+        if type(self).step is not EulerDiscreteScheduler.step or self.num_inference_steps is None:
             return None
         rows = torch.stack([self.sigmas[:-1], self.sigmas[1:]], dim=1)
         return StepPlan(rows.to(device), euler_plan_scale, euler_plan_update, (self.config.prediction_type,))

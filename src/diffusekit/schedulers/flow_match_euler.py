@@ -186,8 +186,8 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
     def step_plan(self, device=None, **unused) -> StepPlan | None:
         """The deterministic step as a :class:`StepPlan` (rows: sigma, next sigma); None with
         ``stochastic_sampling`` and for subclasses that step otherwise."""
-        if self.config.stochastic_sampling or self.num_inference_steps is None \
-                or type(self).step is not FlowMatchEulerDiscreteScheduler.step:
+        if type(self).step is not FlowMatchEulerDiscreteScheduler.step or self.config.stochastic_sampling \
+                or self.num_inference_steps is None:
             return None
         rows = torch.stack([self.sigmas[:-1], self.sigmas[1:]], dim=1)
         return StepPlan(rows.to(device), unscaled_input, flow_plan_update)
