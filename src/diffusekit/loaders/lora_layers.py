@@ -404,6 +404,16 @@ def compiled_call_scale(model: nn.Module, scale: float | None) -> Iterator[None]
         yield
 
 
+def _without_scale(kwargs: dict) -> dict:
+    """``kwargs`` with ``scale`` left out of the attention kwargs (a new dict; the caller's is unchanged)."""
+    kept = dict(kwargs)
+    for name in SCALE_KWARGS:
+        options = kwargs.get(name)
+        if isinstance(options, dict) and "scale" in options:
+            kept[name] = {k: v for k, v in options.items() if k != "scale"} or None
+    return kept
+
+
 def install_scale_hook(model: nn.Module) -> None:
     """Make ``model(..., cross_attention_kwargs={"scale": s})`` scale its LoRA layers (and peft's) for that call."""
     if getattr(model, "_lora_scale_hooks", None):
@@ -426,6 +436,8 @@ def install_scale_hook(model: nn.Module) -> None:
                 undo.callback(_CALL_SCALES.reset, _set_call_scale(module, scale))
                 undo.enter_context(scaled_peft_layers(module, scale))
         _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), undo))
+        if compiled and prepared and scale is not None:  # a float the graph would guard on: it is in the buffers
+            return args, _without_scale(kwargs)
 
     def after(module, args, kwargs, output):
         *outer, undo = _HOOK_TOKENS.get() or (None,)
