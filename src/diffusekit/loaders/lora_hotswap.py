@@ -9,12 +9,23 @@ fusing, unloading: zeros), so the compiled graph stays valid. Which layers are p
 ``target_modules`` given (peft's rule: a list of names, each matching a module path or its end,
 or one regular expression matching whole paths); without them, those of the adapters already
 loaded, else every Linear and Conv2d layer of the denoiser (each then pays a rank-``R`` branch).
+
+LoRA call scales (``cross_attention_kwargs={"scale": s}``) under compile: a compiled graph cannot
+read the context variable that eager layers read, so each prepared layer also has a 0-d call-scale
+buffer that its compiled forward multiplies the branch by. ``lora_layers.compiled_call_scale`` writes ``s``
+(1.0 without a scale) into them before a compiled forward (the scale hook does it for a compiled
+denoiser, the whole-step loop for its compiled step) and holds the model's lock until the forward
+returns: threads sharing the model take turns, so none runs with another call's scale. Writing
+happens only when the value changes, in place (no recompile); kernels are ordered on the stream the
+calls share (the default one). The buffers keep the last value; every compiled call writes its own
+first, so nothing is restored.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from typing import Literal
 
 from torch import nn
@@ -24,7 +35,7 @@ from . import lora_layers as layers
 logger = logging.getLogger(__name__)
 
 #: Attribute of a prepared model: ``(target rank, {module path: layer})``.
-HOTSWAP_ATTRIBUTE = "_lora_hotswap"
+HOTSWAP_ATTRIBUTE = layers.HOTSWAP_ATTRIBUTE
 CHECKS = ("error", "warn", "ignore")
 
 
@@ -76,6 +87,7 @@ def enable_lora_hotswap(model: nn.Module, target_rank: int = 128,
         layers.prepare_hotswap(module, target_rank, f"{type(model).__name__}.{name}")
     setattr(model, HOTSWAP_ATTRIBUTE, (target_rank, {**(prepared or (0, {}))[1], **targets}))
     if not getattr(model, "_lora_hotswap_hook", None):
+        model._lora_scale_lock, model._lora_call_scale = threading.RLock(), 1.0
         model._lora_hotswap_hook = model.register_forward_pre_hook(_sync_before_call)
 
 
@@ -85,8 +97,14 @@ def hotswap_layers(model: nn.Module | None) -> tuple[int, dict[str, nn.Module]] 
 
 
 def _sync_before_call(model: nn.Module, args: tuple) -> None:
-    _, prepared = hotswap_layers(model)
-    for name, layer in prepared.items():
+    sync_hotswap(model)
+
+
+def sync_hotswap(model: nn.Module) -> None:
+    """Mirror a prepared model's adapters into its layers' buffers (what its pre-hook does; nothing
+    for a model not prepared)."""
+    prepared = hotswap_layers(model)
+    for name, layer in (prepared or (0, {}))[1].items():
         layers.sync_slot(layer, f"{type(model).__name__}.{name}")
 
 

@@ -23,7 +23,8 @@ it bit for bit. :func:`remove_lora` switches the class back.
 
 Hotswap (:mod:`~diffusekit.loaders.lora_hotswap`): :func:`prepare_hotswap` gives a layer the class
 :class:`HotswapLoraLayer` once, with fixed-shape non-persistent buffers (rank padded to a target
-rank, a scale per rank as a tensor). Its forward reads only those buffers, so loading, swapping,
+rank, a scale per rank as a tensor, a 0-d call scale for compiled calls). Its forward reads only those
+buffers, so loading, swapping,
 reweighting and unloading adapters (:func:`sync_slot` copies them in place) change no class,
 shape or Python constant that a compiled graph depends on.
 """
@@ -43,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Attribute of a model prepared by ``lora_hotswap.enable_lora_hotswap``: ``(target rank, {path: layer})``.
+HOTSWAP_ATTRIBUTE = "_lora_hotswap"
 #: Keyword arguments of a model's forward that may carry ``{"scale": s}`` for the LoRA layers.
 SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 #: The call scale of LoRA layers, by ``id(layer)``, in the running call (1.0 for layers not in it).
@@ -96,7 +99,7 @@ class LoraLayer:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = super().forward(x, *args, **kwargs)
-        # torch.compile cannot read context variables; compiled models refuse call scales (install_scale_hook)
+        # torch.compile cannot read context variables; compiled plain LoRA layers refuse call scales (install_scale_hook)
         call_scale = 1.0 if torch.compiler.is_compiling() else _CALL_SCALES.get().get(id(self), 1.0)
         if not self.lora_enabled or call_scale == 0:
             return out
@@ -185,7 +188,9 @@ class HotswapLoraLayer(LoraLayer):
             branch = F.conv2d(hidden, up, self.lora_hotswap_bias)
         else:
             branch = F.linear(F.linear(x_cast, down) * scale, up, self.lora_hotswap_bias)
-        if not torch.compiler.is_compiling():  # compiled models refuse call scales (install_scale_hook)
+        if torch.compiler.is_compiling():  # written by compiled_call_scale
+            branch = branch * self.lora_hotswap_call_scale
+        else:
             call_scale = _CALL_SCALES.get().get(id(self), 1.0)
             branch = branch if call_scale == 1.0 else branch * call_scale
         return out + branch.to(out.dtype)
@@ -226,6 +231,8 @@ def prepare_hotswap(module: nn.Module, rank: int, where: str) -> None:
     down_shape, up_shape = _slot_shapes(module, rank)
     for name, shape in (("down", down_shape), ("up", up_shape), ("bias", (up_shape[0],)), ("scale", (rank,))):
         module.register_buffer(f"lora_hotswap_{name}", make(shape), persistent=False)
+    module.register_buffer("lora_hotswap_call_scale", torch.ones((), device=ref.device, dtype=ref.dtype),
+                           persistent=False)
     module.lora_hotswap_rank, module.lora_hotswap_seen = rank, None
     sync_slot(module, where)
 
@@ -380,6 +387,34 @@ def scaled_peft_layers(model: nn.Module | None, scale: float | None) -> Iterator
                     layer.set_scale(name, 1.0)
 
 
+@contextlib.contextmanager
+def compiled_call_scale(model: nn.Module, scale: float | None) -> Iterator[None]:
+    """For a compiled forward of a prepared ``model``: its call-scale buffers hold ``scale`` (1.0 for
+    None) and its lock is held within the block (see :mod:`~diffusekit.loaders.lora_hotswap`).
+    Nothing for a model not prepared."""
+    prepared = getattr(model, HOTSWAP_ATTRIBUTE, None)
+    if prepared is None:
+        yield
+        return
+    value = 1.0 if scale is None else float(scale)
+    with model._lora_scale_lock:
+        if model._lora_call_scale != value:
+            for layer in prepared[1].values():
+                layer.lora_hotswap_call_scale.fill_(value)
+            model._lora_call_scale = value
+        yield
+
+
+def _without_scale(kwargs: dict) -> dict:
+    """``kwargs`` with ``scale`` left out of the attention kwargs (a new dict; the caller's is unchanged)."""
+    kept = dict(kwargs)
+    for name in SCALE_KWARGS:
+        options = kwargs.get(name)
+        if isinstance(options, dict) and "scale" in options:
+            kept[name] = {k: v for k, v in options.items() if k != "scale"} or None
+    return kept
+
+
 def install_scale_hook(model: nn.Module) -> None:
     """Make ``model(..., cross_attention_kwargs={"scale": s})`` scale its LoRA layers (and peft's) for that call."""
     if getattr(model, "_lora_scale_hooks", None):
@@ -387,14 +422,23 @@ def install_scale_hook(model: nn.Module) -> None:
 
     def before(module, args, kwargs):
         scale = _scale_from_call(module, args, kwargs)
-        if scale not in (None, 1.0) and getattr(module, "_diffusekit_compile", None) is not None:
-            raise ValueError(f"a LoRA call scale ({scale}) needs an eager {type(module).__name__}: a compiled model "
-                             "cannot read it; set adapter weights with set_adapters() instead")
-        undo = None if scale is None else contextlib.ExitStack()  # most calls give no scale: nothing to undo
+        compiled = getattr(module, "_diffusekit_compile", None) is not None
+        prepared = getattr(module, HOTSWAP_ATTRIBUTE, None) is not None
+        if scale not in (None, 1.0) and compiled and not prepared:
+            raise ValueError(f"a LoRA call scale ({scale}) needs an eager {type(module).__name__} or one prepared "
+                             "with enable_lora_hotswap() before compile(): a compiled graph cannot read it; "
+                             "set adapter weights with set_adapters() instead")
+        # most calls give no scale: nothing to undo; a compiled prepared model always sets its scale buffers
+        undo = None if scale is None and not (compiled and prepared) else contextlib.ExitStack()
         if undo is not None:
-            undo.callback(_CALL_SCALES.reset, _set_call_scale(module, scale))
-            undo.enter_context(scaled_peft_layers(module, scale))
+            if compiled and prepared:
+                undo.enter_context(compiled_call_scale(module, scale))
+            if scale is not None:
+                undo.callback(_CALL_SCALES.reset, _set_call_scale(module, scale))
+                undo.enter_context(scaled_peft_layers(module, scale))
         _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), undo))
+        if compiled and prepared and scale is not None:  # a float the graph would guard on: it is in the buffers
+            return args, _without_scale(kwargs)
 
     def after(module, args, kwargs, output):
         *outer, undo = _HOOK_TOKENS.get() or (None,)

@@ -52,6 +52,8 @@ class CallState:
     denoising_end: float | None = None
     current_timestep: Any = None
     interrupt: bool = False
+    #: The call's compiled-step plan after ``pipe.compile(whole_step=True)`` (False: steps run eagerly).
+    whole_step: Any = None
 
     @property
     def lora_scale(self) -> float | None:

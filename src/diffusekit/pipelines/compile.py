@@ -15,7 +15,9 @@ dtype, the first LoRA load (the layers change class; unloading returns to the gr
 before), a change of adapter weights (``set_adapters``); none of these LoRA changes recompile after
 ``pipe.enable_lora_hotswap(target_rank=R)`` (fixed-shape LoRA buffers, loaders/lora_hotswap.py). Per-call LoRA scales
 (``cross_attention_kwargs={"scale": s}``) live in a context variable that torch.compile cannot
-read, so a compiled model refuses scales other than 1.0 (set adapter weights instead).
+read: a prepared model takes them through its scale buffers (``lora_layers.compiled_call_scale``),
+one not prepared refuses scales other than 1.0 (set adapter weights instead).
+``pipe.compile(whole_step=True)`` compiles whole denoising steps instead (:mod:`.whole_step`).
 
 ``fuse_qkv=True`` adds fused ``to_qkv`` / ``to_kv`` layers (extra state-dict keys; LoRA adapters on
 ``to_q`` / ``to_k`` / ``to_v`` are bypassed while fused): ``unfuse_qkv_projections()`` on the model
@@ -96,21 +98,30 @@ def reset_compiled(model: nn.Module) -> None:
     model.__dict__.pop(COMPILED_ATTRIBUTE, None)
 
 
+def check_settings(mode: str | None, options: dict | None) -> None:
+    if mode is not None and options is not None:
+        raise ValueError("pass either mode or options to compile, not both")
+
+
+def prepare_denoiser(model: nn.Module, *, channels_last: bool = False, fuse_qkv: bool = False) -> None:
+    """Undo an earlier compilation, then fuse QKV projections and convert to channels-last as asked."""
+    if fuse_qkv and not hasattr(model, "fuse_qkv_projections"):
+        raise ValueError(f"fuse_qkv=True: {type(model).__name__} has no fuse_qkv_projections")
+    reset_compiled(model)
+    if fuse_qkv:
+        model.fuse_qkv_projections()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
 def compile_denoiser(model: nn.Module, *, mode: str | None = None, regional: bool = True,
                      backend: str | Callable = "inductor", fullgraph: bool = True, dynamic: bool | None = None,
                      options: dict | None = None, channels_last: bool = False, fuse_qkv: bool = False) -> nn.Module:
     """Compile ``model`` in place (see the module docstring); returns it. Compiling again replaces the
     previous compilation."""
-    if mode is not None and options is not None:
-        raise ValueError("pass either mode or options to compile, not both")
+    check_settings(mode, options)
     blocks = repeated_blocks(model) if regional else []  # checked before anything changes
-    reset_compiled(model)
-    if fuse_qkv:
-        if not hasattr(model, "fuse_qkv_projections"):
-            raise ValueError(f"fuse_qkv=True: {type(model).__name__} has no fuse_qkv_projections")
-        model.fuse_qkv_projections()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    prepare_denoiser(model, channels_last=channels_last, fuse_qkv=fuse_qkv)
     settings = dict(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic, options=options)
     if regional:
         for block in blocks:

@@ -27,6 +27,8 @@ class FluxPipeline(FluxBase):
     Components as :class:`~diffusekit.pipelines.flux_common.FluxBase`.
     """
 
+    _whole_step_loop = True  # the loop steps through denoising_step (pipe.compile(whole_step=True))
+
     def prepare_latents(self, batch_size: int, num_channels_latents: int, height: int, width: int,
                         dtype: torch.dtype, device, generator: Generator, latents: torch.Tensor | None = None):
         """``(packed noise or the given packed latents, their position ids)`` for a ``height`` x ``width`` image."""
@@ -117,9 +119,8 @@ class FluxPipeline(FluxBase):
                 if state.interrupt:
                     continue
                 state.current_timestep = t
-                velocity = self.guided_velocity(state, latents, t, guidance, prompt_embeds, pooled_prompt_embeds,
-                                                text_ids, image_ids, negative, true_cfg_scale)
-                latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = self.denoising_step(state, latents, t, guidance, prompt_embeds, pooled_prompt_embeds,
+                                              text_ids, image_ids, negative, true_cfg_scale)
                 if state.callback is not None:
                     tensors = self.step_callback(state, i, t, dict(latents=latents, prompt_embeds=prompt_embeds))
                     latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]

@@ -7,9 +7,10 @@ tokens ("packing"), each with a position id ``(0, row, column)``; text tokens ha
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from ..loaders.lora import LoraLoaderMixin
 from ..models.cache import denoiser_cache_context
 from ..utils import BaseOutput
 from .call_checks import check_image_size, check_prompt_text
+from . import whole_step
 from .call_state import CallState, CallStateProperties, begin_call
 from .image_processing import postprocess_images
 from .memory import MemoryMixin
@@ -99,6 +101,34 @@ def _as_list(text: str | list[str]) -> list[str]:
 def _repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
     """Each prompt's row ``num_images_per_prompt`` times in a row (prompt-major order)."""
     return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def flux_velocity(denoise: Callable, latents: torch.Tensor, t: torch.Tensor, guidance: torch.Tensor | None,
+                  prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor,
+                  image_ids: torch.Tensor, negative: tuple | None = None, true_cfg_scale=1.0,
+                  options: dict[str, Any] | None = None) -> torch.Tensor:
+    """The velocity at schedule timestep ``t`` (0-1000) through ``denoise(branch, **transformer kwargs)``;
+    with ``negative`` ``(embeds, pooled, text ids)``, true classifier-free guidance
+    ``neg + true_cfg_scale * (cond - neg)`` (a second call, branch "uncond"). Host-sync free, so a
+    compiled whole step traces it (``true_cfg_scale`` may be a tensor)."""
+    timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+
+    def branch(name: str, embeds: torch.Tensor, pooled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return denoise(name, hidden_states=latents, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                       encoder_hidden_states=embeds, txt_ids=ids, img_ids=image_ids, return_dict=False,
+                       **(options or {}))[0]
+
+    velocity = branch("cond", prompt_embeds, pooled_prompt_embeds, text_ids)
+    if negative is None:
+        return velocity
+    uncond = branch("uncond", *negative)
+    return uncond + true_cfg_scale * (velocity - uncond)
+
+
+def flux_prediction(denoiser: torch.nn.Module, scale_input: Callable, latents: torch.Tensor, t: torch.Tensor,
+                    inputs: dict[str, Any]) -> torch.Tensor:
+    """The FLUX family's ``predict`` for :func:`~diffusekit.pipelines.whole_step.step_frame`."""
+    return flux_velocity(lambda branch, **kwargs: denoiser.forward(**kwargs), scale_input(latents), t, **inputs)
 
 
 class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
@@ -271,32 +301,40 @@ class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMi
             return None
         return torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
 
-    def predict_velocity(self, state: CallState, latents: torch.Tensor, timestep: torch.Tensor,
-                         guidance: torch.Tensor | None, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
-                         text_ids: torch.Tensor, image_ids: torch.Tensor, branch: str = "cond") -> torch.Tensor:
+    def predict_velocity(self, state: CallState, branch: str = "cond", **transformer_kwargs: Any) -> tuple:
         """One transformer call with the call's ``joint_attention_kwargs`` and ``denoiser_kwargs``;
-        ``timestep`` is on the scheduler's 0-1000 scale; ``branch`` names the cache context."""
+        ``branch`` names the cache context."""
         with denoiser_cache_context(self.transformer, branch):
-            return self.transformer(
-                hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                img_ids=image_ids, joint_attention_kwargs=state.joint_attention_kwargs, return_dict=False,
-                **state.denoiser_kwargs,
-            )[0]
+            return self.transformer(joint_attention_kwargs=state.joint_attention_kwargs, **transformer_kwargs,
+                                    **state.denoiser_kwargs)
 
     def guided_velocity(self, state: CallState, latents: torch.Tensor, t: torch.Tensor,
                         guidance: torch.Tensor | None, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
                         text_ids: torch.Tensor, image_ids: torch.Tensor, negative: tuple | None = None,
                         true_cfg_scale: float = 1.0) -> torch.Tensor:
-        """The velocity at schedule timestep ``t``; with ``negative`` ``(embeds, pooled, text ids)``,
-        true classifier-free guidance ``neg + true_cfg_scale * (cond - neg)`` (a second transformer call)."""
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        velocity = self.predict_velocity(state, latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
-                                         text_ids, image_ids)
-        if negative is None:
-            return velocity
-        uncond = self.predict_velocity(state, latents, timestep, guidance, *negative, image_ids, branch="uncond")
-        return uncond + true_cfg_scale * (velocity - uncond)
+        """The velocity at schedule timestep ``t`` (:func:`flux_velocity` through :meth:`predict_velocity`)."""
+        return flux_velocity(functools.partial(self.predict_velocity, state), latents, t, guidance, prompt_embeds,
+                             pooled_prompt_embeds, text_ids, image_ids, negative, true_cfg_scale)
+
+    def denoising_step(self, state: CallState, latents: torch.Tensor, t: torch.Tensor, guidance: torch.Tensor | None,
+                       prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, text_ids: torch.Tensor,
+                       image_ids: torch.Tensor, negative: tuple | None = None,
+                       true_cfg_scale: float = 1.0) -> torch.Tensor:
+        """:meth:`guided_velocity` then the call's scheduler step: the next latents; one compiled graph
+        after ``pipe.compile(whole_step=True)`` where it can (:mod:`~diffusekit.pipelines.whole_step`)."""
+        call = whole_step.call_plan(self, state, self.transformer, latents, {})
+        if call is not None:
+            options = {**whole_step.without_scale("joint_attention_kwargs", state.joint_attention_kwargs),
+                       **state.denoiser_kwargs}
+            inputs = dict(guidance=guidance, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          text_ids=text_ids, image_ids=image_ids, negative=negative, options=options)
+            stepped = call.step(state, self.transformer, flux_prediction, latents, t, inputs,
+                                {"true_cfg_scale": true_cfg_scale})
+            if stepped is not None:
+                return stepped
+        velocity = self.guided_velocity(state, latents, t, guidance, prompt_embeds, pooled_prompt_embeds, text_ids,
+                                        image_ids, negative, true_cfg_scale)
+        return state.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
     def latents_to_output(self, latents: torch.Tensor, height: int, width: int, output_type: str):
         """Unpack, undo the VAE's scaling and shift, decode and convert; ``latent`` returns the packed latents."""

@@ -6,6 +6,8 @@ first) and combine the two halves here.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 
@@ -39,6 +41,22 @@ def apply_guidance(noise_pred: torch.Tensor, guidance_scale: float, guidance_res
     if guidance_rescale > 0.0:
         guided = rescale_noise_cfg(guided, cond, guidance_rescale=guidance_rescale)
     return guided
+
+
+def guided_noise(denoiser: Callable, scale_input: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, t,
+                 prompt_embeds: torch.Tensor, guided: bool, guidance_scale, guidance_rescale: float = 0.0,
+                 extra_channels: torch.Tensor | None = None, options: dict[str, Any] | None = None) -> torch.Tensor:
+    """One guided prediction: the latents doubled with guidance, scaled by ``scale_input``, with
+    ``extra_channels`` concatenated, through ``denoiser(input, t, encoder_hidden_states=..., **options)``,
+    and the halves combined by :func:`apply_guidance`. Host-sync free, so a compiled whole step
+    (:mod:`~diffusekit.pipelines.whole_step`) traces it as is (``guidance_scale`` may be a tensor)."""
+    model_input = scale_input(torch.cat([latents] * 2) if guided else latents)
+    if extra_channels is not None:
+        model_input = torch.cat([model_input, extra_channels], dim=1)
+    noise_pred = denoiser(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False, **(options or {}))[0]
+    if guided:
+        noise_pred = apply_guidance(noise_pred, guidance_scale, guidance_rescale)
+    return noise_pred
 
 
 def guidance_scale_embedding(guidance_scale: float, batch_size: int, embedding_dim: int,

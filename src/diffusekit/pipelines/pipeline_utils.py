@@ -154,21 +154,33 @@ class DiffusionPipeline(ConfigMixin):
 
     def compile(self, *, mode: str | None = None, regional: bool = True, backend: Any = "inductor",
                 fullgraph: bool = True, dynamic: bool | None = None, options: dict | None = None,
-                channels_last: bool = False, fuse_qkv: bool = False) -> torch.nn.Module:
+                channels_last: bool = False, fuse_qkv: bool = False, whole_step: bool = False) -> torch.nn.Module:
         """torch.compile the denoiser (``unet`` or ``transformer``) in place and return it.
 
         ``regional=True`` compiles each repeated block (transformer blocks) once per shape, a fraction
         of the full compile time; ``regional=False`` compiles the whole forward as one graph.
+        ``whole_step=True`` instead compiles each denoising step (scheduler input scaling, denoiser,
+        guidance, scheduler update) as one graph, the denoiser itself staying eager
+        (:mod:`diffusekit.pipelines.whole_step`; ``regional`` does not apply).
         ``mode`` (e.g. ``"reduce-overhead"`` for CUDA graphs, ``"max-autotune"``), ``backend``,
         ``fullgraph``, ``dynamic`` and ``options`` go to ``torch.compile``. ``channels_last`` and
         ``fuse_qkv`` (undo with ``unfuse_qkv_projections()``) are opt-in; see
         :mod:`diffusekit.pipelines.compile` for what recompiles and the LoRA rules.
         """
-        from .compile import compile_denoiser, find_denoiser
+        from . import whole_step as steps
+        from .compile import compile_denoiser, find_denoiser, prepare_denoiser
 
-        return compile_denoiser(find_denoiser(self), mode=mode, regional=regional, backend=backend,
-                                fullgraph=fullgraph, dynamic=dynamic, options=options,
-                                channels_last=channels_last, fuse_qkv=fuse_qkv)
+        settings = dict(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic, options=options)
+        denoiser = find_denoiser(self)
+        if whole_step:
+            steps.check_whole_step(self, settings)
+        steps.drop_whole_step(self)
+        if not whole_step:
+            return compile_denoiser(denoiser, regional=regional, channels_last=channels_last, fuse_qkv=fuse_qkv,
+                                    **settings)
+        prepare_denoiser(denoiser, channels_last=channels_last, fuse_qkv=fuse_qkv)
+        steps.compile_whole_step(self, settings)
+        return denoiser
 
     # -- progress -----------------------------------------------------------------------------
 

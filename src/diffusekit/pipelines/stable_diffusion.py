@@ -25,6 +25,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
     ``image_encoder`` (CLIPVisionModelWithProjection or None: IP-Adapter image prompts, see ``load_ip_adapter``).
     """
 
+    _whole_step_loop = True  # the loop steps through denoising_step (pipe.compile(whole_step=True))
+
     @torch.no_grad()
     @pipeline_call
     def __call__(
@@ -102,8 +104,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
             for i, t in enumerate(timesteps):
                 if state.interrupt:
                     continue
-                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
-                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                latents = self.denoising_step(state, latents, t, prompt_embeds, timestep_cond, extra_step)
                 if state.callback is not None:
                     tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))

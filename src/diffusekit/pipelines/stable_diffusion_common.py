@@ -23,7 +23,8 @@ from ..utils import BaseOutput, Generator
 from . import prompt_encoding
 from .call_checks import check_image_size
 from .call_state import CallState, CallStateProperties, begin_call, current_call
-from .guidance import apply_guidance, guidance_scale_embedding, uses_guidance
+from . import whole_step
+from .guidance import guidance_scale_embedding, guided_noise, uses_guidance
 from .image_processing import numpy_to_pil, postprocess_images
 from .ip_adapter_common import IPAdapterPipelineMixin
 from .unet_options import UNetOptionsMixin
@@ -213,19 +214,31 @@ class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, L
         :func:`~diffusekit.pipelines.guidance.apply_guidance` (with the call's ``guidance_rescale``).
         The UNet also gets the call's ``cross_attention_kwargs`` and ``denoiser_kwargs``.
         """
-        guided = self.guided(state)
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = state.scheduler.scale_model_input(model_input, t)
-        if extra_channels is not None:
-            model_input = torch.cat([model_input, extra_channels], dim=1)
         options = {k: v for k, v in (("timestep_cond", timestep_cond),
                                      ("cross_attention_kwargs", state.cross_attention_kwargs)) if v is not None}
         with denoiser_cache_context(self.unet, "cond"):
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False,
-                                   **options, **state.denoiser_kwargs)[0]
-        if guided:
-            noise_pred = apply_guidance(noise_pred, state.guidance_scale, state.guidance_rescale)
-        return noise_pred
+            return guided_noise(self.unet, lambda sample: state.scheduler.scale_model_input(sample, t), latents, t,
+                                prompt_embeds, self.guided(state), state.guidance_scale, state.guidance_rescale,
+                                extra_channels, {**options, **state.denoiser_kwargs})
+
+    def denoising_step(self, state: CallState, latents: torch.Tensor, t, prompt_embeds: torch.Tensor,
+                       timestep_cond: torch.Tensor | None = None, extra_step: dict | None = None) -> torch.Tensor:
+        """:meth:`predict_noise` then the call's scheduler step: the next latents. After
+        ``pipe.compile(whole_step=True)`` both run as one compiled graph where they can
+        (:mod:`~diffusekit.pipelines.whole_step`)."""
+        call = whole_step.call_plan(self, state, self.unet, latents, extra_step or {})
+        if call is not None:
+            options = {**({} if timestep_cond is None else {"timestep_cond": timestep_cond}),
+                       **whole_step.without_scale("cross_attention_kwargs", state.cross_attention_kwargs),
+                       **state.denoiser_kwargs}
+            inputs = dict(prompt_embeds=prompt_embeds, guided=self.guided(state),
+                          guidance_rescale=float(state.guidance_rescale), options=options)
+            stepped = call.step(state, self.unet, whole_step.sd_prediction, latents, t, inputs,
+                                {"guidance_scale": state.guidance_scale})
+            if stepped is not None:
+                return stepped
+        noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
+        return state.scheduler.step(noise_pred, t, latents, **(extra_step or {}), return_dict=False)[0]
 
     def run_safety_checker(self, image: torch.Tensor, device, dtype: torch.dtype):
         """``(image with flagged images blacked out, flags)``; flags are None without a checker."""

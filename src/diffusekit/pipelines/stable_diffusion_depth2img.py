@@ -31,6 +31,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
     ``feature_extractor`` (DPTImageProcessor). No safety checker.
     """
 
+    _whole_step_loop = False  # its loop adds depth channels: eager steps
+
     _optional_components: tuple[str, ...] = ()
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
     model_cpu_offload_seq = "text_encoder->unet->vae"

@@ -48,6 +48,8 @@ class StableDiffusionImg2ImgPipeline(ImageToImageLatents, StableDiffusionBase):
     """Noise an input image part of the way (``strength``) and denoise it towards ``prompt``
     (SDEdit, Meng et al., 2021). Components as :class:`StableDiffusionPipeline`."""
 
+    _whole_step_loop = True  # the loop steps through denoising_step (pipe.compile(whole_step=True))
+
     def noised_image_latents(self, scheduler, image, strength: float, num_inference_steps: int, batch_size: int,
                              num_images_per_prompt: int, dtype: torch.dtype, device, generator: Generator,
                              timesteps: list[int] | None = None, sigmas: list[float] | None = None):
@@ -128,8 +130,7 @@ class StableDiffusionImg2ImgPipeline(ImageToImageLatents, StableDiffusionBase):
             for i, t in enumerate(timesteps):
                 if state.interrupt:
                     continue
-                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
-                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                latents = self.denoising_step(state, latents, t, prompt_embeds, timestep_cond, extra_step)
                 if state.callback is not None:
                     tensors = self.step_callback(state, i, t, dict(
                         latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))

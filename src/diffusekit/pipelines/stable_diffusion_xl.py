@@ -20,6 +20,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text-to-image generation with Stable Diffusion XL; components as
     :class:`~diffusekit.pipelines.stable_diffusion_xl_common.StableDiffusionXLBase`."""
 
+    _whole_step_loop = True  # the loop steps through denoising_step (pipe.compile(whole_step=True))
+
     _interleaved_time_ids = True
 
     @torch.no_grad()
@@ -116,8 +118,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
             for i, t in enumerate(timesteps):
                 if state.interrupt:
                     continue
-                noise_pred = self.predict_noise(state, latents, t, prompt_embeds, timestep_cond)
-                latents = scheduler.step(noise_pred, t, latents, **extra_step, return_dict=False)[0]
+                latents = self.denoising_step(state, latents, t, prompt_embeds, timestep_cond, extra_step)
                 if state.callback is not None:
                     tensors = self.after_step(state, i, t, dict(latents=latents, prompt_embeds=prompt_embeds))
                     latents, prompt_embeds = tensors["latents"], tensors["prompt_embeds"]

@@ -10,7 +10,7 @@ from ..utils import randn_tensor
 from . import schedule_math as sm
 from .names import KARRAS_DIFFUSION_SCHEDULERS
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
-from .stepping import StepIndexMixin
+from .stepping import StepIndexMixin, StepPlan, unscaled_input
 
 DDIMSchedulerOutput = SchedulerOutput
 
@@ -18,6 +18,25 @@ DDIMSchedulerOutput = SchedulerOutput
 def ddim_variance(alpha_prod_t, alpha_prod_prev):
     """sigma_t^2 / eta^2 of DDIM eq. (16): (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)."""
     return (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)
+
+
+def ddim_update(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t, alpha_prod_prev, constants: tuple,
+                eta: float = 0.0, use_clipped_model_output: bool = False):
+    """DDIM eq. (12) without its noise: ``(prev_sample mean, x0, std_dev_t)``; ``constants`` =
+    ``(prediction_type, clip settings)`` (:meth:`DDIMScheduler.step_constants`)."""
+    prediction_type, clip = constants
+    x0 = sm.clip_x0(sm.x0_from_alpha(model_output, sample, alpha_prod_t, prediction_type), clip)
+    eps = sm.eps_from_alpha(model_output, sample, alpha_prod_t, prediction_type)
+    std_dev_t = eta * ddim_variance(alpha_prod_t, alpha_prod_prev) ** 0.5
+    if use_clipped_model_output:
+        eps = (sample - alpha_prod_t**0.5 * x0) / (1 - alpha_prod_t) ** 0.5
+    return sm.ddim_mean(x0, eps, alpha_prod_prev, std_dev_t), x0, std_dev_t
+
+
+def ddim_plan_update(model_output: torch.Tensor, sample: torch.Tensor, row: torch.Tensor,
+                     constants: tuple) -> torch.Tensor:
+    """:class:`StepPlan` update: ``row`` = (alpha_prod_t, alpha_prod_prev), no noise (eta 0)."""
+    return ddim_update(model_output, sample, row[0], row[1], constants)[0]
 
 
 class DDIMScheduler(StepIndexMixin, SchedulerMixin):
@@ -86,14 +105,8 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
         t = int(timestep) if self._step_index is None else self._host_timesteps[self._step_index]
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t, alpha_prod_prev = self._alpha(t), self._alpha(prev_t)
-        prediction_type = self.config.prediction_type
-        x0 = sm.x0_from_alpha(model_output, sample, alpha_prod_t, prediction_type)
-        eps = sm.eps_from_alpha(model_output, sample, alpha_prod_t, prediction_type)
-        x0 = sm.clip_denoised(x0, self.config)
-        std_dev_t = eta * ddim_variance(alpha_prod_t, alpha_prod_prev) ** 0.5
-        if use_clipped_model_output:
-            eps = (sample - alpha_prod_t**0.5 * x0) / (1 - alpha_prod_t) ** 0.5
-        prev_sample = sm.ddim_mean(x0, eps, alpha_prod_prev, std_dev_t)
+        prev_sample, x0, std_dev_t = ddim_update(model_output, sample, alpha_prod_t, alpha_prod_prev,
+                                                 self.step_constants(), eta, use_clipped_model_output)
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("pass only one of generator or variance_noise")
@@ -106,6 +119,18 @@ class DDIMScheduler(StepIndexMixin, SchedulerMixin):
         if not return_dict:
             return prev_sample, x0
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def step_constants(self) -> tuple:
+        return self.config.prediction_type, sm.clip_settings(self.config)
+
+    def step_plan(self, device=None, eta: float = 0.0, **unused) -> StepPlan | None:
+        """The step as a :class:`StepPlan` (rows: alpha_prod at t and at the previous timestep); None
+        with ``eta`` > 0 (noise drawn from a generator) and for subclasses that step otherwise."""
+        if type(self).step is not DDIMScheduler.step or eta > 0 or self.num_inference_steps is None:
+            return None
+        stride = self.config.num_train_timesteps // self.num_inference_steps
+        rows = torch.stack([torch.stack([self._alpha(t), self._alpha(t - stride)]) for t in self._host_timesteps])
+        return StepPlan(rows.to(device), unscaled_input, ddim_plan_update, self.step_constants())
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return sm.add_noise_alphas(original_samples, noise, timesteps, self.alphas_cumprod)

@@ -8,9 +8,31 @@ import torch
 from ..configuration import register_to_config
 from . import schedule_math as sm
 from .scheduling_utils import SchedulerOutput
-from .sigma_base import SigmaSchedulerBase
+from .sigma_base import SigmaSchedulerBase, unit_variance_input
+from .stepping import StepPlan
 
 EulerDiscreteSchedulerOutput = SchedulerOutput
+
+
+def euler_update(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_hat, sigma_next,
+                 prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prev_sample, x0)`` of an Euler step from ``sigma_hat`` (``sigma`` raised by churn) to
+    ``sigma_next``; ``sample`` in float32, ``prev_sample`` in the model output's dtype."""
+    x0 = sm.to_denoised(model_output, sample, sigma if prediction_type == "v_prediction" else sigma_hat,
+                        prediction_type)
+    prev_sample = sample + sm.to_d(sample, x0, sigma_hat) * (sigma_next - sigma_hat)
+    return prev_sample.to(model_output.dtype), x0
+
+
+def euler_plan_scale(sample: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """:class:`StepPlan` input scaling: ``row`` = (sigma, sigma_next)."""
+    return unit_variance_input(sample, row[0])
+
+
+def euler_plan_update(model_output: torch.Tensor, sample: torch.Tensor, row: torch.Tensor,
+                      constants: tuple) -> torch.Tensor:
+    """:class:`StepPlan` update without churn; ``constants`` = (prediction_type,)."""
+    return euler_update(model_output, sample.to(torch.float32), row[0], row[0], row[1], constants[0])[0]
 
 
 class EulerDiscreteScheduler(SigmaSchedulerBase):
@@ -108,14 +130,20 @@ class EulerDiscreteScheduler(SigmaSchedulerBase):
         sigma = self.sigmas[i]
         sample, sigma_hat = sm.churn(sample, sigma, len(self.sigmas), s_churn, s_tmin, s_tmax, s_noise, generator,
                                      model_output)
-        ptype = self.config.prediction_type
-        x0 = sm.to_denoised(model_output, sample, sigma if ptype == "v_prediction" else sigma_hat, ptype)
-        prev_sample = sample + sm.to_d(sample, x0, sigma_hat) * (self.sigmas[i + 1] - sigma_hat)
-        prev_sample = prev_sample.to(model_output.dtype)
+        prev_sample, x0 = euler_update(model_output, sample, sigma, sigma_hat, self.sigmas[i + 1],
+                                       self.config.prediction_type)
         self._step_index = i + 1
         if not return_dict:
             return prev_sample, x0
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def step_plan(self, device=None, **unused) -> StepPlan | None:
+        """The step without churn as a :class:`StepPlan` (rows: sigma, next sigma); None for subclasses
+        that step otherwise."""
+        if type(self).step is not EulerDiscreteScheduler.step or self.num_inference_steps is None:
+            return None
+        rows = torch.stack([self.sigmas[:-1], self.sigmas[1:]], dim=1)
+        return StepPlan(rows.to(device), euler_plan_scale, euler_plan_update, (self.config.prediction_type,))
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """v target at ``timesteps``; like the reference, alphas are read at the timesteps' schedule positions."""

@@ -12,7 +12,7 @@ from ..configuration import register_to_config
 from ..utils import BaseOutput, randn_tensor
 from . import schedule_math as sm
 from .scheduling_utils import SchedulerMixin
-from .stepping import StepIndexMixin
+from .stepping import StepIndexMixin, StepPlan, unscaled_input
 
 
 @dataclass
@@ -20,6 +20,17 @@ class FlowMatchEulerDiscreteSchedulerOutput(BaseOutput):
     """``prev_sample`` for the next step."""
 
     prev_sample: torch.Tensor
+
+
+def flow_euler_update(model_output: torch.Tensor, sample: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """x + (sigma_next - sigma) v, for a float32 ``sample``."""
+    return sample + (sigma_next - sigma) * model_output
+
+
+def flow_plan_update(model_output: torch.Tensor, sample: torch.Tensor, row: torch.Tensor,
+                     constants: tuple) -> torch.Tensor:
+    """:class:`StepPlan` update (deterministic sampling): ``row`` = (sigma, sigma_next)."""
+    return flow_euler_update(model_output, sample.to(torch.float32), row[0], row[1]).to(model_output.dtype)
 
 
 class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
@@ -155,19 +166,28 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
             schedule = self.sigmas[:, None, None].to(token_sigmas.device)
             lower = ((schedule < token_sigmas[None] - 1e-6) * schedule).max(dim=0).values
             sigma, sigma_next = token_sigmas[..., None], lower[..., None]
-            dt = sigma - sigma_next  # the reference's sign for per-token steps
         else:
             sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-            dt = sigma_next - sigma
         if self.config.stochastic_sampling:
             x0 = sample - sigma * model_output
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             prev_sample = (1.0 - sigma_next) * x0 + sigma_next * noise
+        elif per_token_timesteps is not None:  # the reference's sign for per-token steps
+            prev_sample = flow_euler_update(model_output, sample, sigma_next, sigma)
         else:
-            prev_sample = sample + dt * model_output
+            prev_sample = flow_euler_update(model_output, sample, sigma, sigma_next)
         self._step_index = i + 1
         if per_token_timesteps is None:
             prev_sample = prev_sample.to(model_output.dtype)
         if not return_dict:
             return (prev_sample,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+    def step_plan(self, device=None, **unused) -> StepPlan | None:
+        """The deterministic step as a :class:`StepPlan` (rows: sigma, next sigma); None with
+        ``stochastic_sampling`` and for subclasses that step otherwise."""
+        if type(self).step is not FlowMatchEulerDiscreteScheduler.step or self.config.stochastic_sampling \
+                or self.num_inference_steps is None:
+            return None
+        rows = torch.stack([self.sigmas[:-1], self.sigmas[1:]], dim=1)
+        return StepPlan(rows.to(device), unscaled_input, flow_plan_update)

@@ -200,7 +200,7 @@ def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> to
     dtype = sample.dtype
     batch, channels, *rest = sample.shape
     flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
-    flat = flat.reshape(batch, channels * int(np.prod(rest)))
+    flat = flat.reshape(batch, channels * math.prod(rest))
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     flat = torch.clamp(flat, -s, s) / s
     return flat.reshape(batch, channels, *rest).to(dtype)
@@ -392,13 +392,27 @@ def batch_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, stride: 
     return table[t], torch.where(prev < 0, table.new_ones(()), table[prev.clamp(min=0)])
 
 
+def clip_settings(config) -> tuple:
+    """What :func:`clip_x0` needs from a config, as plain constants (a compiled step guards on them by value)."""
+    if config.get("thresholding", False):
+        return ("threshold", config.dynamic_thresholding_ratio, config.sample_max_value)
+    if config.get("clip_sample", False):
+        return ("clip", config.clip_sample_range)
+    return ("none",)
+
+
+def clip_x0(x0: torch.Tensor, settings: tuple) -> torch.Tensor:
+    """Dynamic thresholding, plain clipping or nothing, as :func:`clip_settings` decided."""
+    if settings[0] == "threshold":
+        return threshold_sample(x0, settings[1], settings[2])
+    if settings[0] == "clip":
+        return x0.clamp(-settings[1], settings[1])
+    return x0
+
+
 def clip_denoised(x0: torch.Tensor, config) -> torch.Tensor:
     """Dynamic thresholding or plain clipping of x0, as the config's thresholding/clip_sample ask."""
-    if config.get("thresholding", False):
-        return threshold_sample(x0, config.dynamic_thresholding_ratio, config.sample_max_value)
-    if config.get("clip_sample", False):
-        return x0.clamp(-config.clip_sample_range, config.clip_sample_range)
-    return x0
+    return clip_x0(x0, clip_settings(config))
 
 
 def log_midpoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

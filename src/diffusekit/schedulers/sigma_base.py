@@ -17,6 +17,11 @@ from .scheduling_utils import SchedulerMixin
 from .stepping import StepIndexMixin
 
 
+def unit_variance_input(sample: torch.Tensor, sigma) -> torch.Tensor:
+    """The model input of a variance-exploding sample: x / sqrt(sigma^2 + 1)."""
+    return sample / (sigma**2 + 1) ** 0.5
+
+
 class SigmaSchedulerBase(StepIndexMixin, SchedulerMixin):
     """Training tables, spaced sigma schedules, input scaling and ``add_noise`` for sigma samplers."""
 
@@ -70,7 +75,7 @@ class SigmaSchedulerBase(StepIndexMixin, SchedulerMixin):
         """Scale the sample to unit variance for the model: x / sqrt(sigma^2 + 1)."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        return sample / (self._input_sigma() ** 2 + 1) ** 0.5
+        return unit_variance_input(sample, self._input_sigma())
 
     def _start_step(self, timestep) -> int:
         if self.rejects_integer_timesteps:

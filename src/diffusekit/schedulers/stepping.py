@@ -8,12 +8,34 @@ caller's timestep into a position, as the reference does).
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
 
 def like_timestep(value: int, timestep) -> int | torch.Tensor:
     """``value`` as a tensor when ``timestep`` is one (what the reference's ``previous_timestep`` returns)."""
     return torch.tensor(value) if isinstance(timestep, torch.Tensor) else value
+
+
+class StepPlan(NamedTuple):
+    """A scheduler's step as pure tensor functions, for a compiled whole denoising step
+    (:mod:`diffusekit.pipelines.whole_step`); ``step_plan(device)`` of the schedulers that have one.
+
+    ``coefficients`` holds one row per schedule position (on the device, made once per call);
+    ``scale_input(sample, row)`` is ``scale_model_input`` and ``update(model_output, sample, row,
+    constants)`` is ``step``'s ``prev_sample``, the very functions the eager ``step`` calls.
+    ``constants`` are plain Python values (a compiled graph guards on them by value)."""
+
+    coefficients: torch.Tensor
+    scale_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple], torch.Tensor]
+    constants: tuple = ()
+
+
+def unscaled_input(sample: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``scale_input`` of the schedulers that do not scale the model input."""
+    return sample
 
 
 class StepIndexMixin:
@@ -63,6 +85,17 @@ class StepIndexMixin:
         if self._missing_timestep_is_last:
             return len(self.timesteps) - 1
         raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; pass one of scheduler.timesteps")
+
+    def plan_position(self, timestep) -> int | None:
+        """The schedule position the next step runs at, looked up as ``step`` does at a loop's first
+        step (None for a timestep not in the schedule); :meth:`plan_advance` moves past it."""
+        if self._step_index is None:
+            self._step_index = self._begin_index if self._begin_index is not None else self._find_index(timestep)
+        return self._step_index
+
+    def plan_advance(self) -> None:
+        """Count a step made through a :class:`StepPlan` (what ``step`` does to ``step_index``)."""
+        self._step_index += 1
 
     def _init_step_index(self, timestep) -> None:
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
