@@ -232,6 +232,11 @@ def encode_latents(vae, data: CaptionedImages, batch: int = 64) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
+def sample_latents(means: torch.Tensor, stds: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """A draw from the stored posteriors, times the VAE's ``scaling_factor`` (noise from ``generator``, CPU)."""
+    return (means + stds * torch.randn(means.shape, generator=generator)) * scale
+
+
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's length, as the pipelines encode prompts."""
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -279,8 +284,7 @@ def train_text_to_image(config: TrainConfig) -> Path:
 
     def step_loss():
         rows = order.take(config.batch_size)
-        noise = torch.randn(means[rows].shape, generator=generator)
-        latents = ((means[rows] + stds[rows] * noise) * scale).to(device)
+        latents = sample_latents(means[rows], stds[rows], scale, generator).to(device)
         return text_to_image_loss(unet, text_encoder, noise_scheduler, latents, ids[rows].to(device),
                                   empty_ids.to(device), generator, config), {}
 
@@ -347,8 +351,7 @@ def train_lora(config: TrainConfig) -> Path:
 
     def step_loss():
         rows = order.take(config.batch_size)
-        noise = torch.randn(means[rows].shape, generator=generator)
-        latents = ((means[rows] + stds[rows] * noise) * scale).to(device)
+        latents = sample_latents(means[rows], stds[rows], scale, generator).to(device)
         return text_to_image_loss(pipe.unet, pipe.text_encoder, noise_scheduler, latents, ids[rows].to(device),
                                   empty_ids.to(device), generator, config), {}
 
