@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from diffusekit.training import TrainConfig, add_train_arguments, train
 from diffusekit.training.config import config_from_args
 from diffusekit.training.data import load_dataset
-from diffusekit.training.loop import build_noise_scheduler, compute_loss, learning_rate_factor
+from diffusekit.training.loop import build_noise_scheduler, compute_loss, denoising_loss, learning_rate_factor
 
 TINY = dict(resolution=8, block_out_channels=(8, 16), layers_per_block=1, attention_last_level=False,
             norm_num_groups=4, warmup_steps=2, sample_every=0, progress=False, batch_size=8)
@@ -96,15 +96,31 @@ def test_learning_rate_warms_up_then_decays():
     assert factors[-1] == pytest.approx(0.1, abs=1e-2)
 
 
+def test_min_snr_weighting_follows_the_formula():
+    scheduler = build_noise_scheduler(TrainConfig(beta_schedule="linear"))
+    prediction, target = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    timesteps = torch.tensor([0, 400, 999])
+    assert denoising_loss(prediction, target, scheduler, timesteps, "epsilon") == torch.nn.functional.mse_loss(prediction, target)
+    error = (prediction - target).pow(2).mean((1, 2, 3))
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    for kind, weight in (("epsilon", snr.clamp(max=5) / snr), ("v_prediction", snr.clamp(max=5) / (snr + 1))):
+        expected = (weight * error).mean()
+        assert torch.allclose(denoising_loss(prediction, target, scheduler, timesteps, kind, 5.0), expected)
+    assert snr[0] > 5 > snr[2]  # both sides of the clamp are exercised
+    with pytest.raises(ValueError, match="snr_gamma"):
+        TrainConfig(snr_gamma=0.0).check()
+
+
 def test_command_line_arguments_fill_the_config(tmp_path):
     parser = add_train_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--data", "sklearn-digits", "--resolution", "16", "--steps", "7", "--out", str(tmp_path),
                               "--class-conditional", "--prediction-type", "v_prediction", "--grad-accum", "2",
-                              "--resume", str(tmp_path / "ck"), "--seed", "3"])
+                              "--resume", str(tmp_path / "ck"), "--seed", "3", "--snr-gamma", "5"])
     config = config_from_args(args)
     assert (config.data, config.resolution, config.steps, config.out) == ("sklearn-digits", 16, 7, tmp_path)
     assert config.class_conditional and config.prediction_type == "v_prediction"
-    assert (config.grad_accum, config.resume, config.seed) == (2, tmp_path / "ck", 3)
+    assert (config.grad_accum, config.resume, config.seed, config.snr_gamma) == (2, tmp_path / "ck", 3, 5.0)
 
 
 def test_bad_settings_raise_value_errors():

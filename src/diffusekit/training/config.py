@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     prediction_type: str = "epsilon"
     ema_decay: float = 0.999
+    snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); None: plain MSE
     grad_accum: int = 1
     save_every: int = 1000  # 0: only at the end
     sample_every: int = 1000  # 0: never
@@ -95,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be positive (or unset), got {self.snr_gamma}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.null_class_prob < 1.0:
@@ -153,6 +156,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     option("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
     option("--prediction-type", choices=PREDICTION_TYPES, help=f"default: {d.prediction_type}")
     option("--ema-decay", type=float, help=f"default: {d.ema_decay}")
+    option("--snr-gamma", type=float, help="weight each timestep's loss by min(SNR, gamma) (min-SNR; "
+                                           "diffusers' --snr_gamma; 5 is the paper's; default: off)")
     option("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {d.grad_accum})")
     option("--save-every", type=int, help=f"checkpoint period in steps (default: {d.save_every})")
     option("--sample-every", type=int, help=f"sample-grid period in steps (default: {d.sample_every})")

@@ -76,6 +76,20 @@ def training_targets(scheduler, clean: torch.Tensor, noise: torch.Tensor, timest
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
+def denoising_loss(prediction: torch.Tensor, target: torch.Tensor, scheduler, timesteps: torch.Tensor,
+                   prediction_type: str, snr_gamma: float | None = None) -> torch.Tensor:
+    """Mean squared error; with ``snr_gamma``, each sample weighted by min(SNR, gamma) / SNR for
+    epsilon targets and min(SNR, gamma) / (SNR + 1) for v targets (min-SNR weighting, Hang et al. 2023)."""
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = snr.clamp(max=snr_gamma)
+    weight = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    return (weight * error).mean()
+
+
 def drop_labels(labels: torch.Tensor, null_class: int, prob: float, generator: torch.Generator,
                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Replace each label by ``null_class`` with probability ``prob`` (classifier-free guidance training)."""
@@ -92,8 +106,8 @@ def own_rows(draw: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
 
 def compute_loss(model, scheduler, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator,
                  prediction_type: str, null_class: int | None = None, null_class_prob: float = 0.0,
-                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Mean squared error of the model's prediction at random timesteps; randomness from ``generator`` (CPU).
+                 shard: tuple[int, int] = (0, 1), snr_gamma: float | None = None) -> torch.Tensor:
+    """Mean squared error (min-SNR weighted with ``snr_gamma``) of the model's prediction at random timesteps; randomness from ``generator`` (CPU).
 
     ``images`` is part ``index`` of ``count`` equal parts of a global batch (``shard``; one process:
     ``(0, 1)``). Timesteps, noise and dropped labels are drawn for the whole global batch and each
@@ -108,7 +122,7 @@ def compute_loss(model, scheduler, images: torch.Tensor, labels: torch.Tensor | 
     if labels is not None and null_class is not None and null_class_prob > 0:
         labels = drop_labels(labels, null_class, null_class_prob, generator, shard)
     prediction = model(noisy, timesteps, class_labels=labels).sample
-    return F.mse_loss(prediction.float(), target.float())
+    return denoising_loss(prediction, target, scheduler, timesteps, prediction_type, snr_gamma)
 
 
 def learning_rate_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -290,7 +304,8 @@ def train(config: TrainConfig) -> Path:
                 sync = micro == config.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss = compute_loss(model, noise_scheduler, images, labels, generators["noise"],
-                                        config.prediction_type, null_class, config.null_class_prob, (rank, world))
+                                        config.prediction_type, null_class, config.null_class_prob, (rank, world),
+                                        config.snr_gamma)
                     accelerator.backward(loss / config.grad_accum)
                 total += loss.detach().float() / config.grad_accum
             if config.max_grad_norm:

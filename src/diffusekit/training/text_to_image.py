@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from .config import LOG_FILE, SAMPLES, TrainConfig
 from .data import IMAGE_SUFFIXES, load_image_folder
 from .ema import EMAWeights
-from .loop import BatchOrder, build_noise_scheduler, build_sampling_scheduler, learning_rate_factor, training_targets
+from .loop import (BatchOrder, build_noise_scheduler, build_sampling_scheduler, denoising_loss, learning_rate_factor,
+                   training_targets)
 
 #: The synthetic data sets: ``--data NAME`` -> the drawing style of :func:`~diffusekit.training.shapes.render`.
 SHAPES_DATA = {"shapes": "filled", "shapes-outlined": "outlined"}
@@ -255,7 +256,8 @@ def text_to_image_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids
                                      config.prediction_type)
     hidden = text_encoder(ids)[0]
     prediction = unet(noisy, timesteps.to(latents.device), encoder_hidden_states=hidden).sample
-    return F.mse_loss(prediction.float(), target.float())
+    return denoising_loss(prediction, target, scheduler, timesteps.to(latents.device), config.prediction_type,
+                          config.snr_gamma)
 
 
 def train_text_to_image(config: TrainConfig) -> Path:
