@@ -11,7 +11,10 @@ tensors (shared, counted once in peak VRAM). The loop is the same code for both 
 with its own denoiser and Euler / flow-match Euler scheduler); text encoding and VAE decoding are
 left out (the same work in both, not compiled). "Compiled" is regional compilation for both:
 ``compile_repeated_blocks`` for the reference, ``compile_denoiser`` (what ``pipe.compile`` calls)
-for diffusekit, ``fullgraph=True, dynamic=False``.
+for diffusekit, ``fullgraph=True, dynamic=False``. "Whole-step" is diffusekit's
+``pipe.compile(whole_step=True)`` path (``pipelines/whole_step.py``): guidance doubling, input
+scaling, the denoiser, guidance and the scheduler update as one graph (with ``--mode
+reduce-overhead``, one CUDA graph per step), the denoiser itself left eager.
 
 Columns: compile = first compiled step minus a compiled step (printed apart from the timed run),
 total = the timed loop, step = total / steps, peak = torch.cuda.max_memory_allocated during the
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 #: Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
-VARIANTS = ("reference eager", "reference compiled", "ours eager", "ours compiled")
+VARIANTS = ("reference eager", "reference compiled", "ours eager", "ours compiled", "ours whole-step")
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, norm_num_groups=8,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
@@ -157,6 +160,40 @@ def denoise(predict: Callable, scheduler, case: Case, latents: torch.Tensor, ste
     return latents
 
 
+def whole_step_loop(model, case: Case, inputs: dict, backend: str, mode: str | None) -> Callable:
+    """``loop(noise, steps) -> latents`` through diffusekit's compiled whole step (one compile, kept
+    across calls); the same work as :func:`denoise` with diffusekit's scheduler."""
+    from types import SimpleNamespace
+
+    import diffusekit
+    from diffusekit.pipelines import whole_step
+    from diffusekit.pipelines.flux_common import flux_prediction
+
+    compiled = whole_step.WholeStep(dict(backend=backend, mode=mode, fullgraph=True, dynamic=False))
+    if "flux" in case.extra:
+        predict, scalars = flux_prediction, {}
+        step_inputs = dict(guidance=inputs["guidance"], prompt_embeds=inputs["encoder_hidden_states"],
+                           pooled_prompt_embeds=inputs["pooled_projections"], text_ids=inputs["txt_ids"],
+                           image_ids=inputs["img_ids"])
+    else:
+        predict, scalars = whole_step.sd_prediction, {"guidance_scale": case.guidance}
+        options = {k: v for k, v in inputs.items() if k != "encoder_hidden_states"}
+        step_inputs = dict(prompt_embeds=inputs["encoder_hidden_states"], guided=True, guidance_rescale=0.0,
+                           options=options)
+
+    def loop(noise: torch.Tensor, steps: int) -> torch.Tensor:
+        scheduler = make_scheduler(diffusekit, case)
+        scheduler.set_timesteps(case.steps, device=noise.device)
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+        state = SimpleNamespace(scheduler=scheduler, lora_scale=None)
+        call = compiled.plan_call(state, model, latents, {})
+        for t in scheduler.timesteps[:steps]:
+            latents = call.step(state, model, predict, latents, t, step_inputs, scalars)
+        return latents
+
+    return loop
+
+
 def compile_model(model, library: str, backend: str, mode: str | None) -> None:
     settings = dict(backend=backend, mode=mode, fullgraph=True, dynamic=False)
     if library == "diffusers":
@@ -195,7 +232,8 @@ def flops_per_step(predict: Callable, case: Case, latents: torch.Tensor) -> floa
 
 
 @torch.no_grad()
-def run_case(case: Case, device: str, backend: str, mode: str | None, peak_flops: float) -> list[dict]:
+def run_case(case: Case, device: str, backend: str, mode: str | None, peak_flops: float,
+             variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     import diffusers
 
     import diffusekit
@@ -207,22 +245,30 @@ def run_case(case: Case, device: str, backend: str, mode: str | None, peak_flops
                         device=device).to(case.dtype)
     flops = flops_per_step(denoiser_call(models["ours"], case, inputs), case, noise)
     rows, finals = [], {}
-    for variant in VARIANTS:
+    for variant in ("ours eager", *(v for v in variants if v != "ours eager")):  # the diffs' reference first
         side, kind = variant.split()
         model = models[side]
         predict = denoiser_call(model, case, inputs)
         loop = lambda steps: denoise(predict, make_scheduler(libraries[side], case), case, noise, steps)  # noqa: E731
-        if kind == "compiled":
+        if kind == "whole-step":
+            from diffusekit.pipelines.compile import reset_compiled
+
+            torch._dynamo.reset()
+            reset_compiled(model)
+            whole = whole_step_loop(model, case, inputs, backend, mode)
+            loop = lambda steps: whole(noise, steps)  # noqa: E731
+        elif kind == "compiled":
             torch._dynamo.reset()
             compile_model(model, "diffusers" if side == "reference" else "diffusekit", backend, mode)
         first, _, _ = timed(lambda: loop(1), device)  # warm-up; compiles when compiled
         total, finals[variant], peak = timed(lambda: loop(case.steps), device)
         step = total / case.steps
-        rows.append(dict(case=case.label, variant=variant, compile_s=first - step if kind == "compiled" else 0.0,
+        rows.append(dict(case=case.label, variant=variant, compile_s=first - step if kind != "eager" else 0.0,
                          step_ms=step * 1000, total_s=total, peak_mb=peak,
                          floor=total / (flops * case.steps / peak_flops)))
     for row in rows:
         row["diff"] = float((finals[row["variant"]].float() - finals["ours eager"].float()).abs().max())
+    rows = sorted((row for row in rows if row["variant"] in variants), key=lambda row: VARIANTS.index(row["variant"]))
     del models
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -255,11 +301,14 @@ CASE_PREFIXES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "FLUX"}
 
 
 def run_cases(only: list[str], dry_run: bool = False, backend: str | None = None, mode: str | None = None,
-              tflops: float | None = None) -> list[dict]:
+              tflops: float | None = None, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     """The table's rows for the cases named in ``only`` (keys of :data:`CASE_PREFIXES`)."""
     unknown = sorted(set(only) - set(CASE_PREFIXES))
     if unknown:
         raise ValueError(f"unknown cases {unknown}; choose from {', '.join(CASE_PREFIXES)}")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     device = "cpu" if dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: run with --dry-run for the CPU check")
@@ -271,7 +320,7 @@ def run_cases(only: list[str], dry_run: bool = False, backend: str | None = None
           f"torch {torch.__version__}", flush=True)
     chosen = tuple(CASE_PREFIXES[name] for name in only)
     return [row for case in cases(dry_run) if case.label.startswith(chosen)
-            for row in run_case(case, device, backend, mode, peak * 1e12)]
+            for row in run_case(case, device, backend, mode, peak * 1e12, variants)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,10 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="sd15,sdxl,flux", help="comma-separated: sd15, sdxl, flux")
     parser.add_argument("--backend", default=None, help="torch.compile backend (inductor; eager in a dry run)")
     parser.add_argument("--mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's peak for the floor ratio")
     args = parser.parse_args(argv)
     try:
-        rows = run_cases(args.only.split(","), args.dry_run, args.backend, args.mode, args.peak_tflops)
+        rows = run_cases(args.only.split(","), args.dry_run, args.backend, args.mode, args.peak_tflops,
+                         tuple(args.variants.split(",")))
     except (ValueError, RuntimeError) as err:
         parser.error(str(err))
     print_table(rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("SD1.5 512px 2 steps batch 1", "SD1.5 512px 2 steps batch 8", "SDXL 1024px 2 steps batch 1",
          "FLUX.1-dev 1024px 2 steps batch 1")
-VARIANTS = ("reference eager", "reference compiled", "ours eager", "ours compiled")
+VARIANTS = ("reference eager", "reference compiled", "ours eager", "ours compiled", "ours whole-step")
 
 
 def test_dry_run_prints_all_rows():
@@ -25,4 +25,5 @@ def test_dry_run_prints_all_rows():
     labels = [(" ".join(r[:6]), " ".join(r[6:8])) for r in rows]
     assert labels == [(case, variant) for case in CASES for variant in VARIANTS]
     diffs = {label: float(r[-1]) for label, r in zip(labels, rows)}
-    assert all(diffs[case, "ours eager"] == 0.0 and diffs[case, "ours compiled"] < 1e-4 for case in CASES), diffs
+    assert all(diffs[case, "ours eager"] == 0.0 and diffs[case, "ours compiled"] < 1e-4
+               and diffs[case, "ours whole-step"] < 1e-4 for case in CASES), diffs
