@@ -70,9 +70,9 @@ def test_every_scheduler_name_samples_the_shapes_model(name, tmp_path, capsys):
 
 def test_model_defaults_file_fills_unset_options_and_names_bad_keys(tmp_path, capsys):
     (png,) = generate(capsys, PROMPT, "--steps", "2", "--out", str(tmp_path))
-    assert read_png_parameters(png)["guidance"] == 3.0  # assets/shapes/diffusekit_defaults.json
-    (png,) = generate(capsys, PROMPT, "--steps", "2", "--guidance", "5", "--out", str(tmp_path))
-    assert read_png_parameters(png)["guidance"] == 5.0
+    assert read_png_parameters(png)["guidance"] == 5.0  # assets/shapes/diffusekit_defaults.json
+    (png,) = generate(capsys, PROMPT, "--steps", "2", "--guidance", "4", "--out", str(tmp_path))
+    assert read_png_parameters(png)["guidance"] == 4.0
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
