@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from diffusers import ConsistencyDecoderScheduler as RefScheduler
 from diffusers import ConsistencyDecoderVAE as RefVAE
+from diffusers.schedulers.scheduling_consistency_decoder import ConsistencyDecoderScheduler as RefScheduler
 
 from diffusekit import ConsistencyDecoderScheduler, ConsistencyDecoderVAE
 
