@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "UNet2DConditionModel": "models.unet_2d_condition",
     "AutoencoderKL": "models.autoencoder_kl",
     "VQModel": "models.vq_model",
+    "ConsistencyDecoderVAE": "models.consistency_decoder_vae",
     "UNet1DModel": "models.unet_1d",
     "FluxTransformer2DModel": "models.transformer_flux",
     "FluxControlNetModel": "models.controlnet_flux",
@@ -78,6 +79,7 @@ _EXPORTS: dict[str, str] = {
     "UnCLIPScheduler": "schedulers.unclip",
     "RePaintScheduler": "schedulers.repaint",
     "VQDiffusionScheduler": "schedulers.vq_diffusion",
+    "ConsistencyDecoderScheduler": "schedulers.scheduling_consistency_decoder",
     # pipelines
     "DDPMPipeline": "pipelines.ddpm",
     "DDIMPipeline": "pipelines.ddim",

@@ -179,6 +179,20 @@ class AttnDownBlock2D(DownBlock2D):
                          attention_head_dim=attention_head_dim, downsample_type=downsample_type)
 
 
+class ResnetDownsampleBlock2D(DownBlock2D):
+    """:class:`DownBlock2D` whose downsampler is a down ResNet (the consistency decoder's UNet)."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, dropout: float = 0.0,
+                 num_layers: int = 1, resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default",
+                 resnet_act_fn: str = "swish", resnet_groups: int = 32, output_scale_factor: float = 1.0,
+                 add_downsample: bool = True):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
+                         dropout=dropout, num_layers=num_layers, resnet_eps=resnet_eps,
+                         resnet_time_scale_shift=resnet_time_scale_shift, resnet_act_fn=resnet_act_fn,
+                         resnet_groups=resnet_groups, output_scale_factor=output_scale_factor,
+                         add_downsample=add_downsample, downsample_type="resnet")
+
+
 class DownEncoderBlock2D(DownBlock2D):
     """VAE encoder block: ResNets without time embedding, then an optional downsampler; returns the tensor only."""
 
@@ -489,6 +503,20 @@ class AttnUpBlock2D(UpBlock2D):
                          attention_head_dim=attention_head_dim, upsample_type=upsample_type)
 
 
+class ResnetUpsampleBlock2D(UpBlock2D):
+    """:class:`UpBlock2D` whose upsampler is an up ResNet (the consistency decoder's UNet)."""
+
+    def __init__(self, *, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
+                 resolution_idx: int | None = None, dropout: float = 0.0, num_layers: int = 1,
+                 resnet_eps: float = 1e-6, resnet_time_scale_shift: str = "default", resnet_act_fn: str = "swish",
+                 resnet_groups: int = 32, output_scale_factor: float = 1.0, add_upsample: bool = True):
+        super().__init__(in_channels=in_channels, prev_output_channel=prev_output_channel, out_channels=out_channels,
+                         temb_channels=temb_channels, resolution_idx=resolution_idx, dropout=dropout,
+                         num_layers=num_layers, resnet_eps=resnet_eps, resnet_time_scale_shift=resnet_time_scale_shift,
+                         resnet_act_fn=resnet_act_fn, resnet_groups=resnet_groups,
+                         output_scale_factor=output_scale_factor, add_upsample=add_upsample, upsample_type="resnet")
+
+
 class CrossAttnUpBlock2D(UpBlock2D):
     """:class:`UpBlock2D` with a spatial transformer after each ResNet."""
 
@@ -680,6 +708,8 @@ DOWN_BLOCKS: dict[str, Callable[[dict], nn.Module]] = {
                              downsample_padding="downsample_padding", downsample_type="attn_downsample_type"),
     "CrossAttnDownBlock2D": _pick(CrossAttnDownBlock2D, **_RESNET, **_GROUPS, **_TEMB, **_CROSS,
                                   add_downsample="add_downsample", downsample_padding="downsample_padding"),
+    "ResnetDownsampleBlock2D": _pick(ResnetDownsampleBlock2D, **_RESNET, **_GROUPS, **_TEMB,
+                                     add_downsample="add_downsample"),
     "SkipDownBlock2D": _pick(SkipDownBlock2D, **_RESNET, **_TEMB, add_downsample="add_downsample",
                              downsample_padding="downsample_padding"),
     "AttnSkipDownBlock2D": _pick(AttnSkipDownBlock2D, **_RESNET, **_TEMB, **_HEAD, add_downsample="add_downsample"),
@@ -698,6 +728,9 @@ UP_BLOCKS: dict[str, Callable[[dict], nn.Module]] = {
     "CrossAttnUpBlock2D": _pick(CrossAttnUpBlock2D, **_RESNET, **_GROUPS, **_TEMB, **_CROSS,
                                 prev_output_channel="prev_output_channel", resolution_idx="resolution_idx",
                                 add_upsample="add_upsample"),
+    "ResnetUpsampleBlock2D": _pick(ResnetUpsampleBlock2D, **_RESNET, **_GROUPS, **_TEMB,
+                                   prev_output_channel="prev_output_channel", resolution_idx="resolution_idx",
+                                   add_upsample="add_upsample"),
     "SkipUpBlock2D": _pick(SkipUpBlock2D, **_RESNET, **_TEMB, prev_output_channel="prev_output_channel",
                            resolution_idx="resolution_idx", add_upsample="add_upsample"),
     "AttnSkipUpBlock2D": _pick(AttnSkipUpBlock2D, **_RESNET, **_TEMB, **_HEAD,
