@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusekit import AttnProcessor, AttnProcessor2_0, AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+from diffusekit.models.attention_processor import ip_mask_weights, ip_masks_per_adapter
 
 UNET = dict(block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
@@ -136,3 +137,28 @@ def test_classic_helpers_fold_heads_and_repeat_masks():
     assert attn.prepare_attention_mask(None, 3, 2) is None
     probs = attn.get_attention_scores(folded, folded)
     torch.testing.assert_close(probs, (folded @ folded.transpose(1, 2) * attn.scale).softmax(-1))
+
+
+def test_ip_mask_weights_follow_the_query_grid():
+    mask = torch.zeros(1, 8, 8)
+    mask[..., :4] = 1
+    weights = ip_mask_weights(mask, batch=2, num_queries=16)
+    assert weights.shape == (2, 16, 1) and torch.equal(weights[0], weights[1])
+    grid = weights[0, :, 0].view(4, 4)
+    assert (grid[:, :2] > 0.9).all() and (grid[:, 2:] < 0.1).all()
+    with pytest.warns(UserWarning, match="aspect ratio"):  # 10 queries: a 4 x 2 grid, padded with zeros
+        padded = ip_mask_weights(torch.ones(1, 8, 8), batch=1, num_queries=10)
+    assert padded.shape == (1, 10, 1) and torch.equal(padded[0, 8:, 0], torch.zeros(2))
+
+
+def test_ip_adapter_masks_are_checked_per_adapter():
+    tokens = [torch.zeros(1, 2, 4, 8)]
+    assert ip_masks_per_adapter(None, tokens) == [None]
+    one_image = [torch.zeros(1, 1, 4, 8)]
+    assert ip_masks_per_adapter(torch.ones(1, 1, 4, 4), one_image)[0].shape == (1, 1, 4, 4)  # (adapters, 1, H, W)
+    with pytest.raises(ValueError, match="2 masks for 1 loaded IP-Adapters"):
+        ip_masks_per_adapter([None, None], tokens)
+    with pytest.raises(ValueError, match=r"ip_adapter_masks\[0\] must be a tensor \(1, images, height, width\)"):
+        ip_masks_per_adapter([torch.ones(4, 4)], tokens)
+    with pytest.raises(ValueError, match=r"ip_adapter_masks\[0\] has 1 masks but the adapter has 2 images"):
+        ip_masks_per_adapter([torch.ones(1, 1, 4, 4)], tokens)

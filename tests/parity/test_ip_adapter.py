@@ -233,3 +233,20 @@ def test_unet_with_a_text_projection(tmp_path):
     assert ours.encoder_hid_proj is text_proj and ours.config.encoder_hid_dim_type == "text_proj"
     assert not hasattr(ours, "text_encoder_hid_proj")
     assert torch.equal(ours(sample, 10, states).sample, before)
+
+
+@pytest.mark.parametrize("mask_size", [(32, 32), (32, 48)], ids=["same-aspect", "other-aspect"])
+def test_ip_adapter_masks_match_reference(folders, mask_size):
+    """``cross_attention_kwargs={"ip_adapter_masks": [...]}``: the image prompt acts on the masked half only
+    (a mask of another aspect ratio is padded to the queries, with the reference's warning)."""
+    ours, ref = _pair(folders, "sd", "plain")
+    mask = torch.zeros(1, 1, *mask_size)
+    mask[..., : mask_size[1] // 2] = 1
+    kwargs = dict(ip_adapter_image=_image(), cross_attention_kwargs={"ip_adapter_masks": [mask]})
+    if mask_size[0] == mask_size[1]:
+        masked = _run(ours, **kwargs)
+    else:
+        with pytest.warns(UserWarning, match="aspect ratio"):
+            masked = _run(ours, **kwargs)
+    _close(masked, _run(ref, **kwargs))
+    assert np.abs(masked - _run(ours, ip_adapter_image=_image())).max() > 1e-3

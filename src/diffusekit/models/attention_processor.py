@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -55,7 +57,10 @@ class IPAdapterAttnProcessor2_0(nn.Module):
     ``scale`` times the attention of the same queries over the adapter's image tokens (keys and
     values from ``to_k_ip.{i}`` / ``to_v_ip.{i}``). ``encoder_hidden_states`` is the UNet's pair
     ``(text states, [image tokens per adapter])``. A module: its weights are in the UNet's state dict.
-    ``scale`` (one per adapter) is set by ``set_ip_adapter_scale``; 0 skips that adapter."""
+    ``scale`` (one per adapter) is set by ``set_ip_adapter_scale``; 0 skips that adapter.
+    ``ip_adapter_masks`` (a ``cross_attention_kwargs`` entry): one (1, images, H, W) mask or None per
+    adapter; each image then attends on its own and its output is weighted by its mask (resized to the
+    layer's queries, :func:`ip_mask_weights`), so an image prompt acts only where its mask is."""
 
     def __init__(self, hidden_size: int, cross_attention_dim: int | None = None,
                  num_tokens: int | tuple[int, ...] | list[int] = (4,), scale: float | list[float] = 1.0):
@@ -74,24 +79,73 @@ class IPAdapterAttnProcessor2_0(nn.Module):
     def forward(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                 ip_adapter_masks: Any = None, **kwargs: Any) -> torch.Tensor:
-        if ip_adapter_masks is not None:
-            raise ValueError("ip_adapter_masks are not supported")
         if not isinstance(encoder_hidden_states, tuple):
             raise ValueError("this UNet has an IP-Adapter loaded: its cross-attention needs image tokens (call the "
                              "pipeline with ip_adapter_image or ip_adapter_image_embeds, or unload_ip_adapter())")
         text_states, image_tokens = encoder_hidden_states
+        masks = ip_masks_per_adapter(ip_adapter_masks, image_tokens)
 
         def add_image_attention(query: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             batch, heads, _, head_dim = query.shape
-            for tokens, scale, to_k, to_v in zip(image_tokens, self.scale, self.to_k_ip, self.to_v_ip):
+            for tokens, scale, to_k, to_v, mask in zip(image_tokens, self.scale, self.to_k_ip, self.to_v_ip, masks):
                 if scale == 0:
                     continue
-                key, value = (proj(tokens).view(batch, -1, heads, head_dim).transpose(1, 2) for proj in (to_k, to_v))
-                image_out = attn._attend(query, key, value, None)
-                out = out + scale * image_out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+                # with a mask, each image attends on its own and is weighted by its mask
+                per_image = [tokens] if mask is None else [tokens[:, i] for i in range(mask.shape[1])]
+                for i, image in enumerate(per_image):
+                    key, value = (proj(image).view(batch, -1, heads, head_dim).transpose(1, 2) for proj in (to_k, to_v))
+                    image_out = attn._attend(query, key, value, None)
+                    image_out = image_out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+                    if mask is not None:
+                        image_out = image_out * ip_mask_weights(mask[:, i], batch, image_out.shape[1]).to(image_out)
+                    out = out + scale * image_out
             return out
 
         return attn.attend(hidden_states, text_states, attention_mask, extra_attention=add_image_attention, **kwargs)
+
+
+def ip_masks_per_adapter(masks: Any, image_tokens: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """``ip_adapter_masks`` (one (1, images, H, W) tensor or None per adapter; a tensor (adapters, 1, H, W)
+    is one mask per adapter) checked against the adapters' image tokens; all None when not given."""
+    if masks is None:
+        return [None] * len(image_tokens)
+    if isinstance(masks, torch.Tensor):
+        masks = list(masks.unsqueeze(1))
+    if len(masks) != len(image_tokens):
+        raise ValueError(f"ip_adapter_masks has {len(masks)} masks for {len(image_tokens)} loaded IP-Adapters; "
+                         "pass one per adapter (None for an adapter without mask)")
+    for index, (mask, tokens) in enumerate(zip(masks, image_tokens)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+            raise ValueError(f"ip_adapter_masks[{index}] must be a tensor (1, images, height, width), got "
+                             f"{getattr(mask, 'shape', type(mask).__name__)}")
+        if tokens.ndim != 4 or mask.shape[1] != tokens.shape[1]:
+            images = tokens.shape[1] if tokens.ndim == 4 else 1
+            raise ValueError(f"ip_adapter_masks[{index}] has {mask.shape[1]} masks but the adapter has {images} "
+                             "images")
+    return list(masks)
+
+
+def ip_mask_weights(mask: torch.Tensor, batch: int, num_queries: int) -> torch.Tensor:
+    """One image's IP-Adapter mask (N, H, W) as weights (batch, num_queries, 1) of the attention's
+    queries: resized bicubically to a grid of about ``num_queries`` cells with the mask's aspect
+    ratio, flattened, and padded with zeros or cut (with a warning) where the grid does not have
+    exactly ``num_queries`` cells, as the reference's ``IPAdapterMaskProcessor.downsample``."""
+    height, width = mask.shape[-2:]
+    rows = max(int(math.sqrt(num_queries * height / width)), 1)
+    rows += int(num_queries % rows != 0)
+    cols = num_queries // rows
+    weights = F.interpolate(mask[None], size=(rows, cols), mode="bicubic")[0]
+    if weights.shape[0] < batch:
+        weights = weights.repeat(batch, 1, 1)
+    weights = weights.reshape(weights.shape[0], -1)
+    if rows * cols != num_queries:
+        warnings.warn("The aspect ratio of the IP-Adapter mask does not match the aspect ratio of the output image; "
+                      "the mask is padded or cut to fit", UserWarning, stacklevel=2)
+        weights = F.pad(weights, (0, num_queries - weights.shape[1])) if weights.shape[1] < num_queries \
+            else weights[:, :num_queries]
+    return weights[..., None]
 
 
 class ProcessorHolder:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_processor import ImageProcessorMixin
 from ..loaders.lora import LoraLoaderMixin
 from ..models.cache import denoiser_cache_context
 from ..utils import BaseOutput
@@ -131,7 +132,7 @@ def flux_prediction(denoiser: torch.nn.Module, scale_input: Callable, latents: t
     return flux_velocity(lambda branch, **kwargs: denoiser.forward(**kwargs), scale_input(latents), t, **inputs)
 
 
-class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMixin):
+class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMixin, ImageProcessorMixin):
     """Components and shared steps of the FLUX.1 pipelines (no ``__call__``).
 
     Components: ``scheduler`` (FlowMatchEulerDiscreteScheduler), ``vae`` (AutoencoderKL, 16 latent
@@ -146,6 +147,7 @@ class FluxBase(CallStateProperties, MemoryMixin, DiffusionPipeline, LoraLoaderMi
     _lora_loadable_modules = ["transformer", "text_encoder"]
     #: Default height and width in latent pixels (times the VAE scale factor: 1024 for FLUX.1).
     default_sample_size = 128
+    _image_size_multiple = 2  # 2x2 latent patches
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
                  image_encoder=None, feature_extractor=None) -> None:

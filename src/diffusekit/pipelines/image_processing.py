@@ -40,7 +40,7 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil", from_minu
         images = images.clamp(0, 1)
     if output_type == "pt":
         return images
-    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    array = tensor_to_numpy(images)
     return numpy_to_pil(array) if output_type == "pil" else array
 
 
@@ -152,7 +152,7 @@ def _mask_batch(mask) -> torch.Tensor | list[Image.Image]:
         arrays = [_array_values(a[..., None] if a.ndim == 3 else a) for a in arrays]
         if any(a.ndim != 4 or a.shape[-1] != 1 for a in arrays):
             raise ValueError("mask_image arrays must be (H, W), (H, W, 1), (N, H, W) or (N, H, W, 1)")
-        return _numpy_to_tensor(np.concatenate(arrays)).float()
+        return numpy_to_tensor(np.concatenate(arrays)).float()
     if all(isinstance(m, torch.Tensor) for m in items):
         tensors = [m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m for m in items]
         if any(t.ndim != 4 for t in tensors):
@@ -168,13 +168,14 @@ def mask_size(mask) -> tuple[int, int]:
 
 def preprocess_mask(mask, height: int | None = None, width: int | None = None, vae_scale_factor: int = 8,
                     resize_mode: str = "default", crops_coords: tuple[int, int, int, int] | None = None,
-                    latent_channels: int = 4) -> torch.Tensor:
+                    latent_channels: int = 4, binarize: bool = True) -> torch.Tensor:
     """An inpainting mask as a binary float tensor (N, 1, height, width): 1 = repaint, 0 = keep.
 
     PIL masks are cropped to ``crops_coords`` (optional), resized as in :func:`resize_pil` and
     converted to grayscale; arrays and tensors (values in [0, 1]) are resized with nearest-neighbour.
     The size defaults to the mask's own; both are rounded down to a multiple of ``vae_scale_factor``.
-    Values >= 0.5 become 1. A tensor with ``latent_channels`` channels is returned as it is.
+    Values >= 0.5 become 1, the rest 0 (without ``binarize``, values in [0, 1] are kept). A tensor
+    with ``latent_channels`` channels is returned as it is.
     """
     batch = _mask_batch(mask)
     if isinstance(batch, torch.Tensor) and batch.shape[1] == latent_channels:
@@ -186,13 +187,18 @@ def preprocess_mask(mask, height: int | None = None, width: int | None = None, v
         width = _multiple_below(width or batch[0].width, vae_scale_factor)
         batch = [np.asarray(convert_pil(resize_pil(eight_bit(m), width, height, resize_mode), "L"),
                             dtype=np.float32) / 255.0 for m in batch]
-        batch = _numpy_to_tensor(np.stack(batch))
+        batch = numpy_to_tensor(np.stack(batch))
     else:
         if resize_mode != "default":
             raise ValueError(f"resize_mode {resize_mode!r} needs PIL images")
         batch = _resize_nearest(batch, _multiple_below(height or batch.shape[2], vae_scale_factor),
                                 _multiple_below(width or batch.shape[3], vae_scale_factor))
-    return (batch >= 0.5).to(batch.dtype)
+    return binarized(batch) if binarize else batch
+
+
+def binarized(images: torch.Tensor) -> torch.Tensor:
+    """1 where a value is >= 0.5, else 0 (a new tensor of the same dtype)."""
+    return (images >= 0.5).to(images.dtype)
 
 
 def mask_crop_region(mask: Image.Image, width: int, height: int, pad: int = 0) -> tuple[int, int, int, int]:
@@ -278,10 +284,10 @@ def preprocess_images(image, height: int | None = None, width: int | None = None
         height = _multiple_below(height or images[0].height, multiple)
         width = _multiple_below(width or images[0].width, multiple)
         arrays = [np.array(resize_pil(i, width, height, resize_mode)).astype(np.float32) / 255.0 for i in images]
-        batch = _numpy_to_tensor(np.stack(arrays, axis=0))
+        batch = numpy_to_tensor(np.stack(arrays, axis=0))
     elif isinstance(first, np.ndarray):
         batch = np.concatenate(images, axis=0) if first.ndim == 4 else np.stack(images, axis=0)
-        batch = _pixel_channels(_numpy_to_tensor(_array_values(batch)), "image", None)
+        batch = _pixel_channels(numpy_to_tensor(_array_values(batch)), "image", None)
         batch = _resize_nearest(batch, _multiple_below(height or batch.shape[2], multiple),
                                 _multiple_below(width or batch.shape[3], multiple))
     elif isinstance(first, torch.Tensor):
@@ -300,7 +306,12 @@ def preprocess_images(image, height: int | None = None, width: int | None = None
     return 2.0 * batch - 1.0 if normalize else batch
 
 
-def _numpy_to_tensor(images: np.ndarray) -> torch.Tensor:
+def tensor_to_numpy(images: torch.Tensor) -> np.ndarray:
+    """An (N, C, H, W) tensor to a float32 (N, H, W, C) array on the CPU."""
+    return images.cpu().permute(0, 2, 3, 1).float().numpy()
+
+
+def numpy_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W[, C]) array to an (N, C, H, W) tensor."""
     if images.ndim == 3:
         images = images[..., None]

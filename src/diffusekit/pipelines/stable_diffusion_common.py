@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_processor import ImageProcessorMixin
 from ..loaders.lora import LoraLoaderMixin
 from ..loaders.single_file import FromSingleFileMixin
 from ..loaders.textual_inversion import TextualInversionLoaderMixin
@@ -63,7 +64,7 @@ def _fix_legacy_scheduler_config(scheduler) -> None:
 
 
 class StableDiffusionBase(CallStateProperties, DiffusionPipeline, MemoryMixin, LoraLoaderMixin, TextualInversionLoaderMixin,
-                          FromSingleFileMixin, IPAdapterPipelineMixin, UNetOptionsMixin):
+                          FromSingleFileMixin, IPAdapterPipelineMixin, UNetOptionsMixin, ImageProcessorMixin):
     """Components and shared steps of the Stable Diffusion pipelines (no ``__call__``)."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")

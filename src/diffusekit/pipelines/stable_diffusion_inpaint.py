@@ -7,11 +7,13 @@ image's latents noised to the next timestep.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
+from ..image_processor import VaeImageProcessor, mask_image_processor
 from ..utils import Generator, randn_tensor
 from .call_checks import check_call_arguments
 from .call_state import pipeline_call
@@ -34,6 +36,11 @@ def _first_generators(generator: Generator, count: int) -> Generator:
 class InpaintingSteps:
     """The latents, mask and checks of inpainting, shared by the SD and SDXL pipelines (which set
     ``_vae_force_upcast``: whether the VAE config's ``force_upcast`` applies to encoding)."""
+
+    @functools.cached_property
+    def mask_processor(self) -> VaeImageProcessor:
+        """Masks as the pipeline prepares them (grayscale, binarised, not normalised)."""
+        return mask_image_processor(self.vae_scale_factor)
 
     def _latent_channels(self) -> int:
         return self.vae.config.latent_channels
