@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "ImagePipelineOutput": "pipelines.pipeline_utils",
     "AudioPipelineOutput": "pipelines.pipeline_utils",
     "randn_tensor": "utils",
+    "VaeImageProcessor": "image_processor",
     # models
     "UNet2DModel": "models.unet_2d",
     "UNet2DConditionModel": "models.unet_2d_condition",
