@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "UNet2DModel": "models.unet_2d",
     "UNet2DConditionModel": "models.unet_2d_condition",
     "AutoencoderKL": "models.autoencoder_kl",
+    "AutoencoderTiny": "models.autoencoder_tiny",
     "VQModel": "models.vq_model",
     "ConsistencyDecoderVAE": "models.consistency_decoder_vae",
     "UNet1DModel": "models.unet_1d",
