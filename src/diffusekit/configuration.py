@@ -237,6 +237,8 @@ class ConfigMixin:
     _compatibles: tuple[str, ...] = ()
     #: The variable name the deprecation message of :func:`config_attribute` suggests.
     config_example_name = "scheduler"
+    #: Keys that ``__init__`` adds to the config itself (derived, not arguments): not reported on load.
+    derived_config_keys: tuple[str, ...] = ()
 
     def register_to_config(self, **values: Any) -> None:
         values.pop("kwargs", None)
@@ -291,6 +293,9 @@ class ConfigMixin:
 
     @classmethod
     def _report_unknown_keys(cls, source: Any, keys: list[str]) -> None:
+        keys = [key for key in keys if key not in cls.derived_config_keys]
+        if not keys:
+            return
         if source in (None, cls.__name__):
             logger.warning("%s does not use config keys %s; kept aside", cls.__name__, keys)
         else:

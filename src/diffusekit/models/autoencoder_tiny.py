@@ -106,6 +106,8 @@ class AutoencoderTiny(ModelMixin, AutoencoderMixin):
     factor); ``force_upcast`` is always stored as False. Slicing is supported, tiling is not.
     """
 
+    derived_config_keys = DERIVED_CONFIG_KEYS
+
     @register_to_config
     def __init__(
         self,
@@ -138,11 +140,6 @@ class AutoencoderTiny(ModelMixin, AutoencoderMixin):
         self.use_slicing = False
         self.register_to_config(block_out_channels=decoder_block_out_channels, force_upcast=False)
 
-    @classmethod
-    def _report_unknown_keys(cls, source, keys: list[str]) -> None:
-        keys = [key for key in keys if key not in DERIVED_CONFIG_KEYS]
-        if keys:
-            super()._report_unknown_keys(source, keys)
 
     def scale_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Raw latents to ``[0, 1]``: ``x / (2 * latent_magnitude) + latent_shift``, clamped."""

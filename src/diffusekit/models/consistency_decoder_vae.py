@@ -46,6 +46,8 @@ class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixi
     Slicing and tiling apply to encoding only.
     """
 
+    derived_config_keys = DERIVED_CONFIG_KEYS
+
     @register_to_config
     def __init__(
         self,
@@ -101,11 +103,6 @@ class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixi
         self.tile_latent_min_size = int(size / (2 ** (len(encoder_block_out_channels) - 1)))
         self.tile_overlap_factor = 0.25
 
-    @classmethod
-    def _report_unknown_keys(cls, source, keys: list[str]) -> None:
-        keys = [key for key in keys if key not in DERIVED_CONFIG_KEYS]
-        if keys:
-            super()._report_unknown_keys(source, keys)
 
     @property
     def means(self) -> torch.Tensor:
