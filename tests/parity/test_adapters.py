@@ -155,7 +155,7 @@ def test_a_file_saved_from_peft_reloads_as_in_the_reference(unet_folder, tmp_pat
     ours = diffusekit.UNet2DConditionModel.from_pretrained(unet_folder)
     ref = diffusers.UNet2DConditionModel.from_pretrained(unet_folder)
     for model in (ours, ref):
-        model.load_lora_adapter(tmp_path, prefix=None, adapter_name="x")
+        model.load_lora_adapter(tmp_path, prefix=None, adapter_name="x", use_safetensors=True)
     assert ours.peft_config["x"].to_dict() == ref.peft_config["x"].to_dict()
     state = peft.utils.get_peft_model_state_dict
     assert state(ours, adapter_name="x").keys() == state(ref, adapter_name="x").keys()
