@@ -108,12 +108,31 @@ def test_save_and_load_lora_adapter_round_trip(tmp_path):
                                        "to_q.lora_B.weight"]
     assert json.loads(check_safetensors_header(path)["__metadata__"]["lora_adapter_metadata"])["lora_alpha"] == 2
     fresh = _model_with()
-    fresh.load_lora_adapter(tmp_path, prefix=None, adapter_name="a")
-    assert isinstance(fresh.to_q, layers.LoraLayer) and torch.allclose(fresh(X), model(X), atol=1e-6)
+    fresh.load_lora_adapter(tmp_path, prefix=None, adapter_name="a")  # saved from peft: back as peft's layers
+    assert isinstance(fresh.to_q, peft.tuners.lora.LoraLayer) and list(fresh.peft_config) == ["a"]
+    assert torch.allclose(fresh(X), model(X), atol=1e-6)
     with pytest.raises(ValueError, match="no key starts with the prefix 'unet'"):
         _model_with().load_lora_adapter(tmp_path, prefix="unet")
-    fresh.save_lora_adapter(tmp_path / "again", adapter_name="a")  # own layers save the same keys
+    fresh.save_lora_adapter(tmp_path / "again", adapter_name="a")
     assert load_file(tmp_path / "again" / "pytorch_lora_weights.safetensors").keys() == load_file(path).keys()
+
+
+def test_a_file_saved_from_own_layers_loads_into_own_layers(tmp_path):
+    model = _model_with()
+    generator = torch.Generator().manual_seed(1)
+    model.load_lora_adapter({"to_q.lora_A.weight": torch.randn(2, 4, generator=generator),
+                             "to_q.lora_B.weight": torch.randn(4, 2, generator=generator)}, prefix=None,
+                            adapter_name="a")
+    model.save_lora_adapter(tmp_path, adapter_name="a")  # diffusekit's metadata: no peft_type
+    fresh = _model_with()
+    fresh.load_lora_adapter(tmp_path, prefix=None, adapter_name="a")
+    assert isinstance(fresh.to_q, layers.LoraLayer) and "peft_config" not in fresh.__dict__
+    assert torch.allclose(fresh(X), model(X), atol=1e-6)
+
+
+def test_add_adapter_keeps_the_configs_of_the_other_adapters():
+    model = _model_with("a", "b")
+    assert list(model.peft_config) == ["a", "b"] and model.peft_config["a"] is not model.peft_config["b"]
 
 
 def test_pipeline_api_covers_peft_and_own_layers(tmp_path):

@@ -142,3 +142,22 @@ def test_block_weights_errors_match_the_reference(unets):
         for model in unets:
             with pytest.raises(ValueError, match=message.replace(".", r"\.")):
                 model.set_adapters("a", weights=[bad])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_file_saved_from_peft_reloads_as_in_the_reference(unet_folder, tmp_path, use_dora):
+    """Both libraries load the reference's save of a peft adapter back as peft layers with the same config."""
+    saver = diffusers.UNet2DConditionModel.from_pretrained(unet_folder)
+    torch.manual_seed(0)
+    saver.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                                      use_dora=use_dora), adapter_name="a")
+    saver.save_lora_adapter(tmp_path, adapter_name="a")
+    ours = diffusekit.UNet2DConditionModel.from_pretrained(unet_folder)
+    ref = diffusers.UNet2DConditionModel.from_pretrained(unet_folder)
+    for model in (ours, ref):
+        model.load_lora_adapter(tmp_path, prefix=None, adapter_name="x", use_safetensors=True)
+    assert ours.peft_config["x"].to_dict() == ref.peft_config["x"].to_dict()
+    state = peft.utils.get_peft_model_state_dict
+    assert state(ours, adapter_name="x").keys() == state(ref, adapter_name="x").keys()
+    _same(ours, ref)
+    _same(ours, ref, cross_attention_kwargs={"scale": 0.5})

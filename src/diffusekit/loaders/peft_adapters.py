@@ -8,7 +8,9 @@ A model can carry two kinds of LoRA layers:
   adapter (init schemes, dropout, DoRA, rsLoRA), and code written for the reference reads the result
   with peft's own tools (``isinstance(m, BaseTunerLayer)``, ``get_peft_model_state_dict(model)``,
   ``model.peft_config``; diffusers' LoRA tests do all three), so peft injects those layers, as in
-  the reference. peft is imported only on that path.
+  the reference. A file saved from such an adapter (its metadata is the ``LoraConfig``) comes back as
+  one through ``model.load_lora_adapter`` (:mod:`~diffusekit.loaders.peft_files`). peft is imported
+  only on these paths.
 
 Every other method works on both kinds (:mod:`~diffusekit.loaders.adapter_layers`).
 """
@@ -22,7 +24,8 @@ from typing import Any
 from . import lora_layers as layers
 from .adapter_layers import (active_adapters, activate, adapter_names, adapter_state_dict, block_weights, delete,
                              fuse, set_enabled, unfuse, unload, write_lora_file)
-from .lora import LORA_WEIGHT_NAMES, load_into_model, read_lora_file
+from .lora import LORA_WEIGHT_NAMES, check_adapter_name, load_into_model, read_lora_file
+from .peft_files import inject_peft_adapter, load_peft_adapter, saved_peft_config
 from ..hub import split_hub_kwargs
 
 
@@ -36,16 +39,14 @@ class PeftAdapterMixin:
     def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
         """Add a new (trainable) adapter described by a peft config, e.g. ``LoraConfig``; it becomes the active one."""
         try:
-            from peft import PeftConfig, inject_adapter_in_model
+            from peft import PeftConfig
         except ImportError:
             raise ImportError("add_adapter needs peft (`pip install peft`)") from None
         if not isinstance(adapter_config, PeftConfig):
             raise ValueError(f"adapter_config should be an instance of PeftConfig, got {type(adapter_config).__name__}")
         if adapter_name in adapter_names(self):
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
-        adapter_config.base_model_name_or_path = None
-        inject_adapter_in_model(adapter_config, self, adapter_name)
-        self.__dict__.setdefault("peft_config", {})[adapter_name] = adapter_config
+        inject_peft_adapter(self, adapter_config, adapter_name)
         layers.install_scale_hook(self)
         self.set_adapter(adapter_name)
 
@@ -120,9 +121,14 @@ class PeftAdapterMixin:
         """Load a LoRA file, folder, Hub repo or state dict into this model as ``adapter_name``.
 
         Keys starting with ``prefix + "."`` are used (prefix stripped); with ``prefix=None``, every key.
+        A file saved from a peft adapter (its metadata, or ``metadata=``, a ``LoraConfig`` with ``peft_type``)
+        becomes that peft adapter with ``peft_config[adapter_name]``, unless the model is prepared for hotswap;
+        other files load into diffusekit's layers. Keys that reach no layer, and adapter tensors a peft file
+        lacks, raise WeightsError naming them (``strict=False``: a warning naming them).
         """
         hub = split_hub_kwargs(kwargs)
-        for ignored in ("low_cpu_mem_usage", "network_alphas", "metadata", "_pipeline"):
+        given_metadata = kwargs.pop("metadata", None)
+        for ignored in ("low_cpu_mem_usage", "network_alphas", "_pipeline"):
             kwargs.pop(ignored, None)
         use_safetensors = kwargs.pop("use_safetensors", None)
         if weight_name is None and use_safetensors is not None:  # only that format's file name
@@ -137,7 +143,13 @@ class PeftAdapterMixin:
             if not state:
                 raise ValueError(f"{source}: no key starts with the prefix {prefix!r}")
         name = adapter_name or f"default_{len(adapter_names(self))}"
-        load_into_model(self, state, _flat_metadata(metadata, prefix), source, name, strict)
+        metadata = given_metadata if given_metadata is not None else _flat_metadata(metadata, prefix)
+        config = None if getattr(self, layers.HOTSWAP_ATTRIBUTE, None) else saved_peft_config(metadata, source)
+        if config is None:
+            load_into_model(self, state, metadata, source, name, strict)
+        else:
+            check_adapter_name(name, adapter_names(self))
+            load_peft_adapter(self, state, config, source, name, strict)
 
     def save_lora_adapter(self, save_directory: str | os.PathLike, adapter_name: str = "default",
                           upcast_before_saving: bool = False, safe_serialization: bool = True,
