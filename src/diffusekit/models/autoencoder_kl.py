@@ -40,6 +40,16 @@ def _blend(a: torch.Tensor, b: torch.Tensor, blend_extent: int, dim: int) -> tor
     return b
 
 
+def init_slicing_and_tiling(vae: ModelMixin, sample_size, levels: int) -> None:
+    """Slicing and tiling off; tile sizes from ``sample_size`` (an int or a pair) and ``levels`` down-levels."""
+    vae.use_slicing = False
+    vae.use_tiling = False
+    size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+    vae.tile_sample_min_size = size
+    vae.tile_latent_min_size = int(size / (2 ** (levels - 1)))
+    vae.tile_overlap_factor = 0.25
+
+
 def _tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile_in: int, tile_out: int,
            overlap_factor: float) -> torch.Tensor:
     """Run ``fn`` on overlapping ``tile_in`` tiles of ``x``, blend neighbours, keep a ``tile_out`` grid."""
@@ -115,12 +125,7 @@ class AutoencoderKL(ModelMixin, AutoencoderMixin, AttentionProcessorMixin, FromO
         self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
-        self.use_slicing = False
-        self.use_tiling = False
-        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_sample_min_size = size
-        self.tile_latent_min_size = int(size / (2 ** (len(block_out_channels) - 1)))
-        self.tile_overlap_factor = 0.25
+        init_slicing_and_tiling(self, sample_size, len(block_out_channels))
 
     # -- encoding -------------------------------------------------------------------------------
 

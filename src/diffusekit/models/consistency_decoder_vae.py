@@ -16,7 +16,7 @@ from ..configuration import register_to_config
 from ..schedulers.scheduling_consistency_decoder import ConsistencyDecoderScheduler
 from ..utils import Generator, randn_tensor
 from .attention_processor import AttentionProcessorMixin
-from .autoencoder_kl import AutoencoderKLOutput, _tiled
+from .autoencoder_kl import AutoencoderKLOutput, _tiled, init_slicing_and_tiling
 from .layers import Conv2d
 from .modeling import ModelMixin
 from .unet_2d import UNet2DModel
@@ -96,12 +96,7 @@ class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixi
         self.register_to_config(block_out_channels=encoder_block_out_channels, force_upcast=False)
         self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1)
 
-        self.use_slicing = False
-        self.use_tiling = False
-        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-        self.tile_sample_min_size = size
-        self.tile_latent_min_size = int(size / (2 ** (len(encoder_block_out_channels) - 1)))
-        self.tile_overlap_factor = 0.25
+        init_slicing_and_tiling(self, sample_size, len(encoder_block_out_channels))
 
 
     @property
