@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from diffusekit.configuration import register_to_config
+from diffusekit.models.modeling import ModelMixin
 
 #: Linear layers of attention and MLP, a 1x1 conv (proj_in), a 3x3 conv (resnet), the time embedding
 UNET_TARGETS = [
@@ -49,3 +53,16 @@ def kohya_layout(tensors: dict, alpha: float = 1.0) -> dict[str, torch.Tensor]:
         sd[f"{name}.lora_up.weight"] = up
         sd[f"{name}.alpha"] = torch.tensor(alpha)
     return sd
+
+
+class Tiny(ModelMixin):
+    """A two-Linear model (``to_q``, ``to_k``) for the model-level adapter tests."""
+
+    @register_to_config
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width)
+
+    def forward(self, x, cross_attention_kwargs=None):
+        return self.to_k(self.to_q(x))

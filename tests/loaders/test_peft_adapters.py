@@ -8,25 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from diffusekit.configuration import register_to_config
 from diffusekit.loaders import adapter_layers as adapters
 from diffusekit.loaders import lora_layers as layers
 from diffusekit.loaders.lora import LoraLoaderMixin
-from diffusekit.models.modeling import ModelMixin
 from diffusekit.weights import check_safetensors_header, load_file
+from lora_files import Tiny
 
 peft = pytest.importorskip("peft")
-
-
-class Tiny(ModelMixin):
-    @register_to_config
-    def __init__(self, width: int = 4) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
-
-    def forward(self, x, cross_attention_kwargs=None):
-        return self.to_k(self.to_q(x))
 
 
 class Pipe(LoraLoaderMixin):

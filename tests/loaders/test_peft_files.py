@@ -10,28 +10,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusekit.configuration import register_to_config
 from diffusekit.loaders import lora_hotswap
 from diffusekit.loaders import lora_layers as layers
-from diffusekit.models.modeling import ModelMixin
 from diffusekit.weights import WeightsError, check_safetensors_header
+from lora_files import Tiny
 
 peft = pytest.importorskip("peft")
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 FILE = "pytorch_lora_weights.safetensors"
 X = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
-
-
-class Tiny(ModelMixin):
-    @register_to_config
-    def __init__(self, width: int = 4) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
-
-    def forward(self, x, cross_attention_kwargs=None):
-        return self.to_k(self.to_q(x))
 
 
 def _saved(tmp_path, **options) -> tuple[Tiny, peft.LoraConfig]:
