@@ -1,5 +1,6 @@
 """Training across processes: two accelerate ranks (gloo, CPU) with half the batch each train the same
-model as one process with the whole batch, and a resumed two-process run equals an uninterrupted one."""
+model as one process with the whole batch (a UNet2DModel, a VAE, a text-to-image model), and a resumed
+two-process run equals an uninterrupted one."""
 
 import json
 import os
@@ -48,16 +49,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train_two_processes(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _launch_two_processes(*train_arguments: str) -> subprocess.CompletedProcess:
+    """``diffusekit train`` under ``accelerate launch``: two CPU processes (gloo)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               "-m", "diffusekit", "train", "--data", str(data), "--out", str(out), "--batch-size", "4", *TRAIN, *extra]
+               "-m", "diffusekit", "train", *train_arguments]
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def _train_two_processes(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _launch_two_processes("--data", str(data), "--out", str(out), "--batch-size", "4", *TRAIN, *extra)
 
 
 def _log(out: Path) -> list[dict]:
@@ -114,3 +120,40 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(data, two_process
     for name in (*WEIGHTS, "optimizer.safetensors"):
         a, b = load_file(_checkpoint(two_processes, 4) / name), load_file(_checkpoint(resumed, 4) / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+#: The shapes tasks, tiny: 16 images at 32x32, three steps.
+SHAPES = ("--data", "shapes", "--dataset-size", "16", "--resolution", "32", "--steps", "3", "--sample-every", "0",
+          "--block-out-channels", "16,32", "--threads", "1")
+
+
+def test_two_ranks_train_the_vae_and_text_to_image_model_of_one_process(tmp_path):
+    """Same losses at every step; the VAEs reconstruct and the pipelines draw (same seed) alike."""
+    from diffusekit import AutoencoderKL, StableDiffusionPipeline
+
+    runs = {}
+    for processes, batch in ((1, "4"), (2, "2")):
+        vae, model = tmp_path / f"vae{processes}", tmp_path / f"model{processes}"
+        tasks = (("--task", "vae", "--out", str(vae)),
+                 ("--task", "text-to-image", "--vae", str(tmp_path / "vae1"), "--out", str(model)))
+        for task in tasks:
+            arguments = (*SHAPES, "--batch-size", batch, *task)
+            if processes == 1:
+                assert run(build_parser().parse_args(["train", *arguments])) == 0
+            else:
+                _launch_two_processes(*arguments)
+        runs[processes] = vae, model
+    for index in (0, 1):
+        one, two = _log(runs[1][index]), _log(runs[2][index])
+        assert [e["processes"] for e in two] == [2] * 3 and [e["step"] for e in two] == [1, 2, 3]
+        assert [e["loss"] for e in two] == pytest.approx([e["loss"] for e in one], abs=TOLERANCE)
+    images = torch.rand((2, 3, 32, 32), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    decoded = [AutoencoderKL.from_pretrained(runs[p][0])(images).sample for p in (1, 2)]
+    assert (decoded[0] - decoded[1]).abs().max().item() < TOLERANCE
+    drawn = []
+    for processes in (1, 2):
+        pipe = StableDiffusionPipeline.from_pretrained(runs[processes][1])
+        pipe.set_progress_bar_config(disable=True)
+        drawn.append(pipe("a red circle at the top on a white background", num_inference_steps=2, output_type="np",
+                          generator=torch.Generator().manual_seed(0)).images)
+    assert abs(drawn[0] - drawn[1]).max() < TOLERANCE

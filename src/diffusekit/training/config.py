@@ -143,6 +143,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     option("--vae", type=Path, help="--task text-to-image: the AutoencoderKL folder (from a --task vae run)")
     option("--base", type=Path, help="--task lora: the Stable Diffusion pipeline folder to adapt")
     option("--lora-rank", type=int, help=f"--task lora: rank of the LoRA matrices (default: {d.lora_rank})")
+    option("--text-layers", type=int, help=f"--task text-to-image: CLIP text encoder layers (default: {d.text_layers})")
     option("--dataset-size", type=int, help=f"images of --data shapes (default: {d.dataset_size})")
     option("--beta-schedule", choices=BETA_SCHEDULES, help=f"default: {d.beta_schedule}")
     option("--resolution", type=int, help=f"square image side (default: {d.resolution})")

@@ -173,6 +173,16 @@ def _mixed_precision(config: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def make_accelerator(mixed_precision: str = "no"):
+    """accelerate's ``Accelerator``: one process, or the process group of ``accelerate launch`` or
+    ``torchrun`` (gloo on a machine without CUDA)."""
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        raise ImportError("training needs accelerate: pip install 'diffusekit[train]'") from None
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def _make_pipeline(unet, noise_scheduler, class_conditional: bool):
     if class_conditional:
         from ..pipelines.class_conditional import ClassConditionalPipeline
@@ -220,15 +230,11 @@ def train(config: TrainConfig) -> Path:
     The folder holds the EMA weights as a pipeline (``ClassConditionalPipeline`` when
     class-conditional, else ``DDIMPipeline``), ``checkpoints/``, ``samples/`` and ``train_log.jsonl``.
     """
-    try:
-        from accelerate import Accelerator
-    except ImportError:
-        raise ImportError("training needs accelerate: pip install 'diffusekit[train]'") from None
     from tqdm.auto import tqdm
 
     config.check()
     out = Path(config.out)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config))
+    accelerator = make_accelerator(_mixed_precision(config))
     rank, world = accelerator.process_index, accelerator.num_processes
 
     channels = 1 if isinstance(config.data, str) and config.data == "sklearn-digits" else config.channels

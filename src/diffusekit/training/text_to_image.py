@@ -9,11 +9,15 @@ saves it as ``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_lora
 
 Data: ``shapes`` or ``shapes-outlined`` (the synthetic captioned set of :mod:`diffusekit.training.shapes`, ``dataset_size``
 images drawn from ``seed``) or a folder of images each with a caption in a ``.txt`` file of the
-same name (the kohya / A1111 convention). Runs are single-process and seeded.
+same name (the kohya / A1111 convention). Runs are seeded; under ``accelerate launch`` each process
+takes its slice of every global batch (``--batch-size`` rows; the random draws are made for the whole
+batch, so a sample gets the same ones however the batch is split) and the gradients are averaged with
+one all-reduce a step, which leaves the models unwrapped (the VAE's loss calls ``encode`` and ``decode``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from .config import LOG_FILE, SAMPLES, TrainConfig
 from .data import IMAGE_SUFFIXES, load_image_folder
 from .ema import EMAWeights
 from .loop import (BatchOrder, build_noise_scheduler, build_sampling_scheduler, denoising_loss, learning_rate_factor,
-                   training_targets)
+                   make_accelerator, own_rows, training_targets)
 
 #: The synthetic data sets: ``--data NAME`` -> the drawing style of :func:`~diffusekit.training.shapes.render`.
 SHAPES_DATA = {"shapes": "filled", "shapes-outlined": "outlined"}
@@ -73,10 +77,6 @@ def load_captioned(config: TrainConfig) -> CaptionedImages:
     return CaptionedImages(images, captions)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _optimizer(parameters, config: TrainConfig):
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     warmup = min(config.warmup_steps, config.steps // 5)
@@ -85,18 +85,37 @@ def _optimizer(parameters, config: TrainConfig):
     return optimizer, schedule
 
 
-def _run_steps(config: TrainConfig, out: Path, step_loss, parameters, models: dict, optimizer, schedule) -> dict:
-    """The shared optimisation loop: clip, step, EMA of each of ``models``, a JSON log line per step."""
+def _shard(accelerator) -> tuple[int, int]:
+    """(this process, processes): which slice of every global batch is ours."""
+    return accelerator.process_index, accelerator.num_processes
+
+
+def _average_gradients(accelerator, parameters: list) -> None:
+    """Make every process's gradients the mean over processes (one all-reduce of them all, flattened)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for parameter, chunk in zip(parameters, flat.split([g.numel() for g in grads])):
+        parameter.grad = chunk.view_as(parameter).clone()
+
+
+def _run_steps(config: TrainConfig, accelerator, step_loss, parameters, models: dict, optimizer, schedule) -> dict:
+    """The shared optimisation loop: average, clip, step, EMA of each of ``models``, a JSON log line per
+    step (main process only); returns the EMA copies."""
     from tqdm.auto import tqdm
 
+    out, main, world = Path(config.out), accelerator.is_main_process, accelerator.num_processes
     emas = {name: EMAWeights(model, config.ema_decay) for name, model in models.items()}
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(out / LOG_FILE, "a", encoding="utf-8", buffering=1) as log, \
-            tqdm(total=config.steps, desc=f"train {config.task}", disable=not config.progress) as bar:
+    with (open(out / LOG_FILE, "a", encoding="utf-8", buffering=1) if main else contextlib.nullcontext()) as log, \
+            tqdm(total=config.steps, desc=f"train {config.task}", disable=not (config.progress and main)) as bar:
         for step in range(1, config.steps + 1):
             loss, extra = step_loss()
             loss.backward()
+            _average_gradients(accelerator, parameters)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
@@ -105,9 +124,14 @@ def _run_steps(config: TrainConfig, out: Path, step_loss, parameters, models: di
             optimizer.zero_grad(set_to_none=True)
             for name, model in models.items():
                 emas[name].update(model, step)
-            record = {"step": step, "loss": loss.item(), "lr": lr, "seconds": round(time.perf_counter() - started, 2),
-                      **extra}
-            log.write(json.dumps(record) + "\n")
+            figures = torch.stack([loss.detach(), *extra.values()])
+            if world > 1:
+                figures = accelerator.reduce(figures, reduction="mean")
+            record = {"step": step, "loss": figures[0].item(), "lr": lr,
+                      "seconds": round(time.perf_counter() - started, 2),
+                      **{name: value.item() for name, value in zip(extra, figures[1:])}, "processes": world}
+            if main:
+                log.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update()
     return {name: emas[name].copy_to(model).eval() for name, model in models.items()}
@@ -127,10 +151,13 @@ def build_vae(config: TrainConfig):
                          sample_size=config.resolution, scaling_factor=1.0)
 
 
-def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float):
-    """(loss, reconstruction MSE): pixel MSE + L1 of the decoded posterior sample, plus a small KL term."""
+def vae_loss(vae, images: torch.Tensor, generator: torch.Generator, kl_weight: float,
+             shard: tuple[int, int] = (0, 1)):
+    """(loss, reconstruction MSE): pixel MSE + L1 of the decoded posterior sample, plus a small KL term.
+    ``images`` is part ``shard`` of a global batch (the posterior noise is drawn for all of it)."""
     posterior = vae.encode(images).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator).to(images.device)
+    shape = (posterior.mean.shape[0] * shard[1], *posterior.mean.shape[1:])
+    noise = own_rows(torch.randn(shape, generator=generator), shard).to(images.device)
     decoded = vae.decode(posterior.mean + posterior.std * noise).sample
     mse = F.mse_loss(decoded, images)
     kl = posterior.kl().mean() / images[0].numel()
@@ -160,7 +187,8 @@ def load_autoencoder_images(config: TrainConfig) -> CaptionedImages:
 
 def train_vae(config: TrainConfig) -> Path:
     """Train an AutoencoderKL on ``config.data``; save it (with its measured ``scaling_factor``) to ``out``."""
-    out, device = Path(config.out), _device()
+    accelerator = make_accelerator()
+    out, device, shard = Path(config.out), accelerator.device, _shard(accelerator)
     data = load_autoencoder_images(config)
     torch.manual_seed(config.seed)
     vae = build_vae(config).to(device).train()
@@ -168,13 +196,16 @@ def train_vae(config: TrainConfig) -> Path:
     optimizer, schedule = _optimizer(vae.parameters(), config)
 
     def step_loss():
-        loss, mse = vae_loss(vae, data.batch(order.take(config.batch_size)).to(device), generator,
-                             config.vae_kl_weight)
-        return loss, {"mse": mse.item()}
+        rows = own_rows(order.take(config.batch_size * shard[1]), shard)
+        loss, mse = vae_loss(vae, data.batch(rows).to(device), generator, config.vae_kl_weight, shard)
+        return loss, {"mse": mse.detach()}
 
-    averaged = _run_steps(config, out, step_loss, list(vae.parameters()), {"vae": vae}, optimizer, schedule)["vae"]
-    averaged.register_to_config(scaling_factor=latent_scaling_factor(averaged, data))
-    averaged.save_pretrained(out)
+    averaged = _run_steps(config, accelerator, step_loss, list(vae.parameters()), {"vae": vae}, optimizer,
+                          schedule)["vae"]
+    if accelerator.is_main_process:
+        averaged.register_to_config(scaling_factor=latent_scaling_factor(averaged, data))
+        averaged.save_pretrained(out)
+    accelerator.wait_for_everyone()
     return out
 
 
@@ -233,9 +264,11 @@ def encode_latents(vae, data: CaptionedImages, batch: int = 64) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def sample_latents(means: torch.Tensor, stds: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """A draw from the stored posteriors, times the VAE's ``scaling_factor`` (noise from ``generator``, CPU)."""
-    return (means + stds * torch.randn(means.shape, generator=generator)) * scale
+def sample_latents(means: torch.Tensor, stds: torch.Tensor, scale: float, generator: torch.Generator,
+                   shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Part ``shard`` of a draw from the stored posteriors of a global batch, times the VAE's
+    ``scaling_factor`` (noise from ``generator``, CPU)."""
+    return own_rows((means + stds * torch.randn(means.shape, generator=generator)) * scale, shard)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -245,13 +278,15 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def text_to_image_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids: torch.Tensor,
-                       empty_ids: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
-    """The denoising loss with captions dropped to ``""`` with probability ``caption_dropout``."""
-    batch = latents.shape[0]
-    drop = torch.rand((batch,), generator=generator) < config.caption_dropout
+                       empty_ids: torch.Tensor, generator: torch.Generator, config: TrainConfig,
+                       shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The denoising loss with captions dropped to ``""`` with probability ``caption_dropout``; the rows
+    are part ``shard`` of a global batch, whose dropout, timesteps and noise are drawn whole."""
+    batch = latents.shape[0] * shard[1]
+    drop = own_rows(torch.rand((batch,), generator=generator) < config.caption_dropout, shard)
     ids = torch.where(drop[:, None].to(ids.device), empty_ids.expand_as(ids), ids)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = own_rows(torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator), shard)
+    noise = own_rows(torch.randn((batch, *latents.shape[1:]), generator=generator), shard)
     noisy, target = training_targets(scheduler, latents, noise.to(latents.device), timesteps.to(latents.device),
                                      config.prediction_type)
     hidden = text_encoder(ids)[0]
@@ -263,18 +298,20 @@ def text_to_image_loss(unet, text_encoder, scheduler, latents: torch.Tensor, ids
 def train_text_to_image(config: TrainConfig) -> Path:
     """Train a text encoder and UNet on the latents of ``config.vae``; save a StableDiffusionPipeline to ``out``."""
     from ..models.autoencoder_kl import AutoencoderKL
-    from ..pipelines.stable_diffusion import StableDiffusionPipeline
+    from ..tokenization import CLIPTokenizer
 
     if config.vae is None:
         raise ValueError("--task text-to-image needs --vae: a folder from a --task vae run (or any AutoencoderKL)")
-    out, device = Path(config.out), _device()
+    accelerator = make_accelerator()
+    out, device = Path(config.out), accelerator.device
     data = load_captioned(config)
     vae = AutoencoderKL.from_pretrained(config.vae).to(device).eval()
     means, stds = encode_latents(vae, data)
-    scale = vae.config.scaling_factor
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(config, data.captions, out / "tokenizer")
-    ids, empty_ids = tokenize(tokenizer, data.captions), tokenize(tokenizer, [""])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        build_tokenizer(config, data.captions, out / "tokenizer")
+    accelerator.wait_for_everyone()
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
 
     torch.manual_seed(config.seed)
     text_encoder = build_text_encoder(config, tokenizer).to(device).train()
@@ -282,25 +319,48 @@ def train_text_to_image(config: TrainConfig) -> Path:
     noise_scheduler = build_noise_scheduler(config)
     parameters = list(text_encoder.parameters()) + list(unet.parameters())
     optimizer, schedule = _optimizer(parameters, config)
-    order, generator = BatchOrder(len(data), config.seed), torch.Generator().manual_seed(config.seed * 1_000)
+    step_loss = _caption_step_loss(config, accelerator, unet, text_encoder, noise_scheduler, (means, stds),
+                                   vae.config.scaling_factor, tokenizer, data.captions)
+    averaged = _run_steps(config, accelerator, step_loss, parameters,
+                          {"unet": unet, "text_encoder": text_encoder}, optimizer, schedule)
+    if accelerator.is_main_process:
+        _save_text_to_image(config, vae, averaged, tokenizer, noise_scheduler, data.captions[:16])
+    accelerator.wait_for_everyone()
+    return out
 
-    def step_loss():
-        rows = order.take(config.batch_size)
-        latents = sample_latents(means[rows], stds[rows], scale, generator).to(device)
-        return text_to_image_loss(unet, text_encoder, noise_scheduler, latents, ids[rows].to(device),
-                                  empty_ids.to(device), generator, config), {}
 
-    averaged = _run_steps(config, out, step_loss, parameters, {"unet": unet, "text_encoder": text_encoder},
-                          optimizer, schedule)
+def _save_text_to_image(config: TrainConfig, vae, trained: dict, tokenizer, noise_scheduler,
+                        sample_captions: list[str]) -> None:
+    """Save the StableDiffusionPipeline of a run to ``config.out`` (and a sample grid if asked)."""
+    from ..pipelines.stable_diffusion import StableDiffusionPipeline
+
+    out = Path(config.out)
     sampler = build_sampling_scheduler(noise_scheduler)
     sampler.register_to_config(steps_offset=1)  # Stable Diffusion's, which its pipelines expect
-    pipeline = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=averaged["text_encoder"].cpu(), tokenizer=tokenizer,
-                                       unet=averaged["unet"].cpu(), scheduler=sampler,
+    pipeline = StableDiffusionPipeline(vae=vae.cpu(), text_encoder=trained["text_encoder"].cpu(), tokenizer=tokenizer,
+                                       unet=trained["unet"].cpu(), scheduler=sampler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(out)
     if config.sample_every:
-        save_caption_samples(pipeline, data.captions[:16], out / SAMPLES / f"step-{config.steps:07d}.png", config)
-    return out
+        save_caption_samples(pipeline, sample_captions, out / SAMPLES / f"step-{config.steps:07d}.png", config)
+
+
+def _caption_step_loss(config: TrainConfig, accelerator, unet, text_encoder, noise_scheduler, posteriors,
+                       scale: float, tokenizer, captions: list[str]):
+    """The ``step_loss`` of a text-to-image or LoRA run: a global batch of latents drawn from the
+    stored ``posteriors`` (means, stds) and their captions; this process's rows' denoising loss."""
+    device, shard = accelerator.device, _shard(accelerator)
+    means, stds = posteriors
+    ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""]).to(device)
+    order, generator = BatchOrder(len(captions), config.seed), torch.Generator().manual_seed(config.seed * 1_000)
+
+    def step_loss():
+        rows = order.take(config.batch_size * shard[1])
+        latents = sample_latents(means[rows], stds[rows], scale, generator, shard).to(device)
+        return text_to_image_loss(unet, text_encoder, noise_scheduler, latents, own_rows(ids[rows], shard).to(device),
+                                  empty_ids, generator, config, shard), {}
+
+    return step_loss
 
 
 def save_caption_samples(pipeline, captions: list[str], path: Path, config: TrainConfig, per_row: int = 8) -> Path:
@@ -334,12 +394,11 @@ def train_lora(config: TrainConfig) -> Path:
         from peft.utils import get_peft_model_state_dict
     except ImportError:
         raise ImportError("--task lora needs peft: pip install peft") from None
-    out, device = Path(config.out), _device()
+    accelerator = make_accelerator()
+    out = Path(config.out)
     data = load_captioned(config)
-    pipe = StableDiffusionPipeline.from_pretrained(config.base).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(config.base).to(accelerator.device)
     means, stds = encode_latents(pipe.vae, data)
-    scale = pipe.vae.config.scaling_factor
-    ids, empty_ids = tokenize(pipe.tokenizer, data.captions), tokenize(pipe.tokenizer, [""])
     for model in (pipe.unet, pipe.text_encoder, pipe.vae):
         model.requires_grad_(False)
     torch.manual_seed(config.seed)
@@ -347,16 +406,11 @@ def train_lora(config: TrainConfig) -> Path:
                                      target_modules=list(LORA_TARGETS)))
     parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer, schedule = _optimizer(parameters, config)
-    order, generator = BatchOrder(len(data), config.seed), torch.Generator().manual_seed(config.seed * 1_000)
-    noise_scheduler = build_noise_scheduler(config)
     pipe.text_encoder.eval()
-
-    def step_loss():
-        rows = order.take(config.batch_size)
-        latents = sample_latents(means[rows], stds[rows], scale, generator).to(device)
-        return text_to_image_loss(pipe.unet, pipe.text_encoder, noise_scheduler, latents, ids[rows].to(device),
-                                  empty_ids.to(device), generator, config), {}
-
-    _run_steps(config, out, step_loss, parameters, {}, optimizer, schedule)
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    step_loss = _caption_step_loss(config, accelerator, pipe.unet, pipe.text_encoder, build_noise_scheduler(config),
+                                   (means, stds), pipe.vae.config.scaling_factor, pipe.tokenizer, data.captions)
+    _run_steps(config, accelerator, step_loss, parameters, {}, optimizer, schedule)
+    if accelerator.is_main_process:
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    accelerator.wait_for_everyone()
     return out
