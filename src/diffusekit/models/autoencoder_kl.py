@@ -74,7 +74,44 @@ def _tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile_in:
     return torch.cat(out_rows, dim=2)
 
 
-class AutoencoderKL(ModelMixin, AutoencoderMixin, AttentionProcessorMixin, FromOriginalModelMixin):
+class KLEncodingMixin:
+    """``encode`` / ``tiled_encode`` to a diagonal-Gaussian latent, for a model with ``encoder``,
+    ``quant_conv`` (or None) and the switches of :func:`init_slicing_and_tiling`: slicing encodes
+    one batch item at a time, tiling splits images larger than ``tile_sample_min_size``. The result
+    is an ``encoder_output``."""
+
+    encoder_output = AutoencoderKLOutput
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.tile_sample_min_size
+        if self.use_tiling and (x.shape[-1] > size or x.shape[-2] > size):
+            return self._tiled_encode(x)
+        return self._encode_tile(x)
+
+    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return _tiled(x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size,
+                      self.tile_overlap_factor)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        """Encode images ``(B, C, H, W)`` to the latent distribution."""
+        if self.use_slicing and x.shape[0] > 1:
+            h = torch.cat([self._encode(part) for part in x.split(1)])
+        else:
+            h = self._encode(x)
+        posterior = DiagonalGaussianDistribution(h)
+        return self.encoder_output(latent_dist=posterior) if return_dict else (posterior,)
+
+    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
+        """Encode ``x`` tile by tile (whatever its size)."""
+        posterior = DiagonalGaussianDistribution(self._tiled_encode(x))
+        return self.encoder_output(latent_dist=posterior) if return_dict else (posterior,)
+
+
+class AutoencoderKL(ModelMixin, AutoencoderMixin, KLEncodingMixin, AttentionProcessorMixin, FromOriginalModelMixin):
     """VAE with a diagonal-Gaussian latent: ``encode(x).latent_dist`` and ``decode(z).sample``.
 
     ``quant_conv`` / ``post_quant_conv`` (1x1 convs around the latent) are absent with
@@ -126,36 +163,6 @@ class AutoencoderKL(ModelMixin, AutoencoderMixin, AttentionProcessorMixin, FromO
         self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
         init_slicing_and_tiling(self, sample_size, len(block_out_channels))
-
-    # -- encoding -------------------------------------------------------------------------------
-
-    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x)
-        return self.quant_conv(h) if self.quant_conv is not None else h
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.tile_sample_min_size
-        if self.use_tiling and (x.shape[-1] > size or x.shape[-2] > size):
-            return self._tiled_encode(x)
-        return self._encode_tile(x)
-
-    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
-        return _tiled(x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size,
-                      self.tile_overlap_factor)
-
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
-        """Encode images ``(B, C, H, W)`` to the latent distribution."""
-        if self.use_slicing and x.shape[0] > 1:
-            h = torch.cat([self._encode(part) for part in x.split(1)])
-        else:
-            h = self._encode(x)
-        posterior = DiagonalGaussianDistribution(h)
-        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
-
-    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
-        """Encode ``x`` tile by tile (whatever its size)."""
-        posterior = DiagonalGaussianDistribution(self._tiled_encode(x))
-        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     # -- decoding -------------------------------------------------------------------------------
 

@@ -140,7 +140,6 @@ class AutoencoderTiny(ModelMixin, AutoencoderMixin):
         self.use_slicing = False
         self.register_to_config(block_out_channels=decoder_block_out_channels, force_upcast=False)
 
-
     def scale_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Raw latents to ``[0, 1]``: ``x / (2 * latent_magnitude) + latent_shift``, clamped."""
         return x.div(2 * self.latent_magnitude).add(self.latent_shift).clamp(0, 1)

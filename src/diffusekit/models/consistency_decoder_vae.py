@@ -16,11 +16,11 @@ from ..configuration import register_to_config
 from ..schedulers.scheduling_consistency_decoder import ConsistencyDecoderScheduler
 from ..utils import Generator, randn_tensor
 from .attention_processor import AttentionProcessorMixin
-from .autoencoder_kl import AutoencoderKLOutput, _tiled, init_slicing_and_tiling
+from .autoencoder_kl import AutoencoderKLOutput, KLEncodingMixin, init_slicing_and_tiling
 from .layers import Conv2d
 from .modeling import ModelMixin
 from .unet_2d import UNet2DModel
-from .vae import AutoencoderMixin, DecoderOutput, DiagonalGaussianDistribution, Encoder
+from .vae import AutoencoderMixin, DecoderOutput, Encoder
 
 #: Per-channel statistics of SD latents (times ``scaling_factor``) that the decoder was trained on.
 LATENT_MEANS = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
@@ -36,7 +36,7 @@ class ConsistencyDecoderVAEOutput(AutoencoderKLOutput):
     """``latent_dist``: the :class:`~diffusekit.models.vae.DiagonalGaussianDistribution` of the latents."""
 
 
-class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixin):
+class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, KLEncodingMixin, AttentionProcessorMixin):
     """VAE whose decoder is a consistency model: ``encode(x).latent_dist``, ``decode(z, generator).sample``.
 
     ``encoder_*`` arguments configure the KL encoder (as :class:`~diffusekit.AutoencoderKL`'s),
@@ -47,6 +47,7 @@ class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixi
     """
 
     derived_config_keys = DERIVED_CONFIG_KEYS
+    encoder_output = ConsistencyDecoderVAEOutput
 
     @register_to_config
     def __init__(
@@ -98,7 +99,6 @@ class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixi
 
         init_slicing_and_tiling(self, sample_size, len(encoder_block_out_channels))
 
-
     @property
     def means(self) -> torch.Tensor:
         """:data:`LATENT_MEANS` as a ``(1, C, 1, 1)`` tensor on the model's device and dtype."""
@@ -111,33 +111,6 @@ class ConsistencyDecoderVAE(ModelMixin, AutoencoderMixin, AttentionProcessorMixi
 
     def _channel_constants(self, values: tuple[float, ...]) -> torch.Tensor:
         return torch.tensor(values).view(1, -1, 1, 1).to(device=self.device, dtype=self.dtype)
-
-    # -- encoding -------------------------------------------------------------------------------
-
-    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))
-
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> ConsistencyDecoderVAEOutput | tuple:
-        """Encode images ``(B, C, H, W)`` to the latent distribution (tiled or sliced when enabled)."""
-        size = self.tile_sample_min_size
-        if self.use_tiling and (x.shape[-1] > size or x.shape[-2] > size):
-            return self.tiled_encode(x, return_dict=return_dict)
-        if self.use_slicing and x.shape[0] > 1:
-            moments = self.quant_conv(torch.cat([self.encoder(part) for part in x.split(1)]))
-        else:
-            moments = self._encode_tile(x)
-        return self._posterior(moments, return_dict)
-
-    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True) -> ConsistencyDecoderVAEOutput | tuple:
-        """Encode ``x`` tile by tile (whatever its size), blending the overlaps."""
-        moments = _tiled(x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size,
-                         self.tile_overlap_factor)
-        return self._posterior(moments, return_dict)
-
-    @staticmethod
-    def _posterior(moments: torch.Tensor, return_dict: bool) -> ConsistencyDecoderVAEOutput | tuple:
-        posterior = DiagonalGaussianDistribution(moments)
-        return ConsistencyDecoderVAEOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     # -- decoding -------------------------------------------------------------------------------
 
