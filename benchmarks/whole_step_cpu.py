@@ -37,7 +37,7 @@ def build_loop(name: str):
 
     ``tiny`` / ``sd15``: random weights (benchmarks/compile_cpu.py), zero unconditional states, SD's
     scheduler config. ``shapes``: the embedded text-to-image model (trained weights), its own
-    scheduler config (v-prediction) and text encoder, guidance 3 (its CLI default)."""
+    scheduler config (v-prediction) and text encoder, guidance 3 (the CLI default when it was measured; now 5)."""
     import torch
 
     from compile_cpu import build
